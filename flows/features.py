@@ -1,0 +1,34 @@
+"""Features stage flow: image store -> pooled final and mid-level backbone features."""
+
+from __future__ import annotations
+
+from prefect import flow
+
+from tlpipe import store
+from tlpipe.config import load_params
+from tlpipe.ingest import hash_manifest
+from tlpipe.paths import project_paths
+from tasks.common import check_tracking
+from tasks.features import check_backbone_weights, extract, log_features, write_metrics
+
+
+@flow(name="features")
+def features_flow(root: str | None = None) -> dict:
+    """Extract features for train/val/test into ``data/features``; log to MLflow.
+
+    Args:
+        root: Project root (default: found from the working directory).
+    """
+    paths = project_paths(root)
+    params = load_params(paths.params)
+    check_tracking(paths.root)
+    image_size = store.read_npy_header(store.split_path(paths.store, "train"))[0][1]
+    check_backbone_weights(params.features, image_size)
+    meta = extract(paths.store, paths.features, params.features)
+    write_metrics(meta, paths.metrics / "features.json")
+    log_features(paths.root, params.features, meta, paths.features, hash_manifest(store.load_manifest(paths.store)))
+    return meta
+
+
+if __name__ == "__main__":
+    features_flow()

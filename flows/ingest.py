@@ -1,0 +1,34 @@
+"""Ingest stage flow: source folder or package -> validated, split, uint8 image store."""
+
+from __future__ import annotations
+
+import time
+
+from prefect import flow
+
+from tlpipe.config import load_params
+from tlpipe.paths import project_paths
+from tasks.common import check_tracking
+from tasks.ingest import build_store, list_source_files, log_ingest, write_data_report
+
+
+@flow(name="ingest")
+def ingest_flow(root: str | None = None) -> dict:
+    """Validate the source, split it and write ``data/store``; log to MLflow.
+
+    Args:
+        root: Project root (default: found from the working directory).
+    """
+    paths = project_paths(root)
+    params = load_params(paths.params)
+    check_tracking(paths.root)
+    start = time.perf_counter()
+    listing = list_source_files(params.data)
+    report = build_store(listing, params.data, paths.store)
+    artifacts = write_data_report(report, paths.reports("ingest"), paths.metrics / "ingest.json")
+    log_ingest(paths.root, params.data, report, artifacts, time.perf_counter() - start)
+    return {k: report[k] for k in ("images_kept", "files_found", "rejected", "counts", "data_hash")}
+
+
+if __name__ == "__main__":
+    ingest_flow()

@@ -1,0 +1,54 @@
+"""Tasks of the features stage."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import task
+
+from tlpipe import features, store, tracking
+from tlpipe.config import FeaturesParams
+from tasks.common import get_logger, report_progress
+
+
+@task(name="check-weights")
+def check_backbone_weights(params: FeaturesParams, image_size: int) -> None:
+    """Fail before any work when the backbone's weights cannot be found."""
+    from tlpipe.backbones import check_weights, get_spec
+
+    spec = get_spec(params.backbone)
+    check_weights(params.backbone, features.normalise_weights(params.weights),
+                  include_top=spec.has_classifier and image_size == spec.default_size)
+
+
+@task(name="extract-features")
+def extract(store_dir: Path, out_dir: Path, params: FeaturesParams) -> dict:
+    """Stream every split through the backbone; write pooled final and mid features."""
+    meta = features.extract_features(store_dir, out_dir, params, progress=report_progress("features"))
+    get_logger().info("%s on %s (%s): %.1f images/s, final %d-d, mid %d-d (%s)", meta["backbone"],
+                      meta["device"], meta["precision"], meta["images_per_second"], meta["final_dim"],
+                      meta["mid_dim"], meta["mid_layer"])
+    return meta
+
+
+@task(name="write-features-metrics", retries=2, retry_delay_seconds=[1, 4])
+def write_metrics(meta: dict, metrics_path: Path) -> None:
+    """Write the features metrics file (throughput and shapes)."""
+    store.write_json(metrics_path, {k: meta[k] for k in ("images_per_second", "seconds", "final_dim", "mid_dim")})
+
+
+@task(name="log-features", retries=2, retry_delay_seconds=[2, 8], timeout_seconds=300)
+def log_features(root: Path, params: FeaturesParams, meta: dict, out_dir: Path, data_hash: str) -> str:
+    """Log throughput, feature shapes and the ImageNet top-1 table to MLflow."""
+    import mlflow
+
+    with tracking.stage_run("features", root, {"features": params.model_dump()}, data_hash) as run_id:
+        mlflow.log_metrics({"images_per_second": meta["images_per_second"], "seconds": meta["seconds"],
+                            "final_dim": meta["final_dim"], "mid_dim": meta["mid_dim"],
+                            **{f"count.{s}": n for s, n in meta["counts"].items()}})
+        mlflow.set_tags({"tlpipe.device": meta["device"], "tlpipe.precision": meta["precision"],
+                         "tlpipe.keras_backend": meta["keras_backend"], "tlpipe.mid_layer": meta["mid_layer"]})
+        mlflow.log_artifact(str(out_dir / "meta.json"), "features")
+        if (out_dir / "imagenet_top1.csv").exists():
+            mlflow.log_artifact(str(out_dir / "imagenet_top1.csv"), "features")
+        return run_id

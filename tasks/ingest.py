@@ -1,0 +1,64 @@
+"""Tasks of the ingest stage."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+from prefect import task
+
+from tlpipe import ingest, store, tracking
+from tlpipe.config import DataParams
+from tlpipe.sources import SourceListing, list_source
+from tasks.common import get_logger, report_progress
+
+
+@task(name="list-source", retries=2, retry_delay_seconds=[1, 4], timeout_seconds=600)
+def list_source_files(params: DataParams) -> SourceListing:
+    """Find candidate files and their classes in the configured source."""
+    listing = list_source(params.source, params.classes, params.elpv_label, params.elpv_threshold)
+    get_logger().info("source %s (%s): %d candidate files, %d rejected while listing",
+                      params.source, listing.kind, len(listing.candidates), len(listing.rejections))
+    return listing
+
+
+@task(name="build-store")
+def build_store(listing: SourceListing, params: DataParams, store_dir: Path) -> dict:
+    """Decode, validate, split and write the image store; return the data report."""
+    report = ingest.ingest(listing, params, store_dir, progress=report_progress("decode"))
+    logger = get_logger()
+    logger.info("kept %d of %d files; counts %s", report["images_kept"], report["files_found"], report["counts"])
+    for item in report["rejections"]:
+        logger.warning("skipped %s: %s", item["relpath"], item["reason"])
+    return report
+
+
+@task(name="write-data-report", retries=2, retry_delay_seconds=[1, 4])
+def write_data_report(report: dict, report_dir: Path, metrics_path: Path) -> list[Path]:
+    """Write the data report (JSON + rejections CSV) and the ingest metrics file."""
+    rejections = pd.DataFrame(report["rejections"], columns=["relpath", "class_name", "reason"])
+    store.write_json(report_dir / "data_report.json", report)
+    store.write_csv(report_dir / "rejections.csv", rejections)
+    counts = {split: sum(per_class.values()) for split, per_class in report["counts"].items()}
+    store.write_json(metrics_path, {"images_kept": report["images_kept"], "files_found": report["files_found"],
+                                    "rejected": report["rejected"], **{f"{s}_images": n for s, n in counts.items()}})
+    return [report_dir / "data_report.json", report_dir / "rejections.csv", metrics_path]
+
+
+@task(name="log-ingest", retries=2, retry_delay_seconds=[2, 8], timeout_seconds=300)
+def log_ingest(root: Path, params: DataParams, report: dict, artifacts: list[Path], seconds: float) -> str:
+    """Log the ingest stage to MLflow: params, counts, the data report."""
+    import mlflow
+
+    with tracking.stage_run("ingest", root, {"data": params.model_dump()}, report["data_hash"]) as run_id:
+        metrics = {"images_kept": report["images_kept"], "files_found": report["files_found"],
+                   "rejected": report["rejected"], "stage_seconds": seconds,
+                   "images_per_second": report["files_found"] / seconds if seconds else 0.0}
+        for split, per_class in report["counts"].items():
+            for class_name, count in per_class.items():
+                metrics[f"count.{split}.{class_name}"] = count
+        mlflow.log_metrics(metrics)
+        mlflow.set_tags({"tlpipe.classes": ",".join(report["classes"]), "tlpipe.source": report["source"]})
+        for path in artifacts:
+            mlflow.log_artifact(str(path), "ingest")
+        return run_id

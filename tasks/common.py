@@ -49,3 +49,41 @@ def check_tracking(root: Path) -> str:
     """
     tracking.connect(root)
     return tracking.tracking_uri(root)
+
+
+def file_sha256(path: Path) -> str:
+    """SHA-256 of a file, streamed."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def log_image_model(name: str, model_path: Path, store_dir: Path, params) -> str:
+    """Log a trained model as an MLflow pyfunc that takes images, in the active run.
+
+    The run is tagged with the model file's hash and the pyfunc URI, so the
+    evaluate stage can register exactly this file later without logging it again.
+
+    Returns:
+        The logged model's URI.
+    """
+    import mlflow
+
+    from tlpipe import pyfunc, store
+    from tlpipe.features import normalise_weights
+    from tlpipe.svm import SVM_MODELS
+
+    classes = store.load_classes(store_dir)
+    image_size = int(store.read_npy_header(store.split_path(store_dir, "test"))[0][1])
+    if model_path.suffix == ".joblib":
+        info = pyfunc.log_svm_classifier(
+            name, model_path, SVM_MODELS[name], classes, image_size, params.data.resize_mode,
+            params.features.backbone, normalise_weights(params.features.weights), params.svm.pixel_size)
+    else:
+        info = pyfunc.log_keras_classifier(name, model_path, classes, image_size, params.data.resize_mode)
+    mlflow.set_tags({"tlpipe.model_sha": file_sha256(model_path), "tlpipe.pyfunc_uri": info.model_uri})
+    return info.model_uri

@@ -26,7 +26,6 @@ import numpy as np
 import pandas as pd
 from sklearn.metrics import (
     accuracy_score,
-    balanced_accuracy_score,
     confusion_matrix,
     f1_score,
     precision_recall_fscore_support,
@@ -270,7 +269,7 @@ def evaluate_models(store_dir: Path, features_dir: Path, svm_dir: Path | None, f
 
     Returns:
         ``{"metrics": {model: metrics}, "skipped": {model: reason},
-        "best": {"model": name, "accuracy": value}}``.
+        "best": {"model", "accuracy", "balanced_accuracy"}}``.
 
     Raises:
         NoModelsError: When no model file exists.
@@ -290,6 +289,7 @@ def evaluate_models(store_dir: Path, features_dir: Path, svm_dir: Path | None, f
     remove_stale(out_dir, list(metrics), best)
     write_outputs(out_dir, metrics, predictions, test_rows(store_dir), classes)
     write_grid(store_dir, out_dir, best, y_true, predictions[best][0], classes, params.grid_images)
-    imagenet = write_imagenet_table(features_dir, out_dir)
+    write_imagenet_table(features_dir, out_dir)
     return {"metrics": metrics, "skipped": skipped,
-            "best": {"model": best, "accuracy": metrics[best]["accuracy"], "imagenet_table": imagenet}}
+            "best": {"model": best, "accuracy": metrics[best]["accuracy"],
+                     "balanced_accuracy": metrics[best]["balanced_accuracy"]}}

@@ -1,0 +1,1 @@
+"""Benchmark suite of tlpipe: ``python -m bench.run [--quick]`` (see bench/README.md)."""

@@ -1,0 +1,33 @@
+"""SVM stage flow: linear SVMs on CNN features, concatenated features and raw pixels."""
+
+from __future__ import annotations
+
+from prefect import flow
+
+from tlpipe import store
+from tlpipe.config import load_params
+from tlpipe.ingest import hash_manifest
+from tlpipe.paths import project_paths
+from tasks.common import check_tracking
+from tasks.svm import log_svms, train, write_metrics
+
+
+@flow(name="svm")
+def svm_flow(root: str | None = None) -> dict:
+    """Fit ``svm_features``, ``svm_concat`` and ``svm_pixels`` into ``models/svm``; log to MLflow.
+
+    Args:
+        root: Project root (default: found from the working directory).
+    """
+    paths = project_paths(root)
+    params = load_params(paths.params)
+    check_tracking(paths.root)
+    summaries = train(paths.store, paths.features, paths.svm_models, params)
+    write_metrics(summaries, paths.metrics / "svm.json")
+    log_svms(paths.root, params, summaries, paths.svm_models, paths.store, paths.features,
+             hash_manifest(store.load_manifest(paths.store)))
+    return summaries
+
+
+if __name__ == "__main__":
+    svm_flow()

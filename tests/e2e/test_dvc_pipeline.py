@@ -1,0 +1,100 @@
+"""End to end: `dvc repro` in a temp copy of the project on a tiny source, real DVC/Prefect/MLflow/Keras."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import make_project
+
+STAGES = ("ingest", "features", "svm", "finetune", "evaluate")
+MODELS = {"svm_features", "svm_concat", "svm_pixels", "frozen", "concat"}
+
+
+def run(command: list[str], cwd: Path, env: dict, timeout: int = 1200) -> str:
+    """Run a command, failing the test with its output tail when it fails."""
+    result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-6000:]
+    return output
+
+
+def count_flow_runs(since: datetime) -> dict[str, int]:
+    """Flow runs per flow name created on the test server since ``since``."""
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        names = {flow.id: flow.name for flow in client.read_flows()}
+        counts: dict[str, int] = {}
+        for flow_run in client.read_flow_runs(limit=200):
+            if flow_run.created and flow_run.created >= since:
+                name = names.get(flow_run.flow_id, "?")
+                counts[name] = counts.get(name, 0) + 1
+        return counts
+
+
+@pytest.mark.slow
+def test_dvc_repro_runs_every_stage_once_and_tracks_it(tmp_path, tiny_source, prefect_server, project_env):
+    project = make_project(tmp_path / "project", tiny_source)
+    env = {**project_env, "PREFECT_API_URL": prefect_server}
+    since = datetime.now(timezone.utc)
+    output = run([sys.executable, "-m", "dvc", "repro"], project, env)
+    for stage in STAGES:
+        assert f"Running stage '{stage}'" in output
+
+    # outputs
+    for split in ("train", "val", "test"):
+        assert (project / "data" / "store" / f"{split}.npy").exists()
+        assert (project / "data" / "features" / f"{split}_final.npy").exists()
+    report = json.loads((project / "reports" / "ingest" / "data_report.json").read_text())
+    assert [r["relpath"] for r in report["rejections"]] == ["dark/broken.jpg"]
+    metrics = json.loads((project / "metrics" / "evaluate.json").read_text())
+    assert set(metrics) == MODELS
+    assert all(0.0 <= m["accuracy"] <= 1.0 for m in metrics.values())
+    assert metrics["svm_features"]["accuracy"] >= 0.8  # brightness classes are separable
+    promotion = json.loads((project / "reports" / "evaluate" / "promotion.json").read_text())
+    assert promotion["promoted"] is True and promotion["model"] in MODELS
+
+    # one Prefect flow run per stage
+    time.sleep(1)
+    counts = count_flow_runs(since)
+    assert {stage: counts.get(stage, 0) for stage in STAGES} == {stage: 1 for stage in STAGES}
+
+    # MLflow: one pipeline run with a child run per stage, all ended; a champion
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{project}/mlflow.db")
+    experiment = client.get_experiment_by_name("tlpipe")
+    runs = client.search_runs([experiment.experiment_id], max_results=500)
+    parents = [r for r in runs if r.data.tags.get("tlpipe.kind") == "pipeline"]
+    assert len(parents) == 1
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
+    assert sorted(r.data.tags["tlpipe.stage"] for r in children) == sorted(STAGES)
+    assert all(r.info.status == "FINISHED" for r in runs)
+    assert all(r.data.tags.get("tlpipe.git_commit") for r in children)
+    models = {r.data.tags.get("tlpipe.model") for r in runs if r.data.tags.get("tlpipe.kind") == "model"}
+    assert MODELS <= models
+    champion = client.get_model_version_by_alias("tlpipe-classifier", "champion")
+    assert champion.version == promotion["version"]
+
+    # second repro: nothing runs, no new flow runs
+    since = datetime.now(timezone.utc)
+    output = run([sys.executable, "-m", "dvc", "repro"], project, env)
+    assert "Running stage" not in output
+    assert sum(count_flow_runs(since).values()) == 0
+
+    # the champion predicts a test image as the evaluate stage recorded it
+    predictions = (project / "reports" / "evaluate" / "predictions.csv").read_text().splitlines()
+    header, first = predictions[0].split(","), predictions[1].split(",")
+    row = dict(zip(header, first))
+    image = tiny_source / row["relpath"]
+    printed = run([sys.executable, "-m", "tlpipe.cli", "predict", str(image), "--json"], project,
+                  {**env, "TLPIPE_ROOT": str(project)})
+    result = json.loads(printed[printed.index("["):])
+    assert result[0]["class"] == row[promotion["model"]]

@@ -1,0 +1,419 @@
+"""Trained models as MLflow pyfunc models that take images, not features.
+
+Every model (the networks ``frozen``/``concat`` and the SVMs ``svm_features``,
+``svm_concat``, ``svm_pixels``) is logged as one :class:`ImageClassifier`:
+its artifacts hold everything between an image file and a class name, so a
+served model needs neither the store, the features nor the backbone weights.
+
+Artifacts of one model (names in ``context.artifacts``):
+    config: ``config.json``: kind (``network``/``svm``), classes, image_size,
+        resize_mode and, for SVMs, feature, pixel_size, backbone, weights.
+    network: the full Keras model, uint8 images -> softmax (networks only).
+    svm: the joblib'd ``SVC(kernel="linear", probability=True)`` (SVMs only).
+    extractor: the backbone as a ``.keras`` model, uint8 images ->
+        {"final", "mid"} (SVMs on features only).
+
+Input: a DataFrame with a string column ``image`` (base64 image bytes, raw
+bytes, a path to an existing file, or a uint8 (H, W, 3) array per cell), or,
+when calling :meth:`ImageClassifier.predict` directly, a uint8 array
+(N, H, W, 3) or a list of paths. A model loaded with
+``mlflow.pyfunc.load_model`` enforces the DataFrame signature: wrap arrays and
+lists with :func:`to_image_frame` first. Every image is decoded exactly as
+the training images were (:func:`tlpipe.images.decode_bytes` with the
+training size and resize mode).
+
+Output: a DataFrame with ``class``, ``probability``, ``error`` and one
+``p_<class>`` column per class. A row that cannot be decoded gets class None,
+null probabilities and the reason in ``error``; the other rows are unaffected.
+For SVMs ``class`` is ``SVC.predict`` (the model the metrics were computed
+with) and ``probability`` is its Platt probability, which is usually but not
+always the largest ``p_<class>``.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import json
+import tempfile
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import numpy as np
+import pandas as pd
+from PIL import Image
+
+from tlpipe.images import ImageRejected, ResizeMode, decode_bytes, decode_file, resize_image
+
+KINDS = ("network", "svm")
+SVM_FEATURES = ("final", "concat", "pixels")
+BATCH_SIZE = 32
+MAX_PATH_CHARS = 4096
+REQUIREMENTS = ("keras", "tensorflow-cpu", "scikit-learn", "pillow", "numpy", "pandas")
+EXAMPLE_SIDE = 32  # the smallest image decode_bytes accepts
+
+
+def decode_base64(text: str) -> bytes:
+    """Decode standard or URL-safe base64, with or without a ``data:...;base64,`` prefix.
+
+    Raises:
+        ImageRejected: If ``text`` is not valid base64.
+    """
+    if text.startswith("data:") and "," in text:
+        text = text.split(",", 1)[1]
+    text = "".join(text.split())
+    altchars = b"-_" if ("-" in text or "_" in text) else None
+    try:
+        return base64.b64decode(text, altchars=altchars, validate=True)
+    except (binascii.Error, ValueError):
+        shown = text[:60] + ("..." if len(text) > 60 else "")
+        raise ImageRejected(f"neither an existing file nor valid base64: {shown!r}") from None
+
+
+def is_existing_file(text: str) -> bool:
+    """Whether ``text`` names an existing file (short strings only; never raises)."""
+    if len(text) > MAX_PATH_CHARS or "\n" in text:
+        return False
+    try:
+        return Path(text).is_file()
+    except (OSError, ValueError):
+        return False
+
+
+def resize_array(pixels: np.ndarray, size: int, mode: ResizeMode) -> np.ndarray:
+    """Check a uint8 (H, W, 3) array and bring it to (size, size, 3) as training did."""
+    if pixels.dtype != np.uint8 or pixels.ndim != 3 or pixels.shape[-1] != 3:
+        raise ImageRejected(f"expected a uint8 (H, W, 3) array, got {pixels.dtype} {pixels.shape}")
+    if pixels.shape[:2] == (size, size):
+        return pixels
+    return np.asarray(resize_image(Image.fromarray(pixels), size, mode), dtype=np.uint8)
+
+
+def decode_cell(cell: object, size: int, mode: ResizeMode) -> np.ndarray:
+    """Turn one input cell into a (size, size, 3) uint8 array.
+
+    Args:
+        cell: Image bytes, a path to an existing file, base64 image bytes, or a
+            uint8 (H, W, 3) array.
+        size: Training image size.
+        mode: Training resize mode.
+
+    Raises:
+        ImageRejected: With the reason the cell cannot be used.
+    """
+    if isinstance(cell, np.ndarray):
+        return resize_array(cell, size, mode)
+    if isinstance(cell, (bytes, bytearray, memoryview)):
+        return decode_bytes(bytes(cell), size, mode).pixels
+    if isinstance(cell, Path):
+        return decode_file(cell, size, mode).pixels
+    if isinstance(cell, str):
+        if is_existing_file(cell):
+            return decode_file(Path(cell), size, mode).pixels
+        return decode_bytes(decode_base64(cell), size, mode).pixels
+    if cell is None or (isinstance(cell, float) and np.isnan(cell)):
+        raise ImageRejected("missing image")
+    raise ImageRejected(f"unsupported input of type {type(cell).__name__}")
+
+
+def to_image_frame(images: Any) -> pd.DataFrame:
+    """Wrap any accepted input as the model's DataFrame (column ``image``, object cells).
+
+    Args:
+        images: A DataFrame with an ``image`` column (returned as is), a uint8
+            array (N, H, W, 3) or (H, W, 3), or a list of paths, bytes, base64
+            strings or arrays.
+
+    Raises:
+        ValueError: On a DataFrame without an ``image`` column or an array of
+            the wrong rank.
+    """
+    if isinstance(images, pd.DataFrame):
+        if "image" not in images.columns:
+            raise ValueError(f"expected a column 'image', got columns {list(images.columns)}")
+        return images
+    if isinstance(images, np.ndarray):
+        if images.ndim == 3:
+            images = images[None]
+        if images.ndim != 4:
+            raise ValueError(f"expected images (N, H, W, 3), got shape {images.shape}")
+        cells = list(images)
+    elif isinstance(images, (str, bytes, Path)):
+        cells = [images]
+    else:
+        cells = [str(item) if isinstance(item, Path) else item for item in images]
+    return pd.DataFrame({"image": pd.Series(cells, dtype=object)})
+
+
+def label_columns(svm_classes: np.ndarray, classes: list[str]) -> np.ndarray:
+    """Column index in ``classes`` of each of an SVM's ``classes_`` (integer labels or names)."""
+    if np.issubdtype(np.asarray(svm_classes).dtype, np.integer):
+        return np.asarray(svm_classes, dtype=np.int64)
+    return np.asarray([classes.index(str(name)) for name in svm_classes], dtype=np.int64)
+
+
+def load_keras(path: str | Path):
+    """Load a ``.keras`` file that may contain a tlpipe backbone (custom layers registered)."""
+    import keras
+
+    import tlpipe.backbones  # noqa: F401  (registers tlpipe>PixelPreprocessing)
+
+    return keras.saving.load_model(path, compile=False)
+
+
+class ImageClassifier(mlflow.pyfunc.PythonModel):
+    """An MLflow pyfunc model: images in, class names and probabilities out.
+
+    The model state is read from the artifacts in :meth:`load_context`; the
+    instance pickled by MLflow carries nothing.
+    """
+
+    # Inputs vary (DataFrame, array, list) and the signature is given explicitly,
+    # so skip MLflow's type-hint wrapping of ``predict`` and its warning.
+    _skip_type_hint_validation = True
+
+    def load_context(self, context) -> None:
+        """Read the config and load the network, or the SVM (and its extractor)."""
+        from tlpipe.features import tf_log_level
+
+        tf_log_level()
+        self.config = json.loads(Path(context.artifacts["config"]).read_text())
+        self.classes: list[str] = list(self.config["classes"])
+        self.network = self.svm = self.extractor = None
+        if self.config["kind"] == "network":
+            self.network = load_keras(context.artifacts["network"])
+            check_output_width(self.network, len(self.classes))
+        else:
+            import joblib
+
+            self.svm = joblib.load(context.artifacts["svm"])
+            self.svm_columns = label_columns(self.svm.classes_, self.classes)
+            if "extractor" in context.artifacts:
+                self.extractor = load_keras(context.artifacts["extractor"])
+
+    def predict(self, context, model_input, params=None):
+        # No annotations on purpose: MLflow 3 would derive a signature from them.
+        """Classify images.
+
+        Args:
+            context: The MLflow context (unused; state comes from :meth:`load_context`).
+            model_input: A DataFrame with an ``image`` column, a uint8 array
+                (N, H, W, 3), or a list of paths/bytes/base64 strings.
+            params: Unused.
+
+        Returns:
+            A DataFrame, one row per input row: ``class``, ``probability``,
+            ``error``, ``p_<class>`` per class.
+        """
+        cells = to_image_frame(model_input)["image"].tolist()
+        parts = [self.predict_cells(cells[start:start + BATCH_SIZE])
+                 for start in range(0, len(cells), BATCH_SIZE)]
+        if not parts:
+            return self.build_frame(np.zeros(0, dtype=np.int64), np.zeros((0, len(self.classes))), [])
+        return pd.concat(parts, ignore_index=True)
+
+    def predict_cells(self, cells: list) -> pd.DataFrame:
+        """Decode and classify one batch of cells; undecodable cells become error rows."""
+        size, mode = int(self.config["image_size"]), self.config["resize_mode"]
+        errors: list[str | None] = []
+        pixels = []
+        for cell in cells:
+            try:
+                pixels.append(decode_cell(cell, size, mode))
+                errors.append(None)
+            except ImageRejected as error:
+                errors.append(str(error))
+        indices = np.full(len(cells), -1, dtype=np.int64)
+        probs = np.full((len(cells), len(self.classes)), np.nan)
+        good = np.flatnonzero([error is None for error in errors])
+        if len(good):
+            indices[good], probs[good] = self.classify(np.stack(pixels))
+        return self.build_frame(indices, probs, errors)
+
+    def classify(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Class index and per-class probabilities for (n, size, size, 3) uint8 images."""
+        if self.network is not None:
+            probs = np.asarray(self.network.predict_on_batch(pixels), dtype=np.float64)
+            return probs.argmax(axis=1), probs
+        inputs = self.svm_inputs(pixels)
+        probs = np.zeros((len(pixels), len(self.classes)))
+        probs[:, self.svm_columns] = self.svm.predict_proba(inputs)
+        return label_columns(self.svm.predict(inputs), self.classes), probs
+
+    def svm_inputs(self, pixels: np.ndarray) -> np.ndarray:
+        """The SVM's input vectors, built exactly as in training."""
+        feature = self.config["feature"]
+        if feature == "pixels":
+            from tlpipe.svm import resize_batch
+
+            flat = resize_batch(pixels, int(self.config["pixel_size"])).reshape(len(pixels), -1)
+            return flat.astype(np.float32) * np.float32(1 / 255)
+        outputs = self.extractor.predict_on_batch(pixels)
+        final = np.asarray(outputs["final"], dtype=np.float32)
+        if feature == "final":
+            return final
+        return np.concatenate([final, np.asarray(outputs["mid"], dtype=np.float32)], axis=1)
+
+    def build_frame(self, indices: np.ndarray, probs: np.ndarray, errors: list[str | None]) -> pd.DataFrame:
+        """The output DataFrame; with error rows, missing numbers are None (JSON null), not NaN."""
+        frame = pd.DataFrame({
+            "class": pd.Series([self.classes[i] if i >= 0 else None for i in indices], dtype=object),
+            "probability": probs[np.arange(len(indices)), np.maximum(indices, 0)],
+            "error": pd.Series(errors, dtype=object),
+            **{f"p_{name}": probs[:, column] for column, name in enumerate(self.classes)},
+        })
+        frame.loc[indices < 0, "probability"] = np.nan
+        if (indices < 0).any():
+            numbers = [column for column in frame.columns if column not in ("class", "error")]
+            frame[numbers] = frame[numbers].astype(object).where(frame[numbers].notna(), None)
+        return frame
+
+
+def check_output_width(network, classes: int) -> None:
+    """Fail when a network's softmax width does not match the number of class names."""
+    width = network.output_shape[-1]
+    if width != classes:
+        raise ValueError(f"the network outputs {width} probabilities but {classes} class names were given")
+
+
+def build_signature(classes: list[str]):
+    """Input: string column ``image``; output: class, probability, error, p_<class>."""
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, Schema
+
+    outputs = [ColSpec("string", "class", required=False), ColSpec("double", "probability", required=False),
+               ColSpec("string", "error", required=False)]
+    outputs += [ColSpec("double", f"p_{name}", required=False) for name in classes]
+    return ModelSignature(inputs=Schema([ColSpec("string", "image")]), outputs=Schema(outputs))
+
+
+def build_input_example() -> pd.DataFrame:
+    """One small base64 JPEG (a 32x32 colour gradient) in the ``image`` column."""
+    ramp = np.linspace(0, 255, EXAMPLE_SIDE, dtype=np.uint8)
+    pixels = np.stack(np.broadcast_arrays(ramp[None, :], ramp[:, None], ramp[::-1][None, :]), axis=-1)
+    buffer = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(pixels)).save(buffer, format="JPEG", quality=80)
+    return pd.DataFrame({"image": [base64.b64encode(buffer.getvalue()).decode("ascii")]})
+
+
+def list_requirements() -> list[str]:
+    """Pinned requirements of the serving code, read from the installed distributions (offline).
+
+    Informational: tlpipe itself is not on an index, so serve with ``--env-manager local``.
+    """
+    pins = []
+    for name in REQUIREMENTS:
+        try:
+            pins.append(f"{name}=={metadata.version(name)}")
+        except metadata.PackageNotFoundError:
+            pins.append(name)
+    return pins
+
+
+def write_config(folder: Path, config: dict) -> Path:
+    """Write the model config as ``config.json`` in ``folder``."""
+    path = Path(folder) / "config.json"
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return path
+
+
+def model_options(classes: list[str], artifacts: dict[str, str]) -> dict:
+    """The keyword arguments shared by ``save_model`` and ``log_model``."""
+    return {
+        "python_model": ImageClassifier(),
+        "artifacts": artifacts,
+        "signature": build_signature(classes),
+        "input_example": build_input_example(),
+        "pip_requirements": list_requirements(),
+    }
+
+
+def keras_artifacts(folder: Path, keras_model_path: Path, classes: list[str], image_size: int,
+                    resize_mode: str) -> dict[str, str]:
+    """Config and network artifacts of a network classifier."""
+    if not Path(keras_model_path).is_file() or Path(keras_model_path).suffix != ".keras":
+        raise ValueError(f"expected an existing .keras file, got {keras_model_path}")
+    config = {"kind": "network", "classes": list(classes), "image_size": int(image_size),
+              "resize_mode": resize_mode}
+    return {"config": str(write_config(folder, config)), "network": str(keras_model_path)}
+
+
+def svm_artifacts(folder: Path, svm_path: Path, feature: str, classes: list[str], image_size: int,
+                  resize_mode: str, backbone: str, weights: str | None, pixel_size: int) -> dict[str, str]:
+    """Config, SVM and (for features) extractor artifacts of an SVM classifier.
+
+    The extractor is built here with the training backbone and weights and saved
+    as ``.keras``, so the served model never resolves weights itself.
+    """
+    if feature not in SVM_FEATURES:
+        raise ValueError(f"unknown SVM feature {feature!r}; expected one of {SVM_FEATURES}")
+    config = {"kind": "svm", "classes": list(classes), "image_size": int(image_size), "resize_mode": resize_mode,
+              "feature": feature, "pixel_size": int(pixel_size), "backbone": backbone, "weights": weights}
+    artifacts = {"config": str(write_config(folder, config)), "svm": str(svm_path)}
+    if feature != "pixels":
+        from tlpipe.features import build_extractor
+
+        extractor = build_extractor(backbone, weights, int(image_size), include_top=False)
+        extractor_path = Path(folder) / "extractor.keras"
+        extractor.save(extractor_path)
+        artifacts["extractor"] = str(extractor_path)
+    return artifacts
+
+
+def save_keras_classifier(path: Path, keras_model_path: Path, classes: list[str], image_size: int,
+                          resize_mode: str) -> None:
+    """Save a network as a pyfunc model folder at ``path`` (which must not exist yet).
+
+    Args:
+        path: Target MLflow model folder.
+        keras_model_path: The full Keras model (uint8 images -> softmax), ``.keras``.
+        classes: Class names in label order.
+        image_size: Training image size.
+        resize_mode: Training resize mode (``stretch`` or ``center_crop``).
+    """
+    with tempfile.TemporaryDirectory(prefix="tlpipe-pyfunc-") as folder:
+        artifacts = keras_artifacts(Path(folder), keras_model_path, classes, image_size, resize_mode)
+        mlflow.pyfunc.save_model(path=str(path), **model_options(classes, artifacts))
+
+
+def log_keras_classifier(name: str, keras_model_path: Path, classes: list[str], image_size: int,
+                         resize_mode: str, registered_model_name: str | None = None):
+    """Log a network as a pyfunc model in the active run (see :func:`save_keras_classifier`).
+
+    Returns:
+        The ``ModelInfo``; ``model_uri`` loads it back.
+    """
+    with tempfile.TemporaryDirectory(prefix="tlpipe-pyfunc-") as folder:
+        artifacts = keras_artifacts(Path(folder), keras_model_path, classes, image_size, resize_mode)
+        return mlflow.pyfunc.log_model(name=name, registered_model_name=registered_model_name,
+                                       **model_options(classes, artifacts))
+
+
+def log_svm_classifier(name: str, svm_path: Path, feature: str, classes: list[str], image_size: int,
+                       resize_mode: str, backbone: str, weights: str | None, pixel_size: int,
+                       registered_model_name: str | None = None):
+    """Log an SVM with its input preparation as a pyfunc model in the active run.
+
+    Args:
+        name: Model name in the run.
+        svm_path: The joblib'd ``SVC``.
+        feature: ``final``, ``concat`` (final then mid) or ``pixels``.
+        classes: Class names in label order.
+        image_size: Training image size (the store's).
+        resize_mode: Training resize mode.
+        backbone: Backbone that made the features (ignored for ``pixels``).
+        weights: Its weights, as the features stage used them (None: random init).
+        pixel_size: Side of the raw-pixel images (``pixels`` only).
+        registered_model_name: Also register the model under this name.
+
+    Returns:
+        The ``ModelInfo``.
+    """
+    with tempfile.TemporaryDirectory(prefix="tlpipe-pyfunc-") as folder:
+        artifacts = svm_artifacts(Path(folder), svm_path, feature, classes, image_size, resize_mode,
+                                  backbone, weights, pixel_size)
+        return mlflow.pyfunc.log_model(name=name, registered_model_name=registered_model_name,
+                                       **model_options(classes, artifacts))

@@ -150,13 +150,22 @@ def predict_model(name: str, path: Path, store_dir: Path, features_dir: Path,
     return predict_svm(path, X)
 
 
+def check_predictions(name: str, y_pred: np.ndarray, proba: np.ndarray | None, rows: int, n_classes: int) -> None:
+    """Fail clearly when a model's outputs do not match the test split or the class list."""
+    if len(y_pred) != rows:
+        raise ValueError(f"{name}: {len(y_pred)} predictions for {rows} test images")
+    if proba is not None and proba.shape != (rows, n_classes):
+        raise ValueError(f"{name}: probabilities of shape {proba.shape}, expected ({rows}, {n_classes}) "
+                         f"(one column per class of the store)")
+
+
 def choose_best(metrics: dict[str, dict]) -> str:
     """The best model: highest accuracy, then balanced accuracy, then first in order."""
     return max(metrics, key=lambda m: (metrics[m]["accuracy"], metrics[m]["balanced_accuracy"],
                                        -MODEL_NAMES.index(m)))
 
 
-def test_rows(store_dir: Path) -> pd.DataFrame:
+def load_test_rows(store_dir: Path) -> pd.DataFrame:
     """The manifest rows of the test split, in row order."""
     manifest = store.load_manifest(store_dir)
     return manifest[manifest["split"] == "test"].sort_values("index").reset_index(drop=True)
@@ -283,11 +292,13 @@ def evaluate_models(store_dir: Path, features_dir: Path, svm_dir: Path | None, f
     y_true = store.split_labels(store_dir, "test")
     predictions = {name: predict_model(name, path, store_dir, features_dir, pixel_size)
                    for name, path in found.items()}
+    for name, (y_pred, proba) in predictions.items():
+        check_predictions(name, y_pred, proba, len(y_true), len(classes))
     metrics = {name: compute_metrics(y_true, y_pred, proba, classes) for name, (y_pred, proba) in predictions.items()}
     best = choose_best(metrics)
     out_dir.mkdir(parents=True, exist_ok=True)
     remove_stale(out_dir, list(metrics), best)
-    write_outputs(out_dir, metrics, predictions, test_rows(store_dir), classes)
+    write_outputs(out_dir, metrics, predictions, load_test_rows(store_dir), classes)
     write_grid(store_dir, out_dir, best, y_true, predictions[best][0], classes, params.grid_images)
     write_imagenet_table(features_dir, out_dir)
     return {"metrics": metrics, "skipped": skipped,

@@ -24,7 +24,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from sklearn.model_selection import train_test_split
 
 from tlpipe import store
 from tlpipe.config import DataParams
@@ -118,7 +117,8 @@ def decode_candidates(
                 record["row"] = raw.tell() // len(pixels)
                 raw.write(pixels)
             records.append(record)
-    return pd.DataFrame.from_records(records)
+    columns = ["relpath", "class_name", "source_split", "sha256", "width", "height", "mode", "row", "reason"]
+    return pd.DataFrame.from_records(records, columns=columns)
 
 
 def select_per_class(kept: pd.DataFrame, max_per_class: int | None, seed: int) -> pd.DataFrame:
@@ -135,20 +135,35 @@ def select_per_class(kept: pd.DataFrame, max_per_class: int | None, seed: int) -
     return pd.concat(parts)
 
 
+def held_out_count(n: int, fraction: float) -> int:
+    """Images of one class held out for a split: ``round(n * fraction)``, at least one."""
+    return max(1, int(round(n * fraction)))
+
+
 def _stratified(frame: pd.DataFrame, fraction: float, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Split ``frame`` into (rest, held-out fraction), stratified by class."""
-    frame = frame.sort_values("sha256")
-    rest, held = train_test_split(frame, test_size=fraction, random_state=seed, stratify=frame["class_name"])
-    return rest, held
+    """Split ``frame`` into (rest, held-out), stratified per class, seeded.
+
+    Each class holds out :func:`held_out_count` images chosen by a seeded
+    permutation of its rows in content-hash order, so every class appears in both
+    parts and the result does not depend on directory order.
+    """
+    rng = np.random.default_rng(seed)
+    held_index = []
+    for _, group in frame.sort_values("sha256").groupby("class_name", sort=True):
+        order = rng.permutation(len(group))
+        held_index.extend(group.index[order[: held_out_count(len(group), fraction)]])
+    held = frame.loc[held_index]
+    return frame.drop(index=held_index), held
 
 
 def minimum_per_class(params: DataParams, presplit: bool) -> int:
-    """Smallest class size that leaves >= cv_folds train images and one val and test image."""
+    """Smallest class size that leaves >= cv_folds train images after the val and test hold-outs."""
     for n in range(2, 10_000):
-        test = 0 if presplit else int(np.ceil(n * params.test_fraction))
+        test = 0 if presplit else held_out_count(n, params.test_fraction)
         train_val = n - test
-        val = int(np.ceil(train_val * params.val_fraction))
-        if (presplit or test >= 1) and val >= 1 and train_val - val >= params.cv_folds:
+        if train_val < 2:
+            continue
+        if train_val - held_out_count(train_val, params.val_fraction) >= params.cv_folds:
             return n
     raise DataError("split fractions leave no training images")  # pragma: no cover
 

@@ -224,8 +224,8 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
             try:
                 pixels.append(decode_cell(cell, size, mode))
                 errors.append(None)
-            except ImageRejected as error:
-                errors.append(str(error))
+            except (ImageRejected, OSError, SyntaxError, ValueError, EOFError) as error:
+                errors.append(describe_error(error))
         indices = np.full(len(cells), -1, dtype=np.int64)
         probs = np.full((len(cells), len(self.classes)), np.nan)
         good = np.flatnonzero([error is None for error in errors])
@@ -270,6 +270,13 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
             numbers = [column for column in frame.columns if column not in ("class", "error")]
             frame[numbers] = frame[numbers].astype(object).where(frame[numbers].notna(), None)
         return frame
+
+
+def describe_error(error: Exception) -> str:
+    """The per-row error message for an input that could not be decoded."""
+    if isinstance(error, ImageRejected):
+        return str(error)
+    return f"corrupt or truncated image: {type(error).__name__}: {error}"
 
 
 def check_output_width(network, classes: int) -> None:

@@ -99,8 +99,13 @@ def list_folder(root: Path, classes: list[str] | None = None) -> SourceListing:
     split_dirs = [(d, d.name) for d in _class_dirs(root)] if presplit else [(root, None)]
     for split_dir, split in split_dirs:
         for class_dir in _class_dirs(split_dir):
-            if classes is None or class_dir.name in classes:
-                _list_class_dir(class_dir, root, class_dir.name, split, listing)
+            if classes is not None and class_dir.name not in classes:
+                continue
+            if class_dir.is_symlink() and not _inside(class_dir, root):
+                relpath = class_dir.relative_to(root).as_posix()
+                listing.rejections.append(Rejection(relpath, class_dir.name, "symlink leaves the source folder"))
+                continue
+            _list_class_dir(class_dir, root, class_dir.name, split, listing)
     if not listing.candidates and not listing.rejections:
         raise SourceError(
             f"no class folders with files in {root}: expected <src>/<class>/<image> "

@@ -85,7 +85,7 @@ def iter_npy_batches(path: Path, batch_size: int, rows: range | None = None) -> 
     """
     shape, dtype, offset = read_npy_header(path)
     row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
-    rows = rows or range(shape[0])
+    rows = range(shape[0]) if rows is None else rows
     with open(path, "rb", buffering=0) as handle:
         for start in range(rows.start, rows.stop, batch_size):
             count = min(batch_size, rows.stop - start)

@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 import shutil
 import time
+import warnings
 from pathlib import Path
 
 import joblib
@@ -142,6 +143,19 @@ def search_c(X: np.ndarray, y: np.ndarray, params: SvmParams, search: str | None
     return float(table.loc[table["rank"].idxmin(), "C"]), table
 
 
+def fit_final(X: np.ndarray, y: np.ndarray, c: float, seed: int) -> SVC:
+    """Fit ``SVC(kernel="linear", C=c, probability=True)`` on all of ``X``.
+
+    scikit-learn 1.9 deprecates ``probability=True`` (removal planned for 1.11,
+    successor ``CalibratedClassifierCV(SVC(), ensemble=False)``); the pinned 1.9
+    still supports it, so its FutureWarning is silenced here, and only here.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*`probability` parameter was deprecated",
+                                category=FutureWarning)
+        return SVC(kernel="linear", C=c, probability=True, random_state=seed).fit(X, y)
+
+
 def fit_svm(X: np.ndarray, y: np.ndarray, params: SvmParams, search: str | None = None) -> tuple[SVC, pd.DataFrame, dict]:
     """Search C, then fit the final linear SVM (with Platt probabilities) on all of ``X``.
 
@@ -154,7 +168,7 @@ def fit_svm(X: np.ndarray, y: np.ndarray, params: SvmParams, search: str | None 
     start = time.perf_counter()
     best_c, table = search_c(X, y, params, search)
     searched = time.perf_counter()
-    model = SVC(kernel="linear", C=best_c, probability=True, random_state=params.seed).fit(X, y)
+    model = fit_final(X, y, best_c, params.seed)
     best = table.loc[table["rank"].idxmin()]
     summary = {
         "best_C": best_c,

@@ -1,0 +1,68 @@
+"""Stage flows under the Prefect test harness, on a tiny project copy (real MLflow SQLite store)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.conftest import make_project
+
+
+@pytest.fixture
+def project(tmp_path, tiny_source, prefect_server, project_env, monkeypatch):
+    """A tiny project whose stage flows run in-process."""
+    root = make_project(tmp_path / "project", tiny_source)
+    monkeypatch.setenv("TLPIPE_ROOT", str(root))
+    return root
+
+
+def test_ingest_and_features_flows_write_outputs_and_track(project):
+    from mlflow import MlflowClient
+
+    from flows.features import features_flow
+    from flows.ingest import ingest_flow
+
+    summary = ingest_flow(root=str(project))
+    assert summary["images_kept"] == 24 and summary["rejected"] == 1
+    assert (project / "data" / "store" / "manifest.csv").exists()
+    assert json.loads((project / "metrics" / "ingest.json").read_text())["rejected"] == 1
+
+    meta = features_flow(root=str(project))
+    assert meta["final_dim"] == 1280 and meta["mid_dim"] == 80
+    assert (project / "data" / "features" / "test_mid.npy").exists()
+
+    client = MlflowClient(f"sqlite:///{project}/mlflow.db")
+    experiment = client.get_experiment_by_name("tlpipe")
+    runs = client.search_runs([experiment.experiment_id])
+    stages = {r.data.tags.get("tlpipe.stage"): r for r in runs}
+    assert {"ingest", "features"} <= set(stages)
+    ingest_run = stages["ingest"]
+    assert ingest_run.info.status == "FINISHED"
+    assert ingest_run.data.params["data.image_size"] == "32"
+    assert ingest_run.data.metrics["images_kept"] == 24
+    assert ingest_run.data.tags["tlpipe.data_hash"] == summary["data_hash"]
+    assert stages["features"].data.metrics["images_per_second"] > 0
+
+
+def test_unreachable_tracking_fails_clearly_and_keeps_outputs(project, monkeypatch):
+    from flows.ingest import ingest_flow
+
+    ingest_flow(root=str(project))
+    store_file = project / "data" / "store" / "train.npy"
+    before = store_file.read_bytes()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")
+    with pytest.raises(Exception, match=r"http://127\.0\.0\.1:9 is unreachable after 3 attempts"):
+        ingest_flow(root=str(project))
+    assert store_file.read_bytes() == before
+    assert not list((project / "data").glob(".store.tmp-*"))
+
+
+def test_bad_params_fail_naming_the_key(project):
+    from tlpipe.config import ConfigError
+    from flows.ingest import ingest_flow
+
+    params = project / "params.yaml"
+    params.write_text(params.read_text().replace("test_fraction: 0.2", "test_fraction: 1.5"))
+    with pytest.raises(ConfigError, match="data.test_fraction"):
+        ingest_flow(root=str(project))

@@ -1,0 +1,207 @@
+"""Tests for tlpipe.config: params.yaml parsed into validated, frozen models."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import numpy as np
+import pydantic
+import pytest
+import yaml
+
+from tlpipe.config import CGrid, ConfigError, DataParams, Params, load_params, parse_params
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+PARAMS_YAML = REPO_ROOT / "params.yaml"
+
+
+def raw_params() -> dict:
+    """The repository's params.yaml as a plain mapping."""
+    return yaml.safe_load(PARAMS_YAML.read_text())
+
+
+def write_yaml(path: Path, payload: object) -> Path:
+    path.write_text(yaml.safe_dump(payload))
+    return path
+
+
+def assert_subset_equal(raw: dict, parsed: dict, prefix: str = "") -> None:
+    """Every key of ``raw`` is in ``parsed`` with an equal value (recursively)."""
+    for key, value in raw.items():
+        where = f"{prefix}{key}"
+        assert key in parsed, where
+        if isinstance(value, dict):
+            assert_subset_equal(value, parsed[key], f"{where}.")
+        else:
+            assert parsed[key] == value, where
+
+
+# ---------------------------------------------------------------- loading
+
+
+def test_repo_params_load_and_match_the_yaml() -> None:
+    params = load_params(PARAMS_YAML)
+    assert isinstance(params, Params)
+    assert_subset_equal(raw_params(), params.model_dump())
+    assert params.data.source == "elpv"
+    assert params.data.image_size == 224
+    assert params.features.backbone == "efficientnet_lite0"
+
+
+def test_params_yaml_equals_the_model_defaults() -> None:
+    # params.yaml documents the defaults: parsing an empty mapping gives the same object.
+    assert load_params(PARAMS_YAML) == parse_params({})
+
+
+def test_load_params_accepts_str_path() -> None:
+    assert load_params(str(PARAMS_YAML)) == load_params(PARAMS_YAML)
+
+
+def test_empty_yaml_file_gives_defaults(tmp_path: Path) -> None:
+    path = tmp_path / "params.yaml"
+    path.write_text("")
+    assert load_params(path) == Params()
+
+
+def test_partial_file_fills_defaults(tmp_path: Path) -> None:
+    path = write_yaml(tmp_path / "params.yaml", {"data": {"image_size": 64}})
+    params = load_params(path)
+    assert params.data.image_size == 64
+    assert params.data.seed == DataParams().seed
+    assert params.svm == Params().svm
+
+
+def test_c_grid_values_equal_logspace() -> None:
+    values = load_params(PARAMS_YAML).svm.c_grid.values()
+    assert values == [float(c) for c in np.logspace(-3, 3, 13)]
+    np.testing.assert_array_equal(np.array(values), np.logspace(-3, 3, 13))
+    assert all(type(v) is float for v in values)
+
+
+def test_params_are_frozen() -> None:
+    params = load_params(PARAMS_YAML)
+    with pytest.raises(pydantic.ValidationError):
+        params.data.seed = 1  # type: ignore[misc]
+
+
+# ---------------------------------------------------------------- unknown keys
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        ("dataa",),
+        ("data", "sourcee"),
+        ("svm", "c_grid", "stepp"),
+        ("finetune", "augment", "rotaton_degrees"),
+    ],
+    ids=lambda p: ".".join(p),
+)
+def test_unknown_key_names_its_path(tmp_path: Path, path: tuple[str, ...]) -> None:
+    raw = raw_params()
+    node = raw
+    for part in path[:-1]:
+        node = node[part]
+    node[path[-1]] = 1
+    file = write_yaml(tmp_path / "params.yaml", raw)
+    with pytest.raises(ConfigError) as info:
+        load_params(file)
+    message = str(info.value)
+    assert f"{'.'.join(path)}: unknown key" in message
+    assert str(file) in message
+
+
+def test_parse_params_unknown_key_without_file() -> None:
+    with pytest.raises(ConfigError, match=r"data\.sourcee: unknown key"):
+        parse_params({"data": {"sourcee": "elpv"}})
+
+
+def test_every_bad_key_is_named() -> None:
+    raw = {"data": {"sourcee": "x", "test_fraction": 1.5}, "features": {"backbone": "vgg"}}
+    with pytest.raises(ConfigError) as info:
+        parse_params(raw)
+    message = str(info.value)
+    for key in ("data.sourcee", "data.test_fraction", "features.backbone"):
+        assert key in message
+
+
+# ---------------------------------------------------------------- bad values
+
+
+@pytest.mark.parametrize(
+    ("section", "key", "value"),
+    [
+        ("data", "test_fraction", 1.5),
+        ("data", "val_fraction", 0.0),
+        ("data", "image_size", 8),
+        ("data", "resize_mode", "squash"),
+        ("data", "elpv_label", "colour"),
+        ("data", "max_per_class", 0),
+        ("data", "cv_folds", 1),
+        ("data", "workers", -1),
+        ("features", "backbone", "vgg"),
+        ("features", "mixed_precision", "float8"),
+        ("finetune", "optimizer", "lbfgs"),
+        ("finetune", "learning_rate", 0.0),
+    ],
+)
+def test_bad_value_names_its_key(tmp_path: Path, section: str, key: str, value: object) -> None:
+    raw = raw_params()
+    raw[section][key] = value
+    file = write_yaml(tmp_path / "params.yaml", raw)
+    with pytest.raises(ConfigError) as info:
+        load_params(file)
+    assert f"{section}.{key}:" in str(info.value)
+
+
+def test_null_max_per_class_means_no_cap() -> None:
+    raw = copy.deepcopy(raw_params())
+    raw["data"]["max_per_class"] = None
+    assert parse_params(raw).data.max_per_class is None
+
+
+def test_duplicate_classes_rejected() -> None:
+    with pytest.raises(ConfigError, match=r"data\.classes"):
+        parse_params({"data": {"classes": ["a", "b", "a"]}})
+
+
+def test_c_grid_stop_below_start_rejected() -> None:
+    with pytest.raises(ConfigError, match=r"svm\.c_grid"):
+        parse_params({"svm": {"c_grid": {"start": 2, "stop": -2, "num": 3}}})
+    assert CGrid(start=0, stop=0, num=1).values() == [1.0]
+
+
+def test_config_error_is_a_value_error() -> None:
+    assert issubclass(ConfigError, ValueError)
+
+
+# ---------------------------------------------------------------- bad files
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    missing = tmp_path / "nope.yaml"
+    with pytest.raises(ConfigError, match="not found") as info:
+        load_params(missing)
+    assert str(missing) in str(info.value)
+
+
+@pytest.mark.parametrize("text", ["- a\n- b\n", "just a string\n", "42\n"])
+def test_non_mapping_yaml(tmp_path: Path, text: str) -> None:
+    path = tmp_path / "params.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match="mapping at top level"):
+        load_params(path)
+
+
+def test_invalid_yaml(tmp_path: Path) -> None:
+    path = tmp_path / "params.yaml"
+    path.write_text("data: {source: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_params(path)
+
+
+def test_section_not_a_mapping(tmp_path: Path) -> None:
+    path = write_yaml(tmp_path / "params.yaml", {"data": [1, 2]})
+    with pytest.raises(ConfigError, match=r"\bdata\b"):
+        load_params(path)

@@ -1,0 +1,207 @@
+"""Tests for the evaluate core: metrics by hand, Keras prediction, and the whole report folder."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import keras
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+from sklearn.metrics import roc_auc_score
+
+from tlpipe import store
+from tlpipe.config import CGrid, EvaluateParams, SvmParams
+from tlpipe.evaluate import (
+    MODEL_NAMES,
+    NoModelsError,
+    choose_grid_rows,
+    compute_metrics,
+    evaluate_models,
+    predict_keras,
+)
+from tlpipe.svm import train_svms
+
+CLASSES = ["ants", "bees"]
+COUNTS = {"train": 9, "val": 2, "test": 5}  # per class
+SIZE = 8
+SVM_PARAMS = SvmParams(c_grid=CGrid(start=-1, stop=1, num=3), cv_folds=3, n_jobs=1, pixel_size=SIZE)
+GRID = EvaluateParams(grid_images=4)
+
+
+def write_tiny_store(root: Path, seed: int = 0) -> Path:
+    """A store of SIZE x SIZE random-ish images (class 1 brighter), two classes."""
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for split, per_class in COUNTS.items():
+        labels = np.repeat(np.arange(len(CLASSES)), per_class)
+        images = rng.integers(0, 200, (len(labels), SIZE, SIZE, 3)) + 40 * labels[:, None, None, None]
+        with store.NpyWriter(store.split_path(root, split), len(labels), (SIZE, SIZE, 3)) as writer:
+            writer.write(images.astype(np.uint8))
+        rows += [{"split": split, "index": i, "relpath": f"{split}/{CLASSES[y]}/{i}.png", "class_name": CLASSES[y],
+                  "label": int(y), "sha256": f"{split}{i:062d}", "width": SIZE, "height": SIZE, "mode": "RGB"}
+                 for i, y in enumerate(labels)]
+    store.write_csv(root / store.MANIFEST, pd.DataFrame(rows))
+    store.write_json(root / store.CLASSES, CLASSES)
+    return root
+
+
+def write_features(root: Path, store_dir: Path, seed: int = 0) -> Path:
+    """Separable final/mid features aligned with the store, plus an imagenet_top1.csv."""
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    for split in store.SPLITS:
+        signs = 2.0 * store.split_labels(store_dir, split) - 1.0
+        for kind, dims in (("final", 6), ("mid", 3)):
+            values = 3.0 * signs[:, None] + rng.normal(0, 0.3, (len(signs), dims))
+            np.save(root / f"{split}_{kind}.npy", values.astype(np.float32))
+    manifest = store.load_manifest(store_dir)
+    test = manifest[manifest["split"] == "test"].sort_values("index")
+    table = test[["index", "relpath", "class_name"]].assign(imagenet_top1="ant | formicid", imagenet_probability=0.5)
+    store.write_csv(root / "imagenet_top1.csv", table)
+    return root
+
+
+def write_keras_model(path: Path) -> Path:
+    """A tiny real network: uint8 -> cast -> mean colour -> softmax; 'bees' when bright."""
+    inputs = keras.Input((SIZE, SIZE, 3), dtype="uint8")
+    pixels = keras.layers.Rescaling(1 / 255)(keras.ops.cast(inputs, "float32"))
+    pooled = keras.layers.GlobalAveragePooling2D()(pixels)
+    dense = keras.layers.Dense(2, activation="softmax")
+    model = keras.Model(inputs, dense(pooled))
+    dense.set_weights([np.tile([[-10.0, 10.0]], (3, 1)), np.array([14.1, -14.1])])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    model.save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A store, features, two SVMs (svm_concat missing) and one network (concat missing)."""
+    root = tmp_path_factory.mktemp("world")
+    store_dir = write_tiny_store(root / "store")
+    features_dir = write_features(root / "features", store_dir)
+    train_svms(store_dir, features_dir, root / "svm", SVM_PARAMS, names=("svm_features", "svm_pixels"))
+    write_keras_model(root / "finetune" / "frozen.keras")
+    return {"store": store_dir, "features": features_dir, "svm": root / "svm", "finetune": root / "finetune",
+            "root": root}
+
+
+@pytest.fixture(scope="module")
+def evaluated(world: dict[str, Path]) -> tuple[Path, dict]:
+    """evaluate_models run once over ``world``, into a folder holding stale outputs."""
+    out = world["root"] / "evaluate"
+    (out / "confusion").mkdir(parents=True)
+    (out / "grid_concat.png").write_bytes(b"stale")
+    (out / "confusion" / "concat.csv").write_text("stale\n")
+    result = evaluate_models(world["store"], world["features"], world["svm"], world["finetune"], out, GRID, SIZE)
+    return out, result
+
+
+def test_compute_metrics_by_hand() -> None:
+    y_true = np.array([0, 0, 1, 1, 1])
+    y_pred = np.array([0, 1, 1, 1, 0])
+    proba = np.array([[0.9, 0.1], [0.4, 0.6], [0.2, 0.8], [0.3, 0.7], [0.6, 0.4]])
+    metrics = compute_metrics(y_true, y_pred, proba, CLASSES)
+    assert metrics["accuracy"] == 0.6
+    assert metrics["balanced_accuracy"] == round((1 / 2 + 2 / 3) / 2, 4)
+    assert metrics["per_class"]["ants"] == {"precision": 0.5, "recall": 0.5, "f1": 0.5, "support": 2}
+    assert metrics["per_class"]["bees"] == {"precision": 0.6667, "recall": 0.6667, "f1": 0.6667, "support": 3}
+    assert metrics["f1_macro"] == round((0.5 + 2 / 3) / 2, 4)
+    assert metrics["confusion_matrix"] == [[1, 1], [1, 2]]
+    assert metrics["roc_auc"] == round(5 / 6, 4)  # 5 of 6 (bee, ant) pairs ordered right
+    assert json.loads(json.dumps(metrics)) == metrics
+
+
+def test_roc_auc_is_none_when_undefined() -> None:
+    classes = ["a", "b", "c"]
+    y_true = np.array([0, 1, 0, 1])
+    proba = np.full((4, 3), 1 / 3)
+    metrics = compute_metrics(y_true, np.array([0, 1, 2, 1]), proba, classes)
+    assert metrics["roc_auc"] is None
+    assert metrics["per_class"]["c"]["support"] == 0
+    assert compute_metrics(y_true, y_true, None, classes)["roc_auc"] is None
+
+
+def test_compute_metrics_multiclass() -> None:
+    rng = np.random.default_rng(0)
+    y_true = np.repeat([0, 1, 2], 6)
+    proba = rng.dirichlet([1, 1, 1], size=len(y_true))
+    proba[np.arange(len(y_true)), y_true] += 0.5
+    proba /= proba.sum(axis=1, keepdims=True)
+    metrics = compute_metrics(y_true, proba.argmax(1), proba, ["a", "b", "c"])
+    expected = roc_auc_score(y_true, proba, multi_class="ovr", average="macro")
+    assert metrics["roc_auc"] == round(expected, 4)
+    assert np.asarray(metrics["confusion_matrix"]).shape == (3, 3)
+    assert sum(c["support"] for c in metrics["per_class"].values()) == len(y_true)
+    assert isinstance(metrics["accuracy"], float)
+
+
+def test_choose_grid_rows_puts_mistakes_first() -> None:
+    y_true = np.array([0, 1, 1, 0, 1, 0])
+    y_pred = np.array([0, 0, 1, 1, 1, 0])
+    assert choose_grid_rows(y_true, y_pred, 4).tolist() == [1, 3, 0, 2]
+    assert choose_grid_rows(y_true, y_pred, 10).tolist() == [1, 3, 0, 2, 4, 5]
+
+
+def test_predict_keras_streams_batches(world: dict[str, Path]) -> None:
+    path = world["finetune"] / "frozen.keras"
+    y_pred, proba = predict_keras(path, world["store"], "test", batch_size=3)
+    images = np.load(store.split_path(world["store"], "test"))
+    expected = keras.saving.load_model(path).predict(images, verbose=0)
+    np.testing.assert_allclose(proba, expected, rtol=1e-5, atol=1e-6)
+    assert y_pred.tolist() == expected.argmax(1).tolist()
+
+
+def test_evaluate_reports_existing_models_only(evaluated: tuple[Path, dict]) -> None:
+    out, result = evaluated
+    found = ["svm_features", "svm_pixels", "frozen"]
+    assert list(result["metrics"]) == found
+    assert set(result["skipped"]) == {"svm_concat", "concat"}
+    assert set(result["metrics"]) | set(result["skipped"]) == set(MODEL_NAMES)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics == result["metrics"]
+    assert metrics["svm_features"]["accuracy"] == 1.0
+    for values in metrics.values():
+        assert {"accuracy", "balanced_accuracy", "roc_auc", "f1_macro", "per_class", "confusion_matrix"} <= set(values)
+
+
+def test_evaluate_writes_tables(evaluated: tuple[Path, dict], world: dict[str, Path]) -> None:
+    out, result = evaluated
+    n_test = 2 * COUNTS["test"]
+    comparison = pd.read_csv(out / "comparison.csv")
+    assert list(comparison.columns) == ["model", "accuracy", "balanced_accuracy"]
+    assert comparison["model"].tolist() == list(result["metrics"])
+    predictions = pd.read_csv(out / "predictions.csv")
+    assert len(predictions) == n_test
+    assert list(predictions.columns[:3]) == ["index", "relpath", "class_name"]
+    for model in result["metrics"]:
+        assert set(predictions[model]) <= set(CLASSES)
+        assert predictions[f"{model}_probability"].between(0, 1).all()
+        confusion = pd.read_csv(out / "confusion" / f"{model}.csv")
+        assert list(confusion.columns) == ["actual", "predicted"] and len(confusion) == n_test
+        assert confusion["actual"].tolist() == predictions["class_name"].tolist()
+    table = (out / "imagenet_top1.md").read_text()
+    assert table.count("\n| ") == n_test + 1 and "ant \\| formicid" in table
+
+
+def test_evaluate_draws_valid_pngs_and_drops_stale_ones(evaluated: tuple[Path, dict]) -> None:
+    out, result = evaluated
+    best = result["best"]["model"]
+    assert best == "svm_features"  # perfect on separable features; ties go to the first model
+    pngs = ["comparison.png", f"grid_{best}.png"] + [f"confusion_{m}.png" for m in result["metrics"]]
+    for name in pngs:
+        with Image.open(out / name) as image:
+            image.verify()
+            assert image.format == "PNG"
+    assert sorted(p.name for p in out.glob("grid_*.png")) == [f"grid_{best}.png"]
+    assert not (out / "confusion" / "concat.csv").exists()
+    assert not list(out.rglob(".*tmp-*"))
+
+
+def test_evaluate_without_models_fails_clearly(world: dict[str, Path], tmp_path: Path) -> None:
+    with pytest.raises(NoModelsError, match="no model to evaluate"):
+        evaluate_models(world["store"], world["features"], tmp_path / "none", None, tmp_path / "out", GRID, SIZE)

@@ -1,0 +1,235 @@
+"""Tests for the finetune core: real Keras training on a tiny store, random backbone weights."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import keras
+import numpy as np
+import pandas as pd
+import pytest
+
+import tlpipe.backbones  # noqa: F401  (registers the custom layer for load_model)
+from tlpipe import finetune, store
+from tlpipe.backbones import build_backbone
+from tlpipe.config import AugmentParams, FinetuneParams
+
+SIZE = 32
+BACKBONE = "efficientnet_lite0"
+COUNTS = {"train": 12, "val": 4, "test": 2}  # per class
+MODES = {"end_to_end": False, "feature_cache": True}
+
+
+def make_images(label: int, count: int, rng: np.random.Generator) -> np.ndarray:
+    """Dark (label 0) or bright (label 1) noisy uint8 images."""
+    low, high = (0, 80) if label == 0 else (170, 256)
+    return rng.integers(low, high, (count, SIZE, SIZE, 3), dtype=np.uint8)
+
+
+def write_store(folder: Path) -> Path:
+    """Write a two-class store (dark vs bright images) in the layout of :mod:`tlpipe.store`."""
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    records = []
+    for split, count in COUNTS.items():
+        labels = np.repeat([0, 1], count)
+        with store.NpyWriter(store.split_path(folder, split), len(labels), (SIZE, SIZE, 3)) as writer:
+            for index, label in enumerate(labels):
+                writer.write(make_images(int(label), 1, rng)[0])
+                records.append({"split": split, "index": index, "relpath": f"{split}/{index}.png",
+                                "class_name": ["dark", "bright"][label], "label": int(label),
+                                "sha256": f"{split}{index}", "width": SIZE, "height": SIZE, "mode": "RGB"})
+    store.write_csv(folder / store.MANIFEST, pd.DataFrame(records))
+    store.write_json(folder / store.CLASSES, ["dark", "bright"])
+    return folder
+
+
+def tiny_params(**changes: object) -> FinetuneParams:
+    """Small, fast training params."""
+    base = {"batch_size": 8, "epochs": 2, "frozen_units": 8, "concat_units": 8, "cache_copies": 2}
+    return FinetuneParams(**{**base, **changes})
+
+
+def backbone_of(model: keras.Model) -> keras.Model:
+    """The backbone sub-model of a full image model."""
+    return model.get_layer("efficientnet_lite0_backbone")
+
+
+def all_weights(model: keras.Model) -> list[np.ndarray]:
+    """Every weight of a model (BatchNorm moving statistics included) as numpy arrays."""
+    return [np.array(w) for w in model.get_weights()]
+
+
+@pytest.fixture(scope="module")
+def store_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_store(tmp_path_factory.mktemp("ft") / "store")
+
+
+@pytest.fixture(scope="module")
+def weights_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random-init backbone saved to a weights file, so every build starts from the same weights."""
+    keras.utils.set_random_seed(1)
+    path = tmp_path_factory.mktemp("weights") / "lite0.weights.h5"
+    build_backbone(BACKBONE, None, SIZE).save_weights(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def runs(store_dir: Path, weights_file: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
+    """Train both kinds in both modes; keep the in-memory models and the epoch callbacks."""
+    results = {}
+    for mode, cached in MODES.items():
+        models, epochs = {}, []
+        original = finetune.write_outputs
+
+        def capture(folder: Path, kind: str, model: keras.Model, *args: object) -> None:
+            models[kind] = model
+            original(folder, kind, model, *args)
+
+        out = tmp_path_factory.mktemp(mode) / "models"
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(finetune, "write_outputs", capture)
+            metrics = finetune.train_models(store_dir, out, finetune.MODEL_KINDS, BACKBONE, str(weights_file),
+                                            tiny_params(feature_cache=cached),
+                                            on_epoch=lambda kind, epoch, logs: epochs.append((kind, epoch, logs)))
+        results[mode] = {"out": out, "metrics": metrics, "models": models, "epochs": epochs}
+    yield results
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_outputs_and_metrics(runs: dict, mode: str) -> None:
+    run = runs[mode]
+    for kind in finetune.MODEL_KINDS:
+        for suffix in (".keras", "_history.csv", "_curves.png", "_metrics.json"):
+            assert (run["out"] / f"{kind}{suffix}").is_file()
+        history = pd.read_csv(run["out"] / f"{kind}_history.csv")
+        assert list(history.columns) == list(finetune.HISTORY_COLUMNS)
+        assert history["epoch"].tolist() == [1, 2] and set(history["phase"]) == {1}
+        metrics = run["metrics"][kind]
+        assert metrics["mode"] == mode and metrics["best_epoch"] in (1, 2)
+        assert metrics["best_val_accuracy"] == history["val_accuracy"].max()
+        assert (metrics["cache_seconds"] > 0) == (mode == "feature_cache")
+    assert [(k, e) for k, e, _ in run["epochs"]] == [("frozen", 1), ("frozen", 2), ("concat", 1), ("concat", 2)]
+    assert not list(run["out"].parent.glob(".*tmp*"))  # staging published, cache removed
+    assert not (run["out"] / finetune.CACHE_FOLDER).exists()
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("kind", finetune.MODEL_KINDS)
+def test_saved_model_predicts_like_in_memory(runs: dict, store_dir: Path, mode: str, kind: str) -> None:
+    images, _ = store.load_split(store_dir, "test")
+    model = runs[mode]["models"][kind]
+    loaded = keras.saving.load_model(runs[mode]["out"] / f"{kind}.keras")
+    assert loaded.input.dtype == "uint8"
+    want = model.predict(images, verbose=0)
+    np.testing.assert_array_equal(loaded.predict(images, verbose=0), want)
+    np.testing.assert_allclose(want.sum(axis=1), 1.0, rtol=1e-5)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_backbone_and_batchnorm_stats_unchanged(runs: dict, weights_file: Path, mode: str) -> None:
+    reference = build_backbone(BACKBONE, str(weights_file), SIZE)
+    assert any("moving_mean" in w.path for w in reference.weights)
+    for kind in finetune.MODEL_KINDS:
+        loaded = keras.saving.load_model(runs[mode]["out"] / f"{kind}.keras")
+        assert not backbone_of(loaded).trainable
+        for got, want in zip(all_weights(backbone_of(loaded)), all_weights(reference), strict=True):
+            np.testing.assert_array_equal(got, want)
+
+
+def test_same_seed_same_history(runs: dict, store_dir: Path, weights_file: Path, tmp_path: Path) -> None:
+    """Concat alone (second in the fixture run) repeats the fixture's history: per-model seeding."""
+    first = runs["end_to_end"]["out"]
+    finetune.train_models(store_dir, tmp_path / "again", ["concat"], BACKBONE, str(weights_file),
+                          tiny_params(feature_cache=False), on_epoch=lambda *a: None)
+    columns = [c for c in finetune.HISTORY_COLUMNS if c != "seconds"]
+    want = pd.read_csv(first / "concat_history.csv")[columns]
+    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "again" / "concat_history.csv")[columns], want)
+    again = keras.saving.load_model(tmp_path / "again" / "concat.keras")
+    for got, ref in zip(all_weights(again), all_weights(runs["end_to_end"]["models"]["concat"]), strict=True):
+        np.testing.assert_array_equal(got, ref)
+
+
+@pytest.mark.parametrize("kind", finetune.MODEL_KINDS)
+def test_cached_head_equals_full_model_on_val(store_dir: Path, weights_file: Path, tmp_path: Path, kind: str) -> None:
+    params = tiny_params()
+    data = finetune.load_store_data(store_dir)
+    backbone = finetune.load_frozen_backbone(BACKBONE, str(weights_file), SIZE)
+    cache = finetune.compute_feature_cache(backbone, data, tmp_path / "cache", params)
+    assert np.load(cache.folder / "train_final.npy", mmap_mode="r").shape == (2 * cache.rows, 1280)
+    copy0, copy1 = cache.train_features(0)[0], cache.train_features(1)[0]
+    assert not np.allclose(copy0, copy1)  # two different augmented copies
+    head, rows = finetune.train_head_on_cache(kind, cache, data, params, finetune.BestEpoch(), lambda *a: None)
+    assert len(rows) == params.epochs
+    model = finetune.build_image_model(kind, backbone, SIZE, 2, params, head=head)
+    val_images = np.load(data.val_path)
+    features = finetune.head_inputs(kind, *cache.val_features())
+    want = head.predict(features[0] if kind == "frozen" else features, verbose=0)
+    np.testing.assert_allclose(model.predict(val_images, verbose=0), want, rtol=1e-4, atol=1e-6)
+
+
+def test_loss_decreases_on_separable_data(store_dir: Path, tmp_path: Path) -> None:
+    params = tiny_params(epochs=5, learning_rate=3e-3)
+    metrics = finetune.train_models(store_dir, tmp_path / "out", ["frozen"], BACKBONE, None, params,
+                                    on_epoch=lambda *a: None)
+    history = pd.read_csv(tmp_path / "out" / "frozen_history.csv")
+    assert history["loss"].iloc[-1] < history["loss"].iloc[0]
+    assert metrics["frozen"]["best_val_accuracy"] >= 0.75
+
+
+def test_phase2_continues_history_and_keeps_batchnorm(store_dir: Path, weights_file: Path, tmp_path: Path,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    params = tiny_params(epochs=1, unfreeze_layers=8, unfreeze_epochs=2)
+    metrics = finetune.train_models(store_dir, tmp_path / "out", ["frozen"], BACKBONE, str(weights_file), params)
+    assert capsys.readouterr().out.count("[frozen] epoch") == 3  # no callback: one printed line per epoch
+    history = pd.read_csv(tmp_path / "out" / "frozen_history.csv")
+    assert history["phase"].tolist() == [1, 2, 2] and history["epoch"].tolist() == [1, 2, 3]
+    assert metrics["frozen"]["phase2_seconds_per_epoch"] > 0
+    loaded = backbone_of(keras.saving.load_model(tmp_path / "out" / "frozen.keras"))
+    reference = build_backbone(BACKBONE, str(weights_file), SIZE)
+    for got, want in zip(loaded.weights, reference.weights, strict=True):
+        if "moving_" in want.path:
+            np.testing.assert_array_equal(np.array(got), np.array(want))
+
+
+def test_unfreeze_top_layers_skips_batchnorm(weights_file: Path) -> None:
+    backbone = finetune.load_frozen_backbone(BACKBONE, str(weights_file), SIZE)
+    finetune.unfreeze_top_layers(backbone, 6)
+    trainable = {layer.name for layer in backbone.layers if layer.trainable and layer.weights}
+    assert "head_conv" in trainable and "head_bn" not in trainable
+    assert not any(isinstance(backbone.get_layer(n), keras.layers.BatchNormalization) for n in trainable)
+    assert not backbone.get_layer("stem_conv").trainable
+
+
+def test_array_batches_shuffle_each_epoch_and_cover_all_rows() -> None:
+    data = np.arange(10)[:, None]
+    labels = np.eye(2, dtype="float32")[np.arange(10) % 2]
+    orders = []
+    for epoch in range(2):
+        batches = finetune.ArrayBatches([data], labels, 4, finetune.epoch_order(10, 42, epoch))
+        assert len(batches) == 3
+        rows = np.concatenate([batches[i][0][:, 0] for i in range(len(batches))])
+        assert sorted(rows) == list(range(10))
+        orders.append(rows)
+    assert not np.array_equal(*orders)
+    np.testing.assert_array_equal(finetune.epoch_order(10, 42, 1), finetune.epoch_order(10, 42, 1))
+
+
+def test_augmentation_only_in_training() -> None:
+    augmentation = finetune.build_augmentation(AugmentParams(), seed=0)
+    assert [layer.name for layer in augmentation.layers] == [
+        "rotation", "translation", "shear", "zoom", "flip", "to_unit", "noise", "to_pixels"]
+    images = np.random.default_rng(0).uniform(0, 255, (2, SIZE, SIZE, 3)).astype("float32")
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(augmentation(images, training=False)), images, rtol=1e-5)
+    assert not np.allclose(keras.ops.convert_to_numpy(augmentation(images, training=True)), images)
+    none = AugmentParams(rotation_degrees=0, width_shift=0, height_shift=0, shear=0, zoom=0,
+                         horizontal_flip=False, noise_stddev=0)
+    assert finetune.build_augmentation(none, seed=0).layers == []
+
+
+def test_bad_kinds_rejected(store_dir: Path, tmp_path: Path) -> None:
+    for kinds in ([], ["frozen", "frozen"], ["linear"]):
+        with pytest.raises(ValueError, match="kinds"):
+            finetune.train_models(store_dir, tmp_path / "out", kinds, BACKBONE, None, tiny_params())
+    assert not (tmp_path / "out").exists()

@@ -1,0 +1,238 @@
+"""Tests for the pyfunc image models: log to a real SQLite MLflow store, load back, predict.
+
+Tiny real models with random weights at image size 32: a Keras network, a
+linear SVM on raw pixels and a linear SVM on efficientnet_lite0 features.
+"""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import joblib
+import keras
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+from mlflow import MlflowClient
+from PIL import Image
+from sklearn.svm import SVC
+
+from tlpipe.features import build_extractor
+from tlpipe.images import decode_file, resize_image
+from tlpipe.predict import resolve_model_uri
+from tlpipe.pyfunc import (
+    decode_cell,
+    log_keras_classifier,
+    log_svm_classifier,
+    to_image_frame,
+)
+from tlpipe.svm import resize_batch
+
+SIZE = 32
+PIXEL_SIZE = 8
+CLASSES = ["crack", "clean", "dust"]
+REGISTERED = "tlpipe-test-classifier"
+Reference = Callable[[np.ndarray], tuple[list[str], np.ndarray]]
+
+
+@pytest.fixture(scope="module")
+def tracking(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A fresh SQLite tracking store with one experiment; yields its folder."""
+    root = tmp_path_factory.mktemp("mlflow")
+    previous = mlflow.get_tracking_uri()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
+        patch.setenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+        mlflow.set_tracking_uri(f"sqlite:///{root}/mlflow.db")
+        experiment = MlflowClient().create_experiment("pyfunc", artifact_location=(root / "mlartifacts").as_uri())
+        mlflow.set_experiment(experiment_id=experiment)
+        yield root
+        mlflow.set_tracking_uri(previous)
+
+
+def write_images(folder: Path, count: int, seed: int) -> list[Path]:
+    """Random-noise photos of various sizes and formats (all at least 32 px a side)."""
+    rng = np.random.default_rng(seed)
+    paths = []
+    for index in range(count):
+        height, width = int(rng.integers(32, 70)), int(rng.integers(32, 70))
+        path = folder / f"image_{index}.{'png' if index % 2 else 'jpg'}"
+        Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).save(path)
+        paths.append(path)
+    return paths
+
+
+def encode(path: Path) -> str:
+    """Base64 of a file's bytes."""
+    return base64.b64encode(path.read_bytes()).decode("ascii")
+
+
+def decoded(paths: list[Path], mode: str) -> np.ndarray:
+    """The (N, SIZE, SIZE, 3) training pixels of some files."""
+    return np.stack([decode_file(path, SIZE, mode).pixels for path in paths])
+
+
+def flat_pixels(pixels: np.ndarray) -> np.ndarray:
+    """The svm_pixels input, built as :func:`tlpipe.svm.load_pixels` does."""
+    return resize_batch(pixels, PIXEL_SIZE).reshape(len(pixels), -1).astype(np.float32) * np.float32(1 / 255)
+
+
+def random_svm(features: np.ndarray, seed: int = 0) -> SVC:
+    """A linear SVC with Platt probabilities fitted on random labels (10 per class)."""
+    labels = np.resize(np.arange(len(CLASSES)), len(features))
+    return SVC(kernel="linear", probability=True, random_state=seed).fit(features, labels)
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    """Four test image files."""
+    return write_images(tmp_path_factory.mktemp("images"), 4, seed=1)
+
+
+@pytest.fixture(scope="module")
+def network(tmp_path_factory: pytest.TempPathFactory) -> tuple[keras.Model, Path]:
+    """A tiny Keras classifier uint8 (32, 32, 3) -> softmax(3), and its ``.keras`` file."""
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((SIZE, SIZE, 3), dtype="uint8")
+    x = keras.layers.Rescaling(1 / 255)(keras.ops.cast(inputs, "float32"))
+    x = keras.layers.Conv2D(4, 3, activation="relu")(x)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    model = keras.Model(inputs, keras.layers.Dense(len(CLASSES), activation="softmax")(x))
+    path = tmp_path_factory.mktemp("network") / "frozen.keras"
+    model.save(path)
+    return model, path
+
+
+@pytest.fixture(scope="module")
+def logged(tracking: Path, network, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """Log the network, an SVM on pixels and an SVM on features in one run.
+
+    Returns:
+        ``{name: (model_uri, reference)}`` where ``reference(pixels)`` gives the
+        underlying model's (class names, probabilities) on training pixels.
+    """
+    folder = tmp_path_factory.mktemp("svms")
+    rng = np.random.default_rng(2)
+    train = rng.integers(0, 256, (30, SIZE, SIZE, 3), dtype=np.uint8)
+    pixel_svm = random_svm(flat_pixels(train))
+    joblib.dump(pixel_svm, folder / "svm_pixels.joblib")
+    extractor = build_extractor("efficientnet_lite0", None, SIZE, include_top=False)
+
+    def concat(pixels: np.ndarray) -> np.ndarray:
+        out = extractor.predict_on_batch(pixels)
+        return np.concatenate([np.asarray(out["final"]), np.asarray(out["mid"])], axis=1)
+
+    feature_svm = random_svm(concat(train))
+    joblib.dump(feature_svm, folder / "svm_concat.joblib")
+    net, net_path = network
+
+    with mlflow.start_run():
+        frozen = log_keras_classifier("frozen", net_path, CLASSES, SIZE, "stretch", registered_model_name=REGISTERED)
+        pixels = log_svm_classifier("svm_pixels", folder / "svm_pixels.joblib", "pixels", CLASSES, SIZE,
+                                    "center_crop", backbone="efficientnet_lite0", weights=None, pixel_size=PIXEL_SIZE)
+        features = log_svm_classifier("svm_concat", folder / "svm_concat.joblib", "concat", CLASSES, SIZE,
+                                      "stretch", backbone="efficientnet_lite0", weights=None, pixel_size=PIXEL_SIZE)
+    return {
+        "frozen": (frozen, "stretch", network_reference(net)),
+        "svm_pixels": (pixels, "center_crop", svm_reference(pixel_svm, flat_pixels)),
+        "svm_concat": (features, "stretch", svm_reference(feature_svm, concat)),
+    }
+
+
+def network_reference(network: keras.Model) -> Reference:
+    """Class names and probabilities of a network on training pixels."""
+    def reference(pixels: np.ndarray) -> tuple[list[str], np.ndarray]:
+        probs = np.asarray(network.predict_on_batch(pixels))
+        return [CLASSES[i] for i in probs.argmax(axis=1)], probs
+    return reference
+
+
+def svm_reference(svm: SVC, inputs: Callable[[np.ndarray], np.ndarray]) -> Reference:
+    """Class names (``SVC.predict``) and Platt probabilities of an SVM on training pixels."""
+    def reference(pixels: np.ndarray) -> tuple[list[str], np.ndarray]:
+        features = inputs(pixels)
+        return [CLASSES[i] for i in svm.predict(features)], svm.predict_proba(features)
+    return reference
+
+
+def assert_matches(frame: pd.DataFrame, reference, pixels: np.ndarray) -> None:
+    """The output frame agrees with the underlying model on the same pixels."""
+    names, probs = reference(pixels)
+    assert frame["class"].tolist() == names
+    assert frame["error"].isna().all()
+    got = frame[[f"p_{name}" for name in CLASSES]].to_numpy(dtype=float)
+    np.testing.assert_allclose(got, probs, atol=1e-5)
+    chosen = probs[np.arange(len(names)), [CLASSES.index(name) for name in names]]
+    np.testing.assert_allclose(frame["probability"].to_numpy(dtype=float), chosen, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["frozen", "svm_pixels", "svm_concat"])
+def test_logged_model_predicts_like_the_underlying_model(logged: dict, images: list[Path], name: str) -> None:
+    info, mode, reference = logged[name]
+    model = mlflow.pyfunc.load_model(info.model_uri)
+    pixels = decoded(images, mode)
+    assert list(model.predict(pd.DataFrame({"image": [encode(p) for p in images]})).columns) == [
+        "class", "probability", "error", *[f"p_{c}" for c in CLASSES]]
+    assert_matches(model.predict(pd.DataFrame({"image": [encode(p) for p in images]})), reference, pixels)
+    assert_matches(model.predict(pd.DataFrame({"image": [str(p) for p in images]})), reference, pixels)
+    assert_matches(model.predict(pd.DataFrame({"image": [p.read_bytes() for p in images]})), reference, pixels)
+    assert_matches(model.predict(to_image_frame(pixels)), reference, pixels)
+    assert_matches(model.predict(to_image_frame(images)), reference, pixels)
+    assert_matches(model.unwrap_python_model().predict(None, pixels), reference, pixels)
+    assert_matches(model.unwrap_python_model().predict(None, [str(p) for p in images]), reference, pixels)
+
+
+def test_arrays_at_another_size_are_resized_as_in_training(logged: dict) -> None:
+    info, mode, reference = logged["frozen"]
+    big = np.random.default_rng(3).integers(0, 256, (2, 48, 40, 3), dtype=np.uint8)
+    expected = np.stack([np.asarray(resize_image(Image.fromarray(image), SIZE, mode)) for image in big])
+    assert_matches(mlflow.pyfunc.load_model(info.model_uri).predict(to_image_frame(big)), reference, expected)
+
+
+def test_bad_rows_get_an_error_and_the_rest_are_predicted(logged: dict, images: list[Path], tmp_path: Path) -> None:
+    info, mode, reference = logged["svm_pixels"]
+    corrupt = tmp_path / "corrupt.jpg"
+    corrupt.write_bytes(images[0].read_bytes()[:200])
+    frame = mlflow.pyfunc.load_model(info.model_uri).predict(pd.DataFrame({"image": [
+        encode(images[0]), encode(corrupt), "/no/such/file.jpg", base64.b64encode(b"hello").decode(),
+        str(images[1])]}))
+    errors = frame["error"].tolist()
+    assert [error is None for error in errors] == [True, False, False, False, True]
+    assert "corrupt" in errors[1] or "truncated" in errors[1]
+    assert "base64" in errors[2]
+    assert "not an image" in errors[3]
+    assert frame.loc[[1, 2, 3], "class"].isna().all() and frame.loc[[1, 2, 3], "probability"].isna().all()
+    assert_matches(frame.loc[[0, 4]].reset_index(drop=True), reference, decoded(images[:2], mode))
+    assert frame.to_json()  # None, never NaN, in the error rows: JSON-safe
+
+
+def test_registered_champion_loads_by_alias(logged: dict, images: list[Path], tracking: Path) -> None:
+    info, mode, reference = logged["frozen"]
+    MlflowClient().set_registered_model_alias(REGISTERED, "champion", info.registered_model_version)
+    uri = resolve_model_uri(None, tracking, REGISTERED)
+    assert uri == f"models:/{REGISTERED}@champion"
+    frame = mlflow.pyfunc.load_model(uri).predict(pd.DataFrame({"image": [encode(images[2])]}))
+    assert_matches(frame, reference, decoded(images[2:3], mode))
+
+
+def test_logged_model_carries_its_signature_and_example(logged: dict) -> None:
+    info, _, _ = logged["svm_concat"]
+    assert info.signature.inputs.input_names() == ["image"]
+    assert info.signature.outputs.input_names()[:3] == ["class", "probability", "error"]
+    example = mlflow.pyfunc.load_model(info.model_uri).input_example
+    assert len(base64.b64decode(example["image"][0])) < 2000
+    assert info.flavors["python_function"]["artifacts"].keys() >= {"config", "svm", "extractor"}
+
+
+def test_decode_cell_accepts_data_uris_and_rejects_other_types(images: list[Path]) -> None:
+    uri = "data:image/jpeg;base64," + encode(images[0])
+    assert decode_cell(uri, SIZE, "stretch").shape == (SIZE, SIZE, 3)
+    with pytest.raises(ValueError, match="unsupported input"):
+        decode_cell(3.5, SIZE, "stretch")
+    with pytest.raises(ValueError, match="missing"):
+        decode_cell(None, SIZE, "stretch")
+    with pytest.raises(ValueError, match="uint8"):
+        decode_cell(np.zeros((SIZE, SIZE, 3), dtype=np.float32), SIZE, "stretch")

@@ -11,12 +11,18 @@ subprocesses run one after another, each measured on its own:
   backbone. Its peak after loading is the comparison for our ingest, its peak
   after predicting the comparison for our features stage.
 
-Peak memory: for a single process the kernel's high-water mark
-``getrusage(RUSAGE_SELF).ru_maxrss``. For ingest, whose decode workers are
-forked and share the parent's pages, the peak of the summed PSS of the process
-tree sampled by the parent with psutil every 0.1 s (summing RSS would count the
-shared pages once per worker); ``ru_maxrss`` of self + children is kept in the
-details as an upper bound.
+Peak memory (MB): the kernel's high-water mark of the measured process,
+``getrusage(RUSAGE_SELF).ru_maxrss``; for ingest plus the peak of its decode
+workers' private memory (USS, summed over workers, sampled by the parent with
+psutil every 0.1 s): the workers are forked and share the parent's pages, so
+adding their RSS would count those pages once per worker. The sampled tree RSS
+and PSS peaks are kept in the details. (``ru_maxrss`` of children is kept too, but
+for the TensorFlow points it is an artefact: a ``uname -p`` spawned by
+``platform`` inherits the parent's high-water mark across ``exec``.)
+
+Memory does not depend on CPU speed, so to save wall time two measured chains run
+at once: (ingest -> features) and (course) for each N. Their ``seconds`` are
+therefore not throughput figures.
 
 Run alone: ``python -m bench.memory_bench [--quick] [--json PATH]``.
 """
@@ -31,6 +37,7 @@ import subprocess
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -52,17 +59,19 @@ def maxrss_mb(who: int = resource.RUSAGE_SELF) -> float:
     return resource.getrusage(who).ru_maxrss * 1024 / 1e6
 
 
-def tree_sample(process: psutil.Process) -> tuple[float, float]:
-    """(sum of RSS, sum of PSS) in MB over a process and its descendants; vanished ones count 0."""
-    rss = pss = 0.0
+def tree_sample(process: psutil.Process) -> dict[str, float]:
+    """MB over a process and its descendants: summed RSS and PSS, and the descendants' summed USS."""
+    sample = {"tree_rss_peak_mb": 0.0, "tree_pss_peak_mb": 0.0, "children_uss_peak_mb": 0.0}
     for proc in [process, *process.children(recursive=True)]:
         try:
             info = proc.memory_full_info()
         except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
             continue
-        rss += info.rss / 1e6
-        pss += getattr(info, "pss", info.rss) / 1e6
-    return rss, pss
+        sample["tree_rss_peak_mb"] += info.rss / 1e6
+        sample["tree_pss_peak_mb"] += info.pss / 1e6
+        if proc.pid != process.pid:
+            sample["children_uss_peak_mb"] += info.uss / 1e6
+    return sample
 
 
 def run_measured(args: list[str], interval: float = 0.1) -> dict[str, Any]:
@@ -70,18 +79,17 @@ def run_measured(args: list[str], interval: float = 0.1) -> dict[str, Any]:
     result_path = WORK / f".point-{time.monotonic_ns()}.json"
     cmd = [sys.executable, "-m", "bench.memory_bench", *args, "--result", str(result_path)]
     child = subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    peaks = {"tree_rss_peak_mb": 0.0, "tree_pss_peak_mb": 0.0}
+    peaks = {"tree_rss_peak_mb": 0.0, "tree_pss_peak_mb": 0.0, "children_uss_peak_mb": 0.0}
     output: list[str] = []
     reader = threading.Thread(target=lambda: output.extend(child.stdout), daemon=True)
     reader.start()
     process = psutil.Process(child.pid)
     while child.poll() is None:
         try:
-            rss, pss = tree_sample(process)
+            sample = tree_sample(process)
         except psutil.NoSuchProcess:
             break
-        peaks["tree_rss_peak_mb"] = max(peaks["tree_rss_peak_mb"], rss)
-        peaks["tree_pss_peak_mb"] = max(peaks["tree_pss_peak_mb"], pss)
+        peaks = {k: max(v, sample[k]) for k, v in peaks.items()}
         time.sleep(interval)
     child.wait()
     reader.join(timeout=5)
@@ -156,18 +164,27 @@ def run_point(kind: str, count: int, result: Path) -> None:
 
 def headline(kind: str, point: dict[str, Any]) -> float:
     """The peak that the figure reports for one measured point (see the module docstring)."""
-    return point["tree_pss_peak_mb"] if kind == "ingest" else point["maxrss_self_mb"]
+    if kind == "ingest":
+        return point["maxrss_self_mb"] + point["children_uss_peak_mb"]
+    return point["maxrss_self_mb"]
 
 
-def measure(counts: tuple[int, ...]) -> dict[int, dict[str, dict[str, Any]]]:
-    """Measure the three programs at every N; return points[N][kind]."""
+def measure_chain(count: int, kinds: tuple[str, ...]) -> dict[str, dict[str, Any]]:
+    """Run the programs of one chain at one N in order (each in a fresh process)."""
+    log(f"memory: N={count} ({SIZE} px): {' -> '.join(kinds)}")
+    return {kind: run_measured(["--point", kind, "--n", str(count)]) for kind in kinds}
+
+
+def measure(counts: tuple[int, ...], parallel: int = 2) -> dict[int, dict[str, dict[str, Any]]]:
+    """Measure the three programs at every N, two chains at a time; return points[N][kind]."""
     synth.ensure_set(synth.SMALL, max(counts))
     WORK.mkdir(parents=True, exist_ok=True)
-    points: dict[int, dict[str, dict[str, Any]]] = {}
+    chains = [(n, kinds) for n in sorted(counts, reverse=True) for kinds in (("course",), ("ingest", "features"))]
+    points: dict[int, dict[str, dict[str, Any]]] = {n: {} for n in counts}
+    with ThreadPoolExecutor(parallel) as pool:
+        for (count, _), result in zip(chains, pool.map(lambda chain: measure_chain(*chain), chains)):
+            points[count] |= result
     for count in counts:
-        log(f"memory: N={count} ({SIZE} px): ours ingest, ours features, course load+predict")
-        points[count] = {kind: run_measured(["--point", kind, "--n", str(count)])
-                         for kind in ("ingest", "features", "course")}
         shutil.rmtree(WORK / f"store_{count}", ignore_errors=True)
         shutil.rmtree(WORK / f"features_{count}", ignore_errors=True)
     return points

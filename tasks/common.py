@@ -62,7 +62,7 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def log_image_model(name: str, model_path: Path, store_dir: Path, params) -> str:
+def log_image_model(name: str, model_path: Path, store_dir: Path, features_dir: Path | None, params) -> str:
     """Log a trained model as an MLflow pyfunc that takes images, in the active run.
 
     The run is tagged with the model file's hash and the pyfunc URI, so the
@@ -74,7 +74,7 @@ def log_image_model(name: str, model_path: Path, store_dir: Path, params) -> str
     import mlflow
 
     from tlpipe import pyfunc, store
-    from tlpipe.features import normalise_weights
+    from tlpipe.features import EXTRACTOR, normalise_weights
     from tlpipe.svm import SVM_MODELS
 
     classes = store.load_classes(store_dir)
@@ -82,7 +82,8 @@ def log_image_model(name: str, model_path: Path, store_dir: Path, params) -> str
     if model_path.suffix == ".joblib":
         info = pyfunc.log_svm_classifier(
             name, model_path, SVM_MODELS[name], classes, image_size, params.data.resize_mode,
-            params.features.backbone, normalise_weights(params.features.weights), params.svm.pixel_size)
+            params.features.backbone, normalise_weights(params.features.weights), params.svm.pixel_size,
+            extractor_path=features_dir / EXTRACTOR if SVM_MODELS[name] != "pixels" else None)
     else:
         info = pyfunc.log_keras_classifier(name, model_path, classes, image_size, params.data.resize_mode)
     mlflow.set_tags({"tlpipe.model_sha": file_sha256(model_path), "tlpipe.pyfunc_uri": info.model_uri})

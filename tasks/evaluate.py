@@ -93,7 +93,7 @@ def log_evaluation(paths: ProjectPaths, params: Params, result: dict, data_hash:
         best = registry.select_best(scores)
         uri = find_logged_pyfunc(client, experiment_id, model_file(paths, best))
         if uri is None:
-            uri = log_image_model(best, model_file(paths, best), paths.store, params)
+            uri = log_image_model(best, model_file(paths, best), paths.store, paths.features, params)
         images, labels = store.load_split(paths.store, "test")
         decision = registry.register_and_gate(
             client, params.registry.model_name, best, uri, result["metrics"][best]["accuracy"], images, labels,

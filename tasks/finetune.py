@@ -54,5 +54,5 @@ def log_networks(root: Path, params: Params, results: dict, out_dir: Path, store
                 mlflow.log_metrics({k: float(v) for k, v in summary.items() if isinstance(v, (int, float))})
                 for suffix in ("_history.csv", "_curves.png", "_metrics.json"):
                     mlflow.log_artifact(str(out_dir / f"{kind}{suffix}"), "training")
-                log_image_model(kind, out_dir / f"{kind}.keras", store_dir, params)
+                log_image_model(kind, out_dir / f"{kind}.keras", store_dir, None, params)
         return run_id

@@ -48,5 +48,5 @@ def log_svms(root: Path, params: Params, summaries: dict, svm_dir: Path, store_d
                 mlflow.log_artifact(str(svm_dir / f"{name}_cv.csv"), "cv")
                 mlflow.sklearn.log_model(model, name=f"{name}-sklearn", input_example=X[:2],
                                          signature=infer_signature(X[:2], model.predict(X[:2])))
-                log_image_model(name, svm_dir / f"{name}.joblib", store_dir, params)
+                log_image_model(name, svm_dir / f"{name}.joblib", store_dir, features_dir, params)
         return run_id

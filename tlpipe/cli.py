@@ -136,7 +136,7 @@ def serve_model(
     prepare_environment(root)
     name = load_params(root / "params.yaml").registry.model_name
     uri = model or f"models:/{name}@champion"
-    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking.tracking_uri(root)}
+    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking.tracking_uri(root), "TLPIPE_PYFUNC_ALLOW_PATHS": "0"}
     command = [sys.executable, "-m", "mlflow", "models", "serve", "-m", uri, "--env-manager", "local",
                "--host", host, "--port", str(port)]
     typer.echo(f"serving {uri} on http://{host}:{port}/invocations")

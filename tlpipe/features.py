@@ -22,6 +22,7 @@ from tlpipe import store
 from tlpipe.config import FeaturesParams
 
 KINDS = ("final", "mid")
+EXTRACTOR = "extractor.keras"  # the exact extractor used, so served SVMs see the same features
 
 
 @dataclass(frozen=True)
@@ -141,8 +142,9 @@ def extract_features(
     """Extract pooled final and mid-level features for every split of a store.
 
     Writes into a staging folder published atomically at ``out_dir``:
-    ``<split>_final.npy``, ``<split>_mid.npy``, ``meta.json`` and, with an
-    ImageNet head, ``imagenet_top1.csv`` for the test split.
+    ``<split>_final.npy``, ``<split>_mid.npy``, ``meta.json``, the extractor
+    model (``extractor.keras``) and, with an ImageNet head, ``imagenet_top1.csv``
+    for the test split.
 
     Returns:
         The metadata: backbone, dims, per-split counts, images/s, precision.
@@ -185,6 +187,7 @@ def extract_features(
             "imagenet_top1": bool(tables),
         }
         store.write_json(staging / "meta.json", meta)
+        model.save(staging / EXTRACTOR)
         store.publish_dir(staging, out_dir)
     except BaseException:
         import shutil

@@ -303,8 +303,9 @@ def load_store_data(store_dir: Path) -> StoreData:
     return StoreData(paths["train"], paths["val"], labels["train"], labels["val"], classes, int(size))
 
 
-def load_frozen_backbone(name: str, weights: str | None, image_size: int) -> keras.Model:
-    """Build a backbone and freeze it."""
+def load_frozen_backbone(name: str, weights: str | None, image_size: int, seed: int) -> keras.Model:
+    """Build a backbone (seeded, so random-init weights repeat) and freeze it."""
+    keras.utils.set_random_seed(seed)
     backbone = build_backbone(name, weights, image_size)
     backbone.trainable = False
     return backbone
@@ -452,9 +453,18 @@ def unfreeze_top_layers(backbone: keras.Model, count: int) -> None:
         layer.trainable = top and not isinstance(layer, keras.layers.BatchNormalization)
 
 
-def train_model(kind: str, data: StoreData, backbone_name: str, weights: str | None, params: FinetuneParams,
+def train_model(kind: str, data: StoreData, backbone: keras.Model, params: FinetuneParams,
                 cache: FeatureCache | None, on_epoch: EpochCallback | None = None) -> tuple[keras.Model, pd.DataFrame]:
     """Train one model (phase 1 in the mode ``cache`` implies, then optional phase 2).
+
+    Args:
+        kind: A value of :data:`MODEL_KINDS`.
+        data: The store.
+        backbone: A frozen backbone; phase 2 changes its top layers, so give
+            each model its own when ``params.unfreeze_layers`` is set.
+        params: Training params.
+        cache: Train the head on these features; end to end when None.
+        on_epoch: See :func:`train_models`.
 
     Returns:
         The full image model holding the best epoch's weights, and its history.
@@ -464,11 +474,9 @@ def train_model(kind: str, data: StoreData, backbone_name: str, weights: str | N
     n_classes, phase2 = len(data.classes), params.unfreeze_epochs if params.unfreeze_layers else 0
     if cache is not None:
         head, rows = train_head_on_cache(kind, cache, data, params, best, on_epoch)
-        backbone = load_frozen_backbone(backbone_name, weights, data.image_size)
         model = build_image_model(kind, backbone, data.image_size, n_classes, params, head=head)
         best.weights = model.get_weights()
     else:
-        backbone = load_frozen_backbone(backbone_name, weights, data.image_size)
         model = build_image_model(kind, backbone, data.image_size, n_classes, params)
         compile_model(model, params, params.learning_rate)
         make, val = image_batches(data, params)
@@ -482,6 +490,7 @@ def train_model(kind: str, data: StoreData, backbone_name: str, weights: str | N
     model.set_weights(best.weights)
     backbone.trainable = False
     compile_model(model, params, params.learning_rate)
+    model.optimizer.build(model.trainable_variables)  # saved with matching (fresh) optimizer state
     history = pd.DataFrame(rows, columns=list(HISTORY_COLUMNS))
     return model, history
 
@@ -535,7 +544,8 @@ def train_models(store_dir: Path, out_dir: Path, kinds: Sequence[str], backbone_
                  params: FinetuneParams, on_epoch: EpochCallback | None = None) -> dict[str, dict]:
     """Train the requested models on a store and publish them atomically at ``out_dir``.
 
-    With ``params.feature_cache`` one cache serves every kind. Per kind,
+    One frozen backbone serves every kind (each gets its own when phase 2
+    unfreezes layers), and with ``params.feature_cache`` one cache does. Per kind,
     ``out_dir`` gets ``<kind>.keras`` (uint8 image in, probabilities out; load
     after ``import tlpipe.backbones``), ``<kind>_history.csv``,
     ``<kind>_curves.png`` and ``<kind>_metrics.json``.
@@ -560,15 +570,18 @@ def train_models(store_dir: Path, out_dir: Path, kinds: Sequence[str], backbone_
     staging = store.staging_dir(Path(out_dir))
     try:
         cache = None
+        shared = load_frozen_backbone(backbone_name, weights, data.image_size, params.seed)
         if params.feature_cache:
-            backbone = load_frozen_backbone(backbone_name, weights, data.image_size)
-            cache = compute_feature_cache(backbone, data, staging / CACHE_FOLDER, params)
+            cache = compute_feature_cache(shared, data, staging / CACHE_FOLDER, params)
             if on_epoch is None:
                 print(f"feature cache: {cache.rows} images x {cache.copies} copies in {cache.seconds:.1f}s", flush=True)
         results = {}
         for kind in kinds:
             start = time.perf_counter()
-            model, history = train_model(kind, data, backbone_name, weights, params, cache, on_epoch)
+            backbone = shared
+            if params.unfreeze_layers and kind != kinds[0]:
+                backbone = load_frozen_backbone(backbone_name, weights, data.image_size, params.seed)
+            model, history = train_model(kind, data, backbone, params, cache, on_epoch)
             results[kind] = summarize(kind, history, cache, backbone_name, weights, data, time.perf_counter() - start)
             write_outputs(staging, kind, model, history, results[kind])
         shutil.rmtree(staging / CACHE_FOLDER, ignore_errors=True)

@@ -86,6 +86,8 @@ def _open_checked(data: bytes, min_side: int, max_pixels: int) -> Image.Image:
         raise ImageRejected(f"decompression bomb: more than {max_pixels} pixels") from None
     except UnidentifiedImageError:
         raise ImageRejected("not an image (unrecognised format)") from None
+    except (OSError, SyntaxError, ValueError) as error:
+        raise ImageRejected(f"corrupt or truncated image: {error}") from None
     finally:
         Image.MAX_IMAGE_PIXELS = previous
     if width * height > max_pixels:

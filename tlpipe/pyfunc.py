@@ -36,6 +36,8 @@ import base64
 import binascii
 import io
 import json
+import os
+import logging
 import tempfile
 from importlib import metadata
 from pathlib import Path
@@ -54,6 +56,8 @@ BATCH_SIZE = 32
 MAX_PATH_CHARS = 4096
 REQUIREMENTS = ("keras", "tensorflow-cpu", "scikit-learn", "pillow", "numpy", "pandas")
 EXAMPLE_SIDE = 32  # the smallest image decode_bytes accepts
+
+logger = logging.getLogger("tlpipe.pyfunc")
 
 
 def decode_base64(text: str) -> bytes:
@@ -74,7 +78,13 @@ def decode_base64(text: str) -> bytes:
 
 
 def is_existing_file(text: str) -> bool:
-    """Whether ``text`` names an existing file (short strings only; never raises)."""
+    """Whether ``text`` names an existing file (short strings only; never raises).
+
+    ``TLPIPE_PYFUNC_ALLOW_PATHS=0`` (set by ``tlpipe serve-model``) turns paths
+    off, so REST clients cannot make the server read or probe its own files.
+    """
+    if os.environ.get("TLPIPE_PYFUNC_ALLOW_PATHS", "1") == "0":
+        return False
     if len(text) > MAX_PATH_CHARS or "\n" in text:
         return False
     try:
@@ -171,8 +181,9 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
     instance pickled by MLflow carries nothing.
     """
 
-    # Inputs vary (DataFrame, array, list) and the signature is given explicitly,
-    # so skip MLflow's type-hint wrapping of ``predict`` and its warning.
+    # Inputs vary (DataFrame, array, list) and the signature is given explicitly:
+    # skip MLflow's type-hint wrapping of ``predict`` (and its warning). For the
+    # same reason ``predict`` has no annotations: MLflow 3 would derive a signature.
     _skip_type_hint_validation = True
 
     def load_context(self, context) -> None:
@@ -195,7 +206,6 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
                 self.extractor = load_keras(context.artifacts["extractor"])
 
     def predict(self, context, model_input, params=None):
-        # No annotations on purpose: MLflow 3 would derive a signature from them.
         """Classify images.
 
         Args:
@@ -349,11 +359,13 @@ def keras_artifacts(folder: Path, keras_model_path: Path, classes: list[str], im
 
 
 def svm_artifacts(folder: Path, svm_path: Path, feature: str, classes: list[str], image_size: int,
-                  resize_mode: str, backbone: str, weights: str | None, pixel_size: int) -> dict[str, str]:
+                  resize_mode: str, backbone: str, weights: str | None, pixel_size: int,
+                  extractor_path: Path | None = None) -> dict[str, str]:
     """Config, SVM and (for features) extractor artifacts of an SVM classifier.
 
-    The extractor is built here with the training backbone and weights and saved
-    as ``.keras``, so the served model never resolves weights itself.
+    The extractor is ``extractor_path`` when given, else it is built here with
+    the training backbone and weights and saved as ``.keras``; either way the
+    served model never resolves weights itself.
     """
     if feature not in SVM_FEATURES:
         raise ValueError(f"unknown SVM feature {feature!r}; expected one of {SVM_FEATURES}")
@@ -361,13 +373,21 @@ def svm_artifacts(folder: Path, svm_path: Path, feature: str, classes: list[str]
               "feature": feature, "pixel_size": int(pixel_size), "backbone": backbone, "weights": weights}
     artifacts = {"config": str(write_config(folder, config)), "svm": str(svm_path)}
     if feature != "pixels":
-        from tlpipe.features import build_extractor
-
-        extractor = build_extractor(backbone, weights, int(image_size), include_top=False)
-        extractor_path = Path(folder) / "extractor.keras"
-        extractor.save(extractor_path)
-        artifacts["extractor"] = str(extractor_path)
+        artifacts["extractor"] = str(extractor_path or save_extractor(folder, backbone, weights, image_size))
     return artifacts
+
+
+def save_extractor(folder: Path, backbone: str, weights: str | None, image_size: int) -> Path:
+    """Build the features stage's extractor and save it as ``extractor.keras`` in ``folder``."""
+    from tlpipe.backbones.common import is_random_init
+    from tlpipe.features import build_extractor
+
+    if is_random_init(weights):
+        logger.warning("rebuilding a randomly initialised %s gives new weights: the served SVM will not see the "
+                       "features it was trained on; pass the features stage's extractor instead", backbone)
+    path = Path(folder) / "extractor.keras"
+    build_extractor(backbone, weights, int(image_size), include_top=False).save(path)
+    return path
 
 
 def save_keras_classifier(path: Path, keras_model_path: Path, classes: list[str], image_size: int,
@@ -401,7 +421,7 @@ def log_keras_classifier(name: str, keras_model_path: Path, classes: list[str], 
 
 def log_svm_classifier(name: str, svm_path: Path, feature: str, classes: list[str], image_size: int,
                        resize_mode: str, backbone: str, weights: str | None, pixel_size: int,
-                       registered_model_name: str | None = None):
+                       registered_model_name: str | None = None, extractor_path: Path | None = None):
     """Log an SVM with its input preparation as a pyfunc model in the active run.
 
     Args:
@@ -415,12 +435,16 @@ def log_svm_classifier(name: str, svm_path: Path, feature: str, classes: list[st
         weights: Its weights, as the features stage used them (None: random init).
         pixel_size: Side of the raw-pixel images (``pixels`` only).
         registered_model_name: Also register the model under this name.
+        extractor_path: The extractor (``.keras``, uint8 images -> {"final",
+            "mid"}) the features were made with; default: rebuild it from
+            ``backbone`` and ``weights`` (exact for ImageNet weights or a
+            weights file, not for random init).
 
     Returns:
         The ``ModelInfo``.
     """
     with tempfile.TemporaryDirectory(prefix="tlpipe-pyfunc-") as folder:
         artifacts = svm_artifacts(Path(folder), svm_path, feature, classes, image_size, resize_mode,
-                                  backbone, weights, pixel_size)
+                                  backbone, weights, pixel_size, extractor_path)
         return mlflow.pyfunc.log_model(name=name, registered_model_name=registered_model_name,
                                        **model_options(classes, artifacts))

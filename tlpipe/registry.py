@@ -69,9 +69,11 @@ def score_version(name: str, version: str, images: np.ndarray, labels: np.ndarra
     """Test accuracy of a registered version on the given uint8 images, through its pyfunc."""
     import mlflow
 
+    from tlpipe.pyfunc import to_image_frame
+
     try:
         model = mlflow.pyfunc.load_model(f"models:/{name}/{version}")
-        predicted = model.predict(images)["class"].to_numpy()
+        predicted = model.predict(to_image_frame(images))["class"].to_numpy()
     except Exception:
         return None
     truth = np.asarray(classes, dtype=object)[labels]

@@ -1,12 +1,14 @@
 """Tests for the pyfunc image models: log to a real SQLite MLflow store, load back, predict.
 
-Tiny real models with random weights at image size 32: a Keras network, a
-linear SVM on raw pixels and a linear SVM on efficientnet_lite0 features.
+Tiny real models at image size 32: a Keras network with random weights, and
+linear SVMs (random labels) on raw pixels and on efficientnet_lite0 ImageNet
+features (final; final + mid).
 """
 
 from __future__ import annotations
 
 import base64
+import json
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -40,10 +42,11 @@ Reference = Callable[[np.ndarray], tuple[list[str], np.ndarray]]
 
 @pytest.fixture(scope="module")
 def tracking(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """A fresh SQLite tracking store with one experiment; yields its folder."""
+    """A fresh SQLite tracking store with one experiment, and a fresh weights cache; yields the store folder."""
     root = tmp_path_factory.mktemp("mlflow")
     previous = mlflow.get_tracking_uri()
     with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("TLPIPE_CACHE_DIR", str(tmp_path_factory.mktemp("tlpipe_cache")))
         patch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
         patch.setenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
         mlflow.set_tracking_uri(f"sqlite:///{root}/mlflow.db")
@@ -108,37 +111,52 @@ def network(tmp_path_factory: pytest.TempPathFactory) -> tuple[keras.Model, Path
 
 @pytest.fixture(scope="module")
 def logged(tracking: Path, network, tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """Log the network, an SVM on pixels and an SVM on features in one run.
+    """Log the network, an SVM on pixels and two SVMs on efficientnet_lite0 features in one run.
+
+    The features use ImageNet weights (converted offline from the pip package
+    into the test's cache), so a rebuilt extractor has the training weights and
+    the features are not the near-zero ones of a random init.
 
     Returns:
-        ``{name: (model_uri, reference)}`` where ``reference(pixels)`` gives the
-        underlying model's (class names, probabilities) on training pixels.
+        ``{name: (model_info, resize_mode, reference)}`` where ``reference(pixels)``
+        gives the underlying model's (class names, probabilities) on training pixels.
     """
     folder = tmp_path_factory.mktemp("svms")
-    rng = np.random.default_rng(2)
-    train = rng.integers(0, 256, (30, SIZE, SIZE, 3), dtype=np.uint8)
-    pixel_svm = random_svm(flat_pixels(train))
-    joblib.dump(pixel_svm, folder / "svm_pixels.joblib")
-    extractor = build_extractor("efficientnet_lite0", None, SIZE, include_top=False)
+    train = np.random.default_rng(2).integers(0, 256, (30, SIZE, SIZE, 3), dtype=np.uint8)
+    extractor = build_extractor("efficientnet_lite0", "imagenet", SIZE, include_top=False)
+    extractor.save(folder / "extractor.keras")
+
+    def final(pixels: np.ndarray) -> np.ndarray:
+        return np.asarray(extractor.predict_on_batch(pixels)["final"])
 
     def concat(pixels: np.ndarray) -> np.ndarray:
         out = extractor.predict_on_batch(pixels)
         return np.concatenate([np.asarray(out["final"]), np.asarray(out["mid"])], axis=1)
 
-    feature_svm = random_svm(concat(train))
-    joblib.dump(feature_svm, folder / "svm_concat.joblib")
+    svms = {"svm_pixels": random_svm(flat_pixels(train)), "svm_features": random_svm(final(train)),
+            "svm_concat": random_svm(concat(train))}
+    for name, svm in svms.items():
+        joblib.dump(svm, folder / f"{name}.joblib")
     net, net_path = network
-
+    common = {"classes": CLASSES, "image_size": SIZE, "backbone": "efficientnet_lite0", "weights": "imagenet",
+              "pixel_size": PIXEL_SIZE}
     with mlflow.start_run():
-        frozen = log_keras_classifier("frozen", net_path, CLASSES, SIZE, "stretch", registered_model_name=REGISTERED)
-        pixels = log_svm_classifier("svm_pixels", folder / "svm_pixels.joblib", "pixels", CLASSES, SIZE,
-                                    "center_crop", backbone="efficientnet_lite0", weights=None, pixel_size=PIXEL_SIZE)
-        features = log_svm_classifier("svm_concat", folder / "svm_concat.joblib", "concat", CLASSES, SIZE,
-                                      "stretch", backbone="efficientnet_lite0", weights=None, pixel_size=PIXEL_SIZE)
+        infos = {
+            "frozen": log_keras_classifier("frozen", net_path, CLASSES, SIZE, "stretch",
+                                           registered_model_name=REGISTERED),
+            "svm_pixels": log_svm_classifier("svm_pixels", folder / "svm_pixels.joblib", "pixels",
+                                             resize_mode="center_crop", **common),
+            "svm_features": log_svm_classifier("svm_features", folder / "svm_features.joblib", "final",
+                                               resize_mode="stretch", extractor_path=folder / "extractor.keras",
+                                               **common),
+            "svm_concat": log_svm_classifier("svm_concat", folder / "svm_concat.joblib", "concat",
+                                             resize_mode="stretch", **common),
+        }
     return {
-        "frozen": (frozen, "stretch", network_reference(net)),
-        "svm_pixels": (pixels, "center_crop", svm_reference(pixel_svm, flat_pixels)),
-        "svm_concat": (features, "stretch", svm_reference(feature_svm, concat)),
+        "frozen": (infos["frozen"], "stretch", network_reference(net)),
+        "svm_pixels": (infos["svm_pixels"], "center_crop", svm_reference(svms["svm_pixels"], flat_pixels)),
+        "svm_features": (infos["svm_features"], "stretch", svm_reference(svms["svm_features"], final)),
+        "svm_concat": (infos["svm_concat"], "stretch", svm_reference(svms["svm_concat"], concat)),
     }
 
 
@@ -169,14 +187,14 @@ def assert_matches(frame: pd.DataFrame, reference, pixels: np.ndarray) -> None:
     np.testing.assert_allclose(frame["probability"].to_numpy(dtype=float), chosen, atol=1e-5)
 
 
-@pytest.mark.parametrize("name", ["frozen", "svm_pixels", "svm_concat"])
+@pytest.mark.parametrize("name", ["frozen", "svm_pixels", "svm_features", "svm_concat"])
 def test_logged_model_predicts_like_the_underlying_model(logged: dict, images: list[Path], name: str) -> None:
     info, mode, reference = logged[name]
     model = mlflow.pyfunc.load_model(info.model_uri)
     pixels = decoded(images, mode)
-    assert list(model.predict(pd.DataFrame({"image": [encode(p) for p in images]})).columns) == [
-        "class", "probability", "error", *[f"p_{c}" for c in CLASSES]]
-    assert_matches(model.predict(pd.DataFrame({"image": [encode(p) for p in images]})), reference, pixels)
+    frame = model.predict(pd.DataFrame({"image": [encode(p) for p in images]}))
+    assert list(frame.columns) == ["class", "probability", "error", *[f"p_{c}" for c in CLASSES]]
+    assert_matches(frame, reference, pixels)
     assert_matches(model.predict(pd.DataFrame({"image": [str(p) for p in images]})), reference, pixels)
     assert_matches(model.predict(pd.DataFrame({"image": [p.read_bytes() for p in images]})), reference, pixels)
     assert_matches(model.predict(to_image_frame(pixels)), reference, pixels)
@@ -206,7 +224,7 @@ def test_bad_rows_get_an_error_and_the_rest_are_predicted(logged: dict, images: 
     assert "not an image" in errors[3]
     assert frame.loc[[1, 2, 3], "class"].isna().all() and frame.loc[[1, 2, 3], "probability"].isna().all()
     assert_matches(frame.loc[[0, 4]].reset_index(drop=True), reference, decoded(images[:2], mode))
-    assert frame.to_json()  # None, never NaN, in the error rows: JSON-safe
+    json.dumps(frame.to_dict(orient="records"), allow_nan=False)  # None, never NaN: strict JSON
 
 
 def test_registered_champion_loads_by_alias(logged: dict, images: list[Path], tracking: Path) -> None:
@@ -218,13 +236,15 @@ def test_registered_champion_loads_by_alias(logged: dict, images: list[Path], tr
     assert_matches(frame, reference, decoded(images[2:3], mode))
 
 
-def test_logged_model_carries_its_signature_and_example(logged: dict) -> None:
-    info, _, _ = logged["svm_concat"]
+def test_logged_models_carry_signature_example_and_extractor(logged: dict) -> None:
+    info, _, _ = logged["frozen"]
     assert info.signature.inputs.input_names() == ["image"]
-    assert info.signature.outputs.input_names()[:3] == ["class", "probability", "error"]
+    assert info.signature.outputs.input_names() == ["class", "probability", "error", *[f"p_{c}" for c in CLASSES]]
     example = mlflow.pyfunc.load_model(info.model_uri).input_example
-    assert len(base64.b64decode(example["image"][0])) < 2000
-    assert info.flavors["python_function"]["artifacts"].keys() >= {"config", "svm", "extractor"}
+    assert list(example.columns) == ["image"] and len(base64.b64decode(example["image"][0])) < 2000
+    artifacts = {name: set(logged[name][0].flavors["python_function"]["artifacts"]) for name in logged}
+    assert artifacts == {"frozen": {"config", "network"}, "svm_pixels": {"config", "svm"},
+                         "svm_features": {"config", "svm", "extractor"}, "svm_concat": {"config", "svm", "extractor"}}
 
 
 def test_decode_cell_accepts_data_uris_and_rejects_other_types(images: list[Path]) -> None:

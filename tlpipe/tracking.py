@@ -188,6 +188,7 @@ def stage_run(stage: str, root: Path, params: Mapping | None = None, data_hash: 
     flat = flatten("", params or {})
     tags.update({f"dvc.params.{k}": str(v)[:5000] for k, v in flat.items()})
     run = client.create_run(experiment_id, run_name=stage, tags=tags)
+    mlflow.set_experiment(experiment_id=experiment_id)
     status = "FAILED"
     try:
         with mlflow.start_run(run_id=run.info.run_id):
@@ -219,8 +220,10 @@ def model_run(name: str, tags: Mapping[str, str] | None = None) -> Iterator[str]
     """A nested run for one model inside the active stage run; ended on exit."""
     import mlflow
 
-    with mlflow.start_run(run_name=name, nested=True, tags={KIND_TAG: "model", "tlpipe.model": name,
-                                                             **(tags or {})}) as run:
+    active = mlflow.active_run()
+    experiment_id = active.info.experiment_id if active else None
+    with mlflow.start_run(run_name=name, nested=True, experiment_id=experiment_id,
+                          tags={KIND_TAG: "model", "tlpipe.model": name, **(tags or {})}) as run:
         yield run.info.run_id
 
 

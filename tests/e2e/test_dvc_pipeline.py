@@ -81,7 +81,7 @@ def test_dvc_repro_runs_every_stage_once_and_tracks_it(tmp_path, tiny_source, pr
     models = {r.data.tags.get("tlpipe.model") for r in runs if r.data.tags.get("tlpipe.kind") == "model"}
     assert MODELS <= models
     champion = client.get_model_version_by_alias("tlpipe-classifier", "champion")
-    assert champion.version == promotion["version"]
+    assert str(champion.version) == promotion["version"]
 
     # second repro: nothing runs, no new flow runs
     since = datetime.now(timezone.utc)
@@ -94,7 +94,8 @@ def test_dvc_repro_runs_every_stage_once_and_tracks_it(tmp_path, tiny_source, pr
     header, first = predictions[0].split(","), predictions[1].split(",")
     row = dict(zip(header, first))
     image = tiny_source / row["relpath"]
-    printed = run([sys.executable, "-m", "tlpipe.cli", "predict", str(image), "--json"], project,
-                  {**env, "TLPIPE_ROOT": str(project)})
-    result = json.loads(printed[printed.index("["):])
+    printed = subprocess.run([sys.executable, "-m", "tlpipe.cli", "predict", str(image), "--json"], cwd=project,
+                             env={**env, "TLPIPE_ROOT": str(project)}, capture_output=True, text=True, timeout=600)
+    assert printed.returncode == 0, printed.stderr[-3000:]
+    result = json.loads(printed.stdout)
     assert result[0]["class"] == row[promotion["model"]]

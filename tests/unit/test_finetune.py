@@ -47,7 +47,7 @@ def write_store(folder: Path) -> Path:
 
 def tiny_params(**changes: object) -> FinetuneParams:
     """Small, fast training params."""
-    base = {"batch_size": 8, "epochs": 2, "frozen_units": 8, "concat_units": 8, "cache_copies": 2}
+    base = {"batch_size": 8, "epochs": 2, "frozen_units": 32, "concat_units": 32, "cache_copies": 2}
     return FinetuneParams(**{**base, **changes})
 
 
@@ -207,6 +207,7 @@ def test_loss_decreases_on_separable_data(cache: tuple) -> None:
     assert max(row["val_accuracy"] for row in rows) >= 0.75
 
 
+@pytest.mark.slow
 def test_phase2_continues_history_and_keeps_batchnorm(store_dir: Path, weights_file: Path, tmp_path: Path,
                                                       capsys: pytest.CaptureFixture[str]) -> None:
     params = tiny_params(epochs=1, unfreeze_layers=8, unfreeze_epochs=2)

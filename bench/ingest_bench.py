@@ -70,24 +70,26 @@ def load_course(paths: list[Path], interpolation: str = "nearest") -> np.ndarray
                      for p in paths])
 
 
-def compare_speed(dataset: Dataset, store_dir: Path) -> tuple[list[float], list[float], dict, np.ndarray]:
+def compare_speed(dataset: Dataset, store_dir: Path) -> tuple[dict[str, list[float]], dict, np.ndarray]:
     """Alternate our ingest and the course's loop ``reps`` times each (ABBA order).
 
     Returns:
-        Our seconds per repetition, the course's seconds, our last report and the
+        Wall and CPU seconds per repetition for both sides (keys ``ours``,
+        ``course``, ``ours_cpu``, ``course_cpu``), our last report, and the
         course's arrays from its last repetition.
     """
-    ours, course, report, arrays = [], [], {}, np.empty(0)
+    times: dict[str, list[float]] = {"ours": [], "course": [], "ours_cpu": [], "course_cpu": []}
+    report, arrays = {}, np.empty(0)
     for rep in range(dataset.reps):
         for side in (("ours", "course") if rep % 2 == 0 else ("course", "ours")):
             if side == "ours":
-                seconds, report = timed(lambda: ingest(dataset.listing, ingest_params(), store_dir))
-                ours.append(seconds)
+                wall, cpu, report = timed(lambda: ingest(dataset.listing, ingest_params(), store_dir))
             else:
                 arrays = np.empty(0)  # free the previous repetition first
-                seconds, arrays = timed(lambda: load_course(dataset.paths))
-                course.append(seconds)
-    return ours, course, report, arrays
+                wall, cpu, arrays = timed(lambda: load_course(dataset.paths))
+            times[side].append(wall)
+            times[f"{side}_cpu"].append(cpu)
+    return times, report, arrays
 
 
 def store_rows(store_dir: Path, listing: SourceListing) -> tuple[np.ndarray, np.ndarray]:
@@ -181,7 +183,7 @@ def profile_ingest(dataset: Dataset, files: int) -> dict[str, Any]:
 def datasets(quick: bool) -> list[Dataset]:
     """Hymenoptera (all 398 files) and the synthetic photo-sized set."""
     photos = synth.ensure_set(synth.PHOTO, 200 if quick else 2000)
-    return [Dataset("hymenoptera", list_folder(HYMENOPTERA), 1 if quick else 3),
+    return [Dataset("hymenoptera", list_folder(HYMENOPTERA), 1 if quick else 5),
             Dataset(f"synthetic {len(photos)} x 1600x1200", synth.listing(photos), 1 if quick else 2)]
 
 
@@ -209,22 +211,26 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         warm_page_cache(dataset.paths)
         log(f"ingest: {dataset.name}, {files} files, ours ({resolve_workers(0)} workers) vs load_img loop, "
             f"{dataset.reps} rep(s) each")
-        ours_s, course_s, report, arrays = compare_speed(dataset, store_dir)
-        ours_ips, base_ips = files / statistics.median(ours_s), files / statistics.median(course_s)
+        times, report, arrays = compare_speed(dataset, store_dir)
+        ours_ips, base_ips = files / statistics.median(times["ours"]), files / statistics.median(times["course"])
+        cpu_ms = {side: 1000 * statistics.median(times[f"{side}_cpu"]) / files for side in ("ours", "course")}
         ours_pixels, where = store_rows(store_dir, dataset.listing)
         info = compare_pixels(ours_pixels, where, dataset, arrays, 100 if args.quick else 200)
         info |= source_sizes(report, store_dir) | {
-            "files": files, "reps": dataset.reps, "ours_seconds": [round(t, 3) for t in ours_s],
-            "baseline_seconds": [round(t, 3) for t in course_s]}
+            "files": files, "reps": dataset.reps, "ours_seconds": [round(t, 3) for t in times["ours"]],
+            "baseline_seconds": [round(t, 3) for t in times["course"]],
+            "ours_cpu_ms_per_image": round(cpu_ms["ours"], 2), "baseline_cpu_ms_per_image": round(cpu_ms["course"], 2),
+            "cpu_ratio": round(cpu_ms["course"] / cpu_ms["ours"], 3)}
         del arrays, ours_pixels
         met = ours_ips >= TARGET_RATIO * base_ips
         if not met or args.profile:
             log(f"profiling ingest on {dataset.name}")
-            info["profile"] = profile_ingest(dataset, 60 if args.quick else PROFILE_FILES)
+            info["profile"] = profile_ingest(dataset, 40 if args.quick else PROFILE_FILES)
         rows.append(row(f"1 ingest: {dataset.name.split()[0]} ({files} files)", ours_ips, base_ips, "images/s",
                         f"ratio >= {TARGET_RATIO:g}", met,
-                        note=f"shapes {'identical' if info['shapes_identical'] else 'DIFFER'}; MAD vs nearest "
-                             f"{info['mad_vs_nearest']:.2f}, vs bilinear {info['mad_vs_bilinear']:.2f}"))
+                        note=f"CPU ms/img ours {cpu_ms['ours']:.2f} vs course {cpu_ms['course']:.2f}; shapes "
+                             f"{'identical' if info['shapes_identical'] else 'DIFFER'} {tuple(info['shape_ours'])}; "
+                             f"MAD vs nearest {info['mad_vs_nearest']:.2f}, vs bilinear {info['mad_vs_bilinear']:.2f}"))
         details[dataset.name] = info
         shutil.rmtree(store_dir, ignore_errors=True)
     result = {"rows": rows, "details": details}

@@ -71,9 +71,12 @@ def run_dvc(root: Path, overrides: list[str], experiment: bool, force_stages: li
     """
     logger = get_logger()
     ran: list[str] = []
+    # dvc.yaml runs `python -m flows.<stage>`: make that this interpreter, activated venv or not
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    env = {**os.environ, **env, "PATH": path}
     for command in dvc_command(overrides, experiment, force_stages):
         logger.info("$ %s", " ".join(command[2:]))
-        process = subprocess.Popen(command, cwd=root, env={**os.environ, **env}, stdout=subprocess.PIPE,
+        process = subprocess.Popen(command, cwd=root, env=env, stdout=subprocess.PIPE,
                                    stderr=subprocess.STDOUT, text=True, bufsize=1)
         tail: list[str] = []
         for line in process.stdout:

@@ -99,3 +99,31 @@ def test_dvc_repro_runs_every_stage_once_and_tracks_it(tmp_path, tiny_source, pr
     assert printed.returncode == 0, printed.stderr[-3000:]
     result = json.loads(printed.stdout)
     assert result[0]["class"] == row[promotion["model"]]
+
+    # the scheduled retrain flow: unchanged source -> nothing reruns
+    from flows.retrain import retrain_flow
+
+    skipped = retrain_flow(root=str(project))
+    assert skipped["retrained"] is False
+
+    # changed source -> the pipeline flow reruns through DVC and the quality gate decides
+    from tests.conftest import make_image
+    import numpy as np
+
+    make_image(tiny_source / "bright" / "bright_new.jpg", np.random.default_rng(7), bright=True)
+    since = datetime.now(timezone.utc)
+    result = retrain_flow(root=str(project))
+    assert result["retrained"] is True
+    assert result["stages_ran"][0] == "ingest" and "evaluate" in result["stages_ran"]
+    assert set(result["metrics"]) == MODELS
+    decision = result["promotion"]
+    assert isinstance(decision["promoted"], bool) and decision["reason"]
+    assert decision["champion_version"] == promotion["version"]
+    assert decision["champion_accuracy"] is not None  # the champion was re-scored on the new test split
+    champion = client.get_model_version_by_alias("tlpipe-classifier", "champion")
+    assert str(champion.version) == (decision["version"] if decision["promoted"] else promotion["version"])
+    counts = count_flow_runs(since)
+    assert counts.get("retrain") == 1 and counts.get("pipeline") == 1 and counts.get("ingest") == 1
+    pipeline_runs = [r for r in client.search_runs([experiment.experiment_id], max_results=500)
+                     if r.data.tags.get("tlpipe.kind") == "pipeline"]
+    assert len(pipeline_runs) == 2 and all(r.info.status == "FINISHED" for r in pipeline_runs)

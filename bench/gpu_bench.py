@@ -109,7 +109,7 @@ def build_keras_models():
         from tlpipe.features import build_extractor
 
         extractor = build_extractor("resnet50", None, SIZE, include_top=False)
-        return extractor, next(l for l in extractor.layers if isinstance(l, keras.Model)), "tlpipe"
+        return extractor, next(x for x in extractor.layers if isinstance(x, keras.Model)), "tlpipe"
     except Exception as error:  # noqa: BLE001 - tlpipe's dependencies may be missing on a GPU machine
         print(f"tlpipe extractor unavailable here ({type(error).__name__}: {error}); using the local one",
               flush=True)
@@ -427,7 +427,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             if compiled and args.smoke:
                 continue  # compiling on CPU needs a C++ toolchain and minutes; not a smoke check
             label = "torch-compile-bf16" if compiled else "torch-eager-bf16"
-            variants.append((label, lambda c=compiled, l=label: run_torch(results, l, c, store_path, args)))
+            variants.append((label, lambda c=compiled, name=label: run_torch(results, name, c, store_path, args)))
     else:
         print("torch not installed: PyTorch variants skipped", flush=True)
     for name, fn in variants:

@@ -20,9 +20,9 @@ and PSS peaks are kept in the details. (``ru_maxrss`` of children is kept too, b
 for the TensorFlow points it is an artefact: a ``uname -p`` spawned by
 ``platform`` inherits the parent's high-water mark across ``exec``.)
 
-Memory does not depend on CPU speed, so to save wall time two measured chains run
-at once: (ingest -> features) and (course) for each N. Their ``seconds`` are
-therefore not throughput figures.
+Memory does not depend on CPU speed, so to save wall time up to three measured
+chains run at once, (ingest -> features) and (course) for each N; their
+``seconds`` are therefore not throughput figures.
 
 Run alone: ``python -m bench.memory_bench [--quick] [--json PATH]``.
 """
@@ -175,14 +175,19 @@ def measure_chain(count: int, kinds: tuple[str, ...]) -> dict[str, dict[str, Any
     return {kind: run_measured(["--point", kind, "--n", str(count)]) for kind in kinds}
 
 
-def measure(counts: tuple[int, ...], parallel: int = 2) -> dict[int, dict[str, dict[str, Any]]]:
-    """Measure the three programs at every N, two chains at a time; return points[N][kind]."""
+def measure(counts: tuple[int, ...], parallel: int = 3) -> dict[int, dict[str, dict[str, Any]]]:
+    """Measure the three programs at every N, ``parallel`` chains at a time; return points[N][kind].
+
+    Chains start longest first (ours before the course's at the same N: our
+    features stage pays the TensorFlow start-up after ingest), so that the
+    cores stay busy until the end.
+    """
     synth.ensure_set(synth.SMALL, max(counts))
     WORK.mkdir(parents=True, exist_ok=True)
-    chains = [(n, kinds) for n in sorted(counts, reverse=True) for kinds in (("course",), ("ingest", "features"))]
+    chains = [(n, kinds) for n in sorted(counts, reverse=True) for kinds in (("ingest", "features"), ("course",))]
     points: dict[int, dict[str, dict[str, Any]]] = {n: {} for n in counts}
     with ThreadPoolExecutor(parallel) as pool:
-        for (count, _), result in zip(chains, pool.map(lambda chain: measure_chain(*chain), chains)):
+        for (count, _), result in zip(chains, pool.map(lambda chain: measure_chain(*chain), chains), strict=True):
             points[count] |= result
     for count in counts:
         shutil.rmtree(WORK / f"store_{count}", ignore_errors=True)
@@ -209,7 +214,8 @@ def summarize(points: dict[int, dict[str, dict[str, Any]]]) -> list[dict[str, An
                         note=f"growth {span}: ours {growth(ours):+.0%}, course {growth(course):+.0%}; "
                              f"ours {'/'.join(f'{v:.0f}' for v in ours)} MB, "
                              f"course {'/'.join(f'{v:.0f}' for v in course)} MB",
-                        ours_by_n=dict(zip(counts, ours)), baseline_by_n=dict(zip(counts, course))))
+                        ours_by_n=dict(zip(counts, ours, strict=True)),
+                        baseline_by_n=dict(zip(counts, course, strict=True))))
     return rows
 
 

@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n=== tlpipe benchmarks ({'quick' if args.quick else 'full'}, {total:.0f} s) ===")
     for r in rows:
         print(format_row(r))
-    notes = [f"  {r['figure'].split(':')[0]}: {r['figure'].split(': ', 1)[-1]}: {r['note']}" for r in rows if r.get("note")]
+    notes = [f"  {r['figure']}: {r['note']}" for r in rows if r.get("note")]
     if notes:
         print("notes:\n" + "\n".join(notes))
     for figure in figures:

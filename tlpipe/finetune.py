@@ -518,6 +518,7 @@ def plot_curves(history: pd.DataFrame, path: Path, title: str) -> None:
     """Save a two-panel (loss, accuracy) train-vs-val figure with the Agg canvas."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     figure = Figure(figsize=(10, 4), layout="constrained")
     FigureCanvasAgg(figure)
@@ -528,6 +529,7 @@ def plot_curves(history: pd.DataFrame, path: Path, title: str) -> None:
             axis.axvline(history.loc[history["phase"] == 2, "epoch"].min() - 0.5, color="grey", ls="--",
                          label="phase 2")
         axis.set(title=metric, xlabel="epoch")
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
         axis.legend()
     figure.suptitle(title)
     figure.savefig(path, dpi=100)

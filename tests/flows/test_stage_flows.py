@@ -29,7 +29,7 @@ def test_ingest_and_features_flows_write_outputs_and_track(project):
     assert json.loads((project / "metrics" / "ingest.json").read_text())["rejected"] == 1
 
     meta = features_flow(root=str(project))
-    assert meta["final_dim"] == 1280 and meta["mid_dim"] == 80
+    assert meta["final_dim"] == 1280 and meta["mid_dim"] == 240
     assert (project / "data" / "features" / "test_mid.npy").exists()
 
     client = MlflowClient(f"sqlite:///{project}/mlflow.db")

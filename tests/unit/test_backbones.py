@@ -66,7 +66,7 @@ def test_specs() -> None:
     resnet = get_spec("resnet50")
     assert (resnet.final_dim, resnet.mid_layer, resnet.mid_dim, resnet.default_size) == (2048, "conv3_block4_out", 512, 224)
     lite0 = get_spec("efficientnet_lite0")
-    assert (lite0.final_dim, lite0.mid_layer, lite0.mid_dim, lite0.has_classifier) == (1280, "block7_out", 80, True)
+    assert (lite0.final_dim, lite0.mid_layer, lite0.mid_dim, lite0.has_classifier) == (1280, "block5_expand_relu", 240, True)
     with pytest.raises(ValueError, match="efficientnet_lite0, resnet50"):
         get_spec("vgg16")
 
@@ -146,7 +146,7 @@ def test_lite0_imagenet_dims_cache_and_notop(lite0_top: keras.Model, cache_dir: 
     assert cached.is_file()
     assert [p.name for p in cached.parent.iterdir()] == [cached.name]  # no temp file left behind
     top = lite0_top.predict(coffee_crop, verbose=0)
-    assert top["final"].shape == (1, 1280) and top["mid"].shape == (1, 80) and top["probs"].shape == (1, 1000)
+    assert top["final"].shape == (1, 1280) and top["mid"].shape == (1, 240) and top["probs"].shape == (1, 1000)
     assert int(top["probs"].argmax()) == ESPRESSO
     notop = build_backbone("efficientnet_lite0", weights="imagenet", include_top=False)
     feats = notop.predict(coffee_crop, verbose=0)
@@ -154,7 +154,7 @@ def test_lite0_imagenet_dims_cache_and_notop(lite0_top: keras.Model, cache_dir: 
     np.testing.assert_allclose(feats["final"], top["final"], atol=1e-5)
     np.testing.assert_allclose(feats["mid"], top["mid"], atol=1e-5)
     small = build_backbone("efficientnet_lite0", weights=str(cached), image_size=96)
-    assert small.predict(coffee_crop[:, :96, :96], verbose=0)["mid"].shape == (1, 80)
+    assert small.predict(coffee_crop[:, :96, :96], verbose=0)["mid"].shape == (1, 240)
 
 
 def test_backbone_as_submodel_keras_roundtrip(tmp_path: Path) -> None:

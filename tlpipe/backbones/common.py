@@ -43,7 +43,7 @@ class BackboneSpec:
 
 
 SPECS: dict[str, BackboneSpec] = {
-    "efficientnet_lite0": BackboneSpec("efficientnet_lite0", 224, 1280, "block7_out", 80, True),
+    "efficientnet_lite0": BackboneSpec("efficientnet_lite0", 224, 1280, "block5_expand_relu", 240, True),
     "resnet50": BackboneSpec("resnet50", 224, 2048, "conv3_block4_out", 512, True),
 }
 

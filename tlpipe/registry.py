@@ -47,7 +47,7 @@ def decide(model: str, accuracy: float, champion_version: str | None, champion_a
         return True, f"{model} promoted: no champion yet (test accuracy {accuracy:.4f})"
     if champion_accuracy is None:
         return True, f"{model} promoted: champion v{champion_version} could not be scored on this test split"
-    if accuracy > champion_accuracy + min_improvement:
+    if round(accuracy - champion_accuracy, 4) > min_improvement:
         return True, (f"{model} promoted: test accuracy {accuracy:.4f} beats champion v{champion_version} "
                       f"({champion_accuracy:.4f}) on the same test split")
     return False, (f"{model} not promoted: test accuracy {accuracy:.4f} does not beat champion "
@@ -77,7 +77,7 @@ def score_version(name: str, version: str, images: np.ndarray, labels: np.ndarra
     except Exception:
         return None
     truth = np.asarray(classes, dtype=object)[labels]
-    return float(np.mean(predicted == truth))
+    return round(float(np.mean(predicted == truth)), 4)  # same rounding as the evaluate metrics
 
 
 def register_and_gate(client, name: str, model: str, model_uri: str, accuracy: float, images: np.ndarray,

@@ -144,6 +144,7 @@ def test_outputs_and_metrics(runs: dict, mode: str) -> None:
         assert metrics["best_val_accuracy"] == history["val_accuracy"].max()
         assert (metrics["cache_seconds"] > 0) == (mode == "feature_cache")
     assert [(k, e) for k, e, _ in run["epochs"]] == [("frozen", 1), ("frozen", 2), ("concat", 1), ("concat", 2)]
+    assert set(run["epochs"][0][2]) == {"phase", "loss", "accuracy", "val_loss", "val_accuracy", "seconds"}
     assert not list(run["out"].parent.glob(".*tmp*"))  # staging published, cache removed
     assert not (run["out"] / finetune.CACHE_FOLDER).exists()
 
@@ -161,6 +162,28 @@ def test_saved_model_predicts_like_in_memory(runs: dict, store_dir: Path, mode: 
 
 
 @pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("kind", finetune.MODEL_KINDS)
+def test_saved_model_holds_best_epoch(runs: dict, store_dir: Path, mode: str, kind: str) -> None:
+    """The saved model scores the best epoch's val accuracy and loss on the val images."""
+    images, labels = store.load_split(store_dir, "val")
+    probs = predict(runs[mode]["loaded"][kind], images)
+    metrics = runs[mode]["metrics"][kind]
+    assert (probs.argmax(axis=1) == labels).mean() == pytest.approx(metrics["best_val_accuracy"])
+    loss = -np.log(probs[np.arange(len(labels)), labels]).mean()
+    assert loss == pytest.approx(metrics["best_val_loss"], rel=1e-4)
+
+
+def test_best_epoch_keeps_earliest_of_ties() -> None:
+    model = keras.Sequential([keras.Input((1,)), keras.layers.Dense(1)])
+    best = finetune.BestEpoch()
+    for epoch, accuracy in enumerate([0.5, 0.7, 0.7, 0.6], start=1):
+        model.layers[0].kernel.assign([[float(epoch)]])
+        best.update(model, {"epoch": epoch, "phase": 1, "val_accuracy": accuracy, "val_loss": 1.0 / epoch})
+    assert (best.epoch, best.val_accuracy, best.val_loss) == (2, 0.7, 0.5)
+    assert best.weights[0][0, 0] == 2.0
+
+
+@pytest.mark.parametrize("mode", MODES)
 def test_backbone_and_batchnorm_stats_unchanged(runs: dict, weights_file: Path, mode: str) -> None:
     reference = build_backbone(BACKBONE, str(weights_file), SIZE)
     assert any("moving_mean" in w.path for w in reference.weights)
@@ -171,16 +194,17 @@ def test_backbone_and_batchnorm_stats_unchanged(runs: dict, weights_file: Path, 
             np.testing.assert_array_equal(got, want)
 
 
-def test_same_seed_same_history(runs: dict, store_dir: Path, weights_file: Path, tmp_path: Path) -> None:
-    """Concat alone (second in the fixture run) repeats the fixture's history: per-model seeding."""
-    first = runs["end_to_end"]["out"]
+@pytest.mark.parametrize("mode", MODES)
+def test_same_seed_same_history(runs: dict, store_dir: Path, weights_file: Path, tmp_path: Path, mode: str) -> None:
+    """Concat alone (second in the fixture run) repeats the fixture's history and weights exactly."""
+    first = runs[mode]["out"]
     finetune.train_models(store_dir, tmp_path / "again", ["concat"], BACKBONE, str(weights_file),
-                          tiny_params(feature_cache=False), on_epoch=lambda *a: None)
+                          tiny_params(feature_cache=MODES[mode]), on_epoch=lambda *a: None)
     columns = [c for c in finetune.HISTORY_COLUMNS if c != "seconds"]
     want = pd.read_csv(first / "concat_history.csv")[columns]
     pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "again" / "concat_history.csv")[columns], want)
     again = keras.saving.load_model(tmp_path / "again" / "concat.keras")
-    for got, ref in zip(all_weights(again), all_weights(runs["end_to_end"]["models"]["concat"]), strict=True):
+    for got, ref in zip(all_weights(again), all_weights(runs[mode]["models"]["concat"]), strict=True):
         np.testing.assert_array_equal(got, ref)
 
 

@@ -104,7 +104,12 @@ class FeatureCache:
 
 @dataclass
 class BestEpoch:
-    """The best epoch so far by val accuracy (earliest on ties) and its weights."""
+    """The best epoch so far by val accuracy (ties: lower val loss, then earliest) and its weights.
+
+    The val split is small (a few dozen images), so val accuracy saturates within
+    a few epochs; breaking ties on val loss keeps the better-trained head instead
+    of the first epoch that reached the plateau.
+    """
 
     epoch: int = 0
     phase: int = 0
@@ -113,8 +118,10 @@ class BestEpoch:
     weights: list[np.ndarray] = field(default_factory=list)
 
     def update(self, model: keras.Model, row: dict) -> None:
-        """Keep ``model``'s weights if ``row`` beats the best val accuracy strictly."""
-        if row["val_accuracy"] > self.val_accuracy:
+        """Keep ``model``'s weights if ``row`` beats the best (accuracy, then lower loss)."""
+        better = row["val_accuracy"] > self.val_accuracy
+        tie = row["val_accuracy"] == self.val_accuracy and row["val_loss"] < self.val_loss
+        if better or tie:
             self.epoch, self.phase = row["epoch"], row["phase"]
             self.val_accuracy, self.val_loss = row["val_accuracy"], row["val_loss"]
             self.weights = model.get_weights()
@@ -499,7 +506,8 @@ def train_model(kind: str, data: StoreData, backbone: keras.Model, params: Finet
 def summarize(kind: str, history: pd.DataFrame, cache: FeatureCache | None, backbone_name: str,
               weights: str | None, data: StoreData, seconds: float) -> dict:
     """Build the metrics dict of one model."""
-    best = history.loc[history["val_accuracy"].idxmax()]  # idxmax: first maximum, so ties -> earliest
+    # same rule as BestEpoch: highest val accuracy, then lowest val loss, then earliest (stable sort)
+    best = history.sort_values(["val_accuracy", "val_loss"], ascending=[False, True], kind="stable").iloc[0]
     phase1, phase2 = history[history["phase"] == 1], history[history["phase"] == 2]
     return {
         "kind": kind, "mode": "feature_cache" if cache else "end_to_end",

@@ -31,6 +31,7 @@ from tlpipe.images import ImageRejected, decode_bytes, hash_bytes
 from tlpipe.sources import Candidate, SourceListing
 
 RAW_NAME = "decoded.raw"
+RECORD_COLUMNS = ["relpath", "class_name", "source_split", "sha256", "width", "height", "mode", "row", "reason"]
 
 
 class DataError(ValueError):
@@ -102,23 +103,22 @@ def decode_candidates(
         DecodeJob(i, str(c.path), params.image_size, params.resize_mode, params.min_side, params.max_pixels)
         for i, c in enumerate(candidates)
     ]
-    records: list[dict] = []
+    records: list[tuple] = []  # tuples, not dicts: metadata stays small per file
     first_seen: dict[str, str] = {}
     with open(raw_path, "wb") as raw:
         for position, pixels, info in progress(_iter_decoded(jobs, resolve_workers(params.workers))):
             candidate = candidates[position]
-            record = {"relpath": candidate.relpath, "class_name": candidate.class_name,
-                      "source_split": candidate.split or "", "sha256": "", "width": 0, "height": 0,
-                      "mode": "", "row": -1, "reason": "", **info}
-            if pixels is not None and record["sha256"] in first_seen:
-                record["reason"] = f"duplicate of {first_seen[record['sha256']]}"
+            sha, reason, row = info.get("sha256", ""), info.get("reason", ""), -1
+            if pixels is not None and sha in first_seen:
+                reason = f"duplicate of {first_seen[sha]}"
             elif pixels is not None:
-                first_seen[record["sha256"]] = candidate.relpath
-                record["row"] = raw.tell() // len(pixels)
+                first_seen[sha] = candidate.relpath
+                row = raw.tell() // len(pixels)
                 raw.write(pixels)
-            records.append(record)
-    columns = ["relpath", "class_name", "source_split", "sha256", "width", "height", "mode", "row", "reason"]
-    return pd.DataFrame.from_records(records, columns=columns)
+            records.append((candidate.relpath, candidate.class_name, candidate.split or "", sha,
+                            info.get("width", 0), info.get("height", 0), info.get("mode", ""), row, reason))
+    del jobs
+    return pd.DataFrame.from_records(records, columns=RECORD_COLUMNS)
 
 
 def select_per_class(kept: pd.DataFrame, max_per_class: int | None, seed: int) -> pd.DataFrame:

@@ -34,6 +34,9 @@ def pipeline_flow(root: str | None = None, overrides: list[str] | None = None, e
     try:
         stages = run_dvc(paths.root, overrides, experiment, list(force_stages or []), env)
         metrics, promotion = read_results(paths.root)
+        if "evaluate" not in stages:  # DVC skipped it: the recorded decision is from an earlier run
+            promotion = {"promoted": False, "reason": "evaluate did not run (its inputs are unchanged): "
+                         "champion kept", "previous": promotion}
         status = "FINISHED"
     finally:
         close_pipeline_run(paths.root, parent, status, stages, metrics)

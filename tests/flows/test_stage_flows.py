@@ -66,3 +66,40 @@ def test_bad_params_fail_naming_the_key(project):
     params.write_text(params.read_text().replace("test_fraction: 0.2", "test_fraction: 1.5"))
     with pytest.raises(ConfigError, match="data.test_fraction"):
         ingest_flow(root=str(project))
+
+
+def test_finetune_flow_trains_both_networks_and_the_saved_models_reload(project):
+    """One epoch of each network through the flow; the saved .keras and the logged pyfunc agree."""
+    import keras
+    import mlflow
+    import numpy as np
+    from mlflow import MlflowClient
+
+    import tlpipe.backbones  # noqa: F401  (registers the custom layers for load_model)
+    from flows.finetune import finetune_flow
+    from flows.ingest import ingest_flow
+    from tlpipe import store
+    from tlpipe.pyfunc import to_image_frame
+
+    params = project / "params.yaml"
+    params.write_text(params.read_text().replace("epochs: 2", "epochs: 1"))
+    ingest_flow(root=str(project))
+    results = finetune_flow(root=str(project))
+    assert set(results) == {"frozen", "concat"}
+    images, labels = store.load_split(project / "data" / "store", "val")
+    classes = store.load_classes(project / "data" / "store")
+    client = MlflowClient(f"sqlite:///{project}/mlflow.db")
+    experiment = client.get_experiment_by_name("tlpipe")
+    mlflow.set_tracking_uri(f"sqlite:///{project}/mlflow.db")
+    for kind in ("frozen", "concat"):
+        history = (project / "models" / "finetune" / f"{kind}_history.csv").read_text().splitlines()
+        assert len(history) == 2  # header + one epoch
+        model = keras.saving.load_model(project / "models" / "finetune" / f"{kind}.keras")
+        probs = model.predict(images, verbose=0)
+        assert (probs.argmax(1) == labels).mean() == results[kind]["best_val_accuracy"]
+        run = client.search_runs([experiment.experiment_id],
+                                 filter_string=f"tags.`tlpipe.model` = '{kind}' and tags.`tlpipe.kind` = 'model'")[0]
+        assert run.data.metrics["val_accuracy"] == results[kind]["best_val_accuracy"]
+        served = mlflow.pyfunc.load_model(run.data.tags["tlpipe.pyfunc_uri"]).predict(to_image_frame(images))
+        assert list(served["class"]) == [classes[i] for i in probs.argmax(1)]
+        np.testing.assert_allclose(served[[f"p_{c}" for c in classes]].to_numpy(), probs, rtol=1e-4, atol=1e-5)

@@ -69,7 +69,9 @@ def _iter_decoded(jobs: list[DecodeJob], workers: int) -> Iterable[tuple[int, by
     if workers <= 1 or len(jobs) < 16:
         yield from map(_decode_job, jobs)
         return
-    context = multiprocessing.get_context("fork")
+    # forkserver, not fork: the caller (a Prefect flow) runs threads, and forking a threaded
+    # process can deadlock a child on a lock held at fork time (seen here).
+    context = multiprocessing.get_context("forkserver")
     chunk = max(1, min(16, len(jobs) // (workers * 8)))
     with context.Pool(workers) as pool:
         yield from pool.imap(_decode_job, jobs, chunksize=chunk)

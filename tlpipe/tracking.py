@@ -36,10 +36,15 @@ class TrackingUnavailableError(RuntimeError):
 
 
 def quiet_telemetry() -> None:
-    """Switch off MLflow, Prefect and DVC telemetry for this process and its children."""
+    """Switch off MLflow, Prefect and DVC telemetry for this process and its children.
+
+    Also gives Prefect's ephemeral server a generous start-up timeout and quiets
+    TensorFlow's start-up chatter. ``setdefault`` only: a user's own values win.
+    """
     for key, value in {
         "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "1", "DVC_NO_ANALYTICS": "1",
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120", "TF_CPP_MIN_LOG_LEVEL": "2",
     }.items():
         os.environ.setdefault(key, value)
 

@@ -18,7 +18,7 @@ export TF_CPP_MIN_LOG_LEVEL := 2
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 120
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: setup run test test-fast bench ui prefect-server deploy serve serve-model clean
+.PHONY: setup run test test-fast bench bench-full ui prefect-server deploy serve serve-model clean
 
 setup: $(STAMP)
 
@@ -39,6 +39,9 @@ test-fast: setup
 	$(PY) -m pytest -q -m "not slow"
 
 bench: setup
+	$(PY) -m bench.run --quick
+
+bench-full: setup
 	$(PY) -m bench.run
 
 ui: setup

@@ -14,7 +14,14 @@ BENCH_DIR = Path(__file__).resolve().parent
 REPO_ROOT = BENCH_DIR.parent
 OUT_DIR = BENCH_DIR / "out"  # generated data; must be git-ignored
 RESULTS = BENCH_DIR / "results.json"
-HYMENOPTERA = Path(os.environ.get("TLPIPE_BENCH_HYMENOPTERA", REPO_ROOT.parent / "shared" / "data" / "hymenoptera"))
+def find_hymenoptera() -> Path | None:
+    """``$TLPIPE_BENCH_HYMENOPTERA``, else ``../shared/data/hymenoptera`` beside the checkout or in /work."""
+    candidates = [os.environ.get("TLPIPE_BENCH_HYMENOPTERA"), REPO_ROOT.parent / "shared" / "data" / "hymenoptera",
+                  Path("/work/shared/data/hymenoptera")]
+    return next((Path(c) for c in candidates if c and Path(c).is_dir()), None)
+
+
+HYMENOPTERA = find_hymenoptera()
 
 
 def quiet_tf() -> None:

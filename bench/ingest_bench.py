@@ -183,8 +183,11 @@ def profile_ingest(dataset: Dataset, files: int) -> dict[str, Any]:
 def datasets(quick: bool) -> list[Dataset]:
     """Hymenoptera (all 398 files) and the synthetic photo-sized set."""
     photos = synth.ensure_set(synth.PHOTO, 200 if quick else 2000)
-    return [Dataset("hymenoptera", list_folder(HYMENOPTERA), 1 if quick else 5),
-            Dataset(f"synthetic {len(photos)} x 1600x1200", synth.listing(photos), 1 if quick else 2)]
+    sets = [Dataset(f"synthetic {len(photos)} x 1600x1200", synth.listing(photos), 1 if quick else 2)]
+    if HYMENOPTERA is None:
+        log("[bench] hymenoptera not found (set TLPIPE_BENCH_HYMENOPTERA): skipping that data set")
+        return sets
+    return [Dataset("hymenoptera", list_folder(HYMENOPTERA), 1 if quick else 5), *sets]
 
 
 def source_sizes(report: dict, store_dir: Path) -> dict[str, Any]:

@@ -143,6 +143,15 @@ def serve_model(
     raise typer.Exit(subprocess.call(command, env=env))
 
 
+def prepare_prefect(root: Path | None, api_url: str | None) -> Path:
+    """Resolve the root, prepare the environment and point Prefect at ``api_url`` when given."""
+    root = resolve_root(root)
+    prepare_environment(root)
+    if api_url:
+        os.environ["PREFECT_API_URL"] = api_url
+    return root
+
+
 @app.command()
 def deploy(
     cron: Annotated[Optional[str], typer.Option(help="cron schedule (default: schedule.cron in params.yaml)")] = None,
@@ -150,10 +159,7 @@ def deploy(
     root: RootOption = None,
 ) -> None:
     """Register the retrain flow as a scheduled Prefect deployment."""
-    root = resolve_root(root)
-    prepare_environment(root)
-    if api_url:
-        os.environ["PREFECT_API_URL"] = api_url
+    root = prepare_prefect(root, api_url)
     from flows.deploy import create_deployment
 
     deployment_id, name, schedule = create_deployment(root, cron)
@@ -167,10 +173,7 @@ def serve(
     root: RootOption = None,
 ) -> None:
     """Serve the scheduled retrain deployment: executes its runs until stopped."""
-    root = resolve_root(root)
-    prepare_environment(root)
-    if api_url:
-        os.environ["PREFECT_API_URL"] = api_url
+    root = prepare_prefect(root, api_url)
     from flows.deploy import serve_deployment
 
     serve_deployment(root, cron)

@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 from sklearn.metrics import roc_auc_score
 
+from tests.tiny_data import CLASSES, SIZE, write_separable_features, write_tiny_store
 from tlpipe import store
 from tlpipe.config import CGrid, EvaluateParams, SvmParams
 from tlpipe.evaluate import (
@@ -24,40 +25,14 @@ from tlpipe.evaluate import (
 )
 from tlpipe.svm import train_svms
 
-CLASSES = ["ants", "bees"]
 COUNTS = {"train": 9, "val": 2, "test": 5}  # per class
-SIZE = 8
 SVM_PARAMS = SvmParams(c_grid=CGrid(start=-1, stop=1, num=3), cv_folds=3, n_jobs=1, pixel_size=SIZE)
 GRID = EvaluateParams(grid_images=4)
 
 
-def write_tiny_store(root: Path, seed: int = 0) -> Path:
-    """A store of SIZE x SIZE random-ish images (class 1 brighter), two classes."""
-    rng = np.random.default_rng(seed)
-    root.mkdir(parents=True, exist_ok=True)
-    rows = []
-    for split, per_class in COUNTS.items():
-        labels = np.repeat(np.arange(len(CLASSES)), per_class)
-        images = rng.integers(0, 200, (len(labels), SIZE, SIZE, 3)) + 40 * labels[:, None, None, None]
-        with store.NpyWriter(store.split_path(root, split), len(labels), (SIZE, SIZE, 3)) as writer:
-            writer.write(images.astype(np.uint8))
-        rows += [{"split": split, "index": i, "relpath": f"{split}/{CLASSES[y]}/{i}.png", "class_name": CLASSES[y],
-                  "label": int(y), "sha256": f"{split}{i:062d}", "width": SIZE, "height": SIZE, "mode": "RGB"}
-                 for i, y in enumerate(labels)]
-    store.write_csv(root / store.MANIFEST, pd.DataFrame(rows))
-    store.write_json(root / store.CLASSES, CLASSES)
-    return root
-
-
 def write_features(root: Path, store_dir: Path, seed: int = 0) -> Path:
     """Separable final/mid features aligned with the store, plus an imagenet_top1.csv."""
-    rng = np.random.default_rng(seed)
-    root.mkdir(parents=True, exist_ok=True)
-    for split in store.SPLITS:
-        signs = 2.0 * store.split_labels(store_dir, split) - 1.0
-        for kind, dims in (("final", 6), ("mid", 3)):
-            values = 3.0 * signs[:, None] + rng.normal(0, 0.3, (len(signs), dims))
-            np.save(root / f"{split}_{kind}.npy", values.astype(np.float32))
+    write_separable_features(root, store_dir, seed)
     manifest = store.load_manifest(store_dir)
     test = manifest[manifest["split"] == "test"].sort_values("index")
     table = test[["index", "relpath", "class_name"]].assign(imagenet_top1="ant | formicid", imagenet_probability=0.5)
@@ -82,7 +57,7 @@ def write_keras_model(path: Path) -> Path:
 def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """A store, features, two SVMs (svm_concat missing) and one network (concat missing)."""
     root = tmp_path_factory.mktemp("world")
-    store_dir = write_tiny_store(root / "store")
+    store_dir = write_tiny_store(root / "store", COUNTS)
     features_dir = write_features(root / "features", store_dir)
     train_svms(store_dir, features_dir, root / "svm", SVM_PARAMS, names=("svm_features", "svm_pixels"))
     write_keras_model(root / "finetune" / "frozen.keras")

@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from tests.tiny_data import CLASSES, SIZE, write_separable_features, write_tiny_store
 from tlpipe import store
 from tlpipe.config import CGrid, SvmParams
 from tlpipe.evaluate import predict_svm
@@ -23,47 +24,15 @@ from tlpipe.svm import (
     train_svms,
 )
 
-CLASSES = ["ants", "bees"]
 COUNTS = {"train": 12, "val": 2, "test": 6}  # per class
-SIZE = 8
 PARAMS = SvmParams(c_grid=CGrid(start=-2, stop=2, num=5), cv_folds=3, n_jobs=1, pixel_size=SIZE)
-
-
-def write_tiny_store(root: Path, seed: int = 0) -> Path:
-    """A store of SIZE x SIZE random-ish images (class 1 slightly brighter), two classes."""
-    rng = np.random.default_rng(seed)
-    root.mkdir(parents=True, exist_ok=True)
-    rows = []
-    for split, per_class in COUNTS.items():
-        labels = np.repeat(np.arange(len(CLASSES)), per_class)
-        images = rng.integers(0, 200, (len(labels), SIZE, SIZE, 3)) + 40 * labels[:, None, None, None]
-        with store.NpyWriter(store.split_path(root, split), len(labels), (SIZE, SIZE, 3)) as writer:
-            writer.write(images.astype(np.uint8))
-        rows += [{"split": split, "index": i, "relpath": f"{split}/{CLASSES[y]}/{i}.png", "class_name": CLASSES[y],
-                  "label": int(y), "sha256": f"{split}{i:062d}", "width": SIZE, "height": SIZE, "mode": "RGB"}
-                 for i, y in enumerate(labels)]
-    store.write_csv(root / store.MANIFEST, pd.DataFrame(rows))
-    store.write_json(root / store.CLASSES, CLASSES)
-    return root
-
-
-def write_separable_features(root: Path, store_dir: Path, seed: int = 0) -> Path:
-    """Features aligned with the store: final (6 dims) and mid (3 dims), separable by class."""
-    rng = np.random.default_rng(seed)
-    root.mkdir(parents=True, exist_ok=True)
-    for split in store.SPLITS:
-        signs = 2.0 * store.split_labels(store_dir, split) - 1.0
-        for kind, dims in (("final", 6), ("mid", 3)):
-            values = 3.0 * signs[:, None] + rng.normal(0, 0.3, (len(signs), dims))
-            np.save(root / f"{split}_{kind}.npy", values.astype(np.float32))
-    return root
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """(store_dir, features_dir) of a tiny two-class data set."""
     root = tmp_path_factory.mktemp("tiny")
-    store_dir = write_tiny_store(root / "store")
+    store_dir = write_tiny_store(root / "store", COUNTS)
     return store_dir, write_separable_features(root / "features", store_dir)
 
 

@@ -9,6 +9,7 @@ from prefect import task
 
 from tlpipe import evaluate, registry, store, tracking
 from tlpipe.config import Params
+from tlpipe.models import NETWORK_MODELS, model_file as locate_model
 from tlpipe.paths import ProjectPaths
 from tasks.common import file_sha256, get_logger, log_image_model
 
@@ -54,7 +55,7 @@ def selection_scores(paths: ProjectPaths, models: list[str]) -> dict[str, float]
     if svm_summary.exists():
         for name, summary in json.loads(svm_summary.read_text()).items():
             scores[name] = float(summary["cv_accuracy"])
-    for name in ("frozen", "concat"):
+    for name in NETWORK_MODELS:
         path = paths.finetune_models / f"{name}_metrics.json"
         if path.exists():
             scores[name] = float(json.loads(path.read_text())["best_val_accuracy"])
@@ -63,7 +64,7 @@ def selection_scores(paths: ProjectPaths, models: list[str]) -> dict[str, float]
 
 def model_file(paths: ProjectPaths, name: str) -> Path:
     """Where a model's file lives."""
-    return paths.svm_models / f"{name}.joblib" if name.startswith("svm_") else paths.finetune_models / f"{name}.keras"
+    return locate_model(paths.svm_models, paths.finetune_models, name)
 
 
 def find_logged_pyfunc(client, experiment_id: str, path: Path) -> str | None:

@@ -36,8 +36,7 @@ from tlpipe import plots, store
 from tlpipe.config import EvaluateParams
 from tlpipe.svm import SVM_MODELS, load_inputs
 
-MODEL_NAMES = ("svm_features", "svm_concat", "svm_pixels", "frozen", "concat")
-KERAS_MODELS = ("frozen", "concat")
+from tlpipe.models import MODEL_NAMES, NETWORK_MODELS as KERAS_MODELS  # noqa: E402
 DIGITS = 4
 
 

@@ -43,7 +43,7 @@ from tlpipe import store
 from tlpipe.backbones import build_backbone, check_weights
 from tlpipe.config import AugmentParams, FinetuneParams
 
-MODEL_KINDS = ("frozen", "concat")
+from tlpipe.models import NETWORK_MODELS as MODEL_KINDS  # noqa: E402
 HISTORY_COLUMNS = ("epoch", "phase", "loss", "accuracy", "val_loss", "val_accuracy", "seconds")
 CACHE_FOLDER = "_feature_cache"
 MAX_NOISE_STDDEV = 255.0

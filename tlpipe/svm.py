@@ -38,7 +38,7 @@ from tlpipe import store
 from tlpipe.config import SvmParams
 from tlpipe.features import load_features
 
-SVM_MODELS = {"svm_features": "final", "svm_concat": "concat", "svm_pixels": "pixels"}
+from tlpipe.models import SVM_MODELS  # noqa: E402  (re-exported)
 SOURCES = ("final", "concat", "pixels")
 SEARCHES = ("linear", "precomputed")
 MAX_GRAM_SAMPLES = 20_000  # an n x n float64 Gram matrix of 3.2 GB

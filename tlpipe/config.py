@@ -7,6 +7,7 @@ silently ignored.
 
 from __future__ import annotations
 
+from tlpipe.errors import UserError
 from pathlib import Path
 from typing import Literal
 
@@ -15,7 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """Raised when ``params.yaml`` is missing, unreadable or invalid."""
 
 

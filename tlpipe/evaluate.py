@@ -18,6 +18,7 @@ the argmax of its softmax.
 
 from __future__ import annotations
 
+from tlpipe.errors import UserError
 import os
 from pathlib import Path
 
@@ -40,7 +41,7 @@ from tlpipe.models import MODEL_NAMES, NETWORK_MODELS as KERAS_MODELS  # noqa: E
 DIGITS = 4
 
 
-class NoModelsError(FileNotFoundError):
+class NoModelsError(UserError, FileNotFoundError):
     """Raised when not one model file exists to evaluate."""
 
 

@@ -15,6 +15,7 @@ Steps, each a plain function:
 
 from __future__ import annotations
 
+from tlpipe.errors import UserError
 import hashlib
 import multiprocessing
 import os
@@ -34,7 +35,7 @@ RAW_NAME = "decoded.raw"
 RECORD_COLUMNS = ["relpath", "class_name", "source_split", "sha256", "width", "height", "mode", "row", "reason"]
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """The data cannot support the task (too few classes or images)."""
 
 

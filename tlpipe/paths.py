@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from tlpipe.errors import UserError
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -9,7 +10,7 @@ from pathlib import Path
 ROOT_ENV = "TLPIPE_ROOT"
 
 
-class ProjectNotFoundError(RuntimeError):
+class ProjectNotFoundError(UserError, RuntimeError):
     """No tlpipe project (a folder with params.yaml and dvc.yaml) was found."""
 
 

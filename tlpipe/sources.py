@@ -6,6 +6,7 @@ and (for pre-split trees) their split, and rejects what is unsafe to read.
 
 from __future__ import annotations
 
+from tlpipe.errors import UserError
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,7 +15,7 @@ SPLIT_DIRS = ("train", "val", "test")
 ELPV = "elpv"
 
 
-class SourceError(ValueError):
+class SourceError(UserError, ValueError):
     """The source cannot be listed (missing, empty, wrong layout)."""
 
 

@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+from tlpipe.errors import UserError
 import hashlib
 import json
 import os
@@ -31,7 +32,7 @@ STAGE_TAG = "tlpipe.stage"
 KIND_TAG = "tlpipe.kind"
 
 
-class TrackingUnavailableError(RuntimeError):
+class TrackingUnavailableError(UserError, RuntimeError):
     """The tracking server cannot be reached after bounded retries."""
 
 

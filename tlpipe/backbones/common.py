@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from tlpipe.errors import UserError
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +18,7 @@ OFFLINE_HINT = (
 )
 
 
-class WeightsUnavailableError(RuntimeError):
+class WeightsUnavailableError(UserError, RuntimeError):
     """Raised when the requested pretrained weights cannot be found or fetched."""
 
 

@@ -46,15 +46,21 @@ def test_ingest_and_features_flows_write_outputs_and_track(project):
 
 
 def test_unreachable_tracking_fails_clearly_and_keeps_outputs(project, monkeypatch):
+    import os
+
     from flows.ingest import ingest_flow
 
     ingest_flow(root=str(project))
-    store_file = project / "data" / "store" / "train.npy"
+    store_dir = project / "data" / "store"
+    store_file = store_dir / "train.npy"
     before = store_file.read_bytes()
+    # a rebuild would publish a new folder (new inode) with new files (new mtimes), even with equal bytes
+    stamps = [(os.stat(p).st_ino, os.stat(p).st_mtime_ns) for p in (store_dir, store_file)]
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")
     with pytest.raises(Exception, match=r"http://127\.0\.0\.1:9 is unreachable after 3 attempts"):
         ingest_flow(root=str(project))
     assert store_file.read_bytes() == before
+    assert [(os.stat(p).st_ino, os.stat(p).st_mtime_ns) for p in (store_dir, store_file)] == stamps, "store rebuilt"
     assert not list((project / "data").glob(".store.tmp-*"))
 
 

@@ -446,8 +446,14 @@ def test_hash_source_changes_with_class_or_name(tmp_path: Path) -> None:
 
 
 def test_hash_source_handles_unreadable(tmp_path: Path) -> None:
-    listing = SourceListing("folder", tmp_path, [Candidate(tmp_path / "gone.png", "a/gone.png", "a")])
-    assert len(hash_source(listing)) == 64
+    """An unreadable file hashes as the marker 'unreadable'; readable ones by their bytes, in sorted order."""
+    kept = tmp_path / "b" / "kept.png"
+    kept.parent.mkdir()
+    kept.write_bytes(b"some image bytes")
+    listing = SourceListing("folder", tmp_path, [Candidate(kept, "b/kept.png", "b"),
+                                                 Candidate(tmp_path / "gone.png", "a/gone.png", "a")])
+    lines = ["a/gone.png,a,unreadable\n", f"b/kept.png,b,{hashlib.sha256(b'some image bytes').hexdigest()}\n"]
+    assert hash_source(listing) == hashlib.sha256("".join(lines).encode()).hexdigest()
 
 
 # ---------------------------------------------------------------- pre-split folders
@@ -649,14 +655,15 @@ def test_assign_splits_supports_every_accepted_dataset(counts: tuple[int, ...]) 
 
 
 def test_ingest_three_classes_at_minimum(tmp_path: Path) -> None:
-    params = params_for(tmp_path / "src", image_size=16)
+    """Three classes of exactly the minimum size are accepted and split 5/1/1 (cv 5, test 0.2, val 0.1)."""
+    params = params_for(tmp_path / "src", image_size=16, test_fraction=0.2, val_fraction=0.1, cv_folds=5)
     need = minimum_per_class(params, presplit=False)
+    assert need == 7  # 7 - round(7 * 0.2) = 6; 6 - max(1, round(6 * 0.1)) = 5 = cv_folds
     src = make_classes(tmp_path / "src", {"a": need, "b": need, "c": need})
-    try:
-        ingest(list_folder(src), params, tmp_path / "store")
-    except DataError:
-        return  # a clear refusal would also be acceptable
-    assert (split_counts(store.load_manifest(tmp_path / "store")) > 0).all().all()
+    report = ingest(list_folder(src), params, tmp_path / "store")
+    assert report["images_kept"] == 3 * need and report["rejected"] == 0
+    counts = split_counts(store.load_manifest(tmp_path / "store"))
+    assert counts.to_dict(orient="index") == {c: {"test": 1, "train": 5, "val": 1} for c in ("a", "b", "c")}
 
 
 # ---------------------------------------------------------------- ELPV

@@ -94,7 +94,7 @@ def test_dvc_repro_runs_every_stage_once_and_tracks_it(tmp_path, tiny_source, pr
     header, first = predictions[0].split(","), predictions[1].split(",")
     row = dict(zip(header, first))
     image = tiny_source / row["relpath"]
-    printed = subprocess.run([sys.executable, "-m", "tlpipe.cli", "predict", str(image), "--json"], cwd=project,
+    printed = subprocess.run([sys.executable, "-m", "flows.cli", "predict", str(image), "--json"], cwd=project,
                              env={**env, "TLPIPE_ROOT": str(project)}, capture_output=True, text=True, timeout=600)
     assert printed.returncode == 0, printed.stderr[-3000:]
     result = json.loads(printed.stdout)
@@ -111,17 +111,24 @@ def test_dvc_repro_runs_every_stage_once_and_tracks_it(tmp_path, tiny_source, pr
     import numpy as np
 
     make_image(tiny_source / "bright" / "bright_new.jpg", np.random.default_rng(7), bright=True)
+    # A deterministic gate: an accuracy gain can never exceed 1.0, so the new model must not be promoted,
+    # whatever the tiny models score (the gate's better/equal/worse cases are unit-tested on a real registry).
+    params_file = project / "params.yaml"
+    params_file.write_text(params_file.read_text().replace("min_improvement: 0.0", "min_improvement: 1.0"))
+    assert "min_improvement: 1.0" in params_file.read_text()
     since = datetime.now(timezone.utc)
     result = retrain_flow(root=str(project))
     assert result["retrained"] is True
     assert result["stages_ran"][0] == "ingest" and "evaluate" in result["stages_ran"]
     assert set(result["metrics"]) == MODELS
     decision = result["promotion"]
-    assert isinstance(decision["promoted"], bool) and decision["reason"]
+    assert decision["promoted"] is False, decision
+    assert "not promoted" in decision["reason"] and f"v{promotion['version']}" in decision["reason"]
     assert decision["champion_version"] == promotion["version"]
     assert decision["champion_accuracy"] is not None  # the champion was re-scored on the new test split
+    assert int(decision["version"]) > int(promotion["version"])  # the new best model was registered...
     champion = client.get_model_version_by_alias("tlpipe-classifier", "champion")
-    assert str(champion.version) == (decision["version"] if decision["promoted"] else promotion["version"])
+    assert str(champion.version) == promotion["version"]  # ...but the alias did not move
     counts = count_flow_runs(since)
     assert counts.get("retrain") == 1 and counts.get("pipeline") == 1 and counts.get("ingest") == 1
     pipeline_runs = [r for r in client.search_runs([experiment.experiment_id], max_results=500)

@@ -94,7 +94,7 @@ def test_cli_predict_imagenet_on_real_photos(tmp_path):
     from skimage import data
     from typer.testing import CliRunner
 
-    from tlpipe.cli import app
+    from flows.cli import app
 
     coffee, chelsea = tmp_path / "coffee.jpg", tmp_path / "chelsea.jpg"
     Image.fromarray(data.coffee()).save(coffee)

@@ -1,4 +1,7 @@
-"""The ``tlpipe`` command line (Typer). Heavy imports happen inside each command."""
+"""The ``tlpipe`` command line (Typer). Heavy imports happen inside each command.
+
+It lives in ``flows`` (the entry-point layer), so the core package ``tlpipe`` never imports flows.
+"""
 
 from __future__ import annotations
 
@@ -179,5 +182,10 @@ def serve(
     serve_deployment(root, cron)
 
 
-if __name__ == "__main__":
+def main() -> None:
+    """Console-script entry point (``tlpipe``)."""
     app()
+
+
+if __name__ == "__main__":
+    main()

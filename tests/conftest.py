@@ -1,4 +1,15 @@
-"""Shared fixtures: telemetry off, a Prefect test-harness server, tiny image sources, project copies."""
+"""Shared fixtures: a hermetic environment, a Prefect test-harness server, tiny image sources, project copies.
+
+Hermetic test session (set in :func:`pytest_configure`, before any test module imports Keras, MLflow or
+Prefect, and undone in :func:`pytest_unconfigure`):
+
+* ``TLPIPE_CACHE_DIR`` and ``KERAS_HOME`` point into one temporary folder per test run, so the suite neither
+  reads nor writes ``~/.cache/tlpipe`` or ``~/.keras`` (the Lite0 weights are converted once per session);
+* ``KERAS_BACKEND=tensorflow`` whatever ``~/.keras/keras.json`` says (a test wanting JAX sets it for its child);
+* git ignores the user's global and system config and commits as a fixed test identity;
+* tracking/project variables of the user's shell (``MLFLOW_TRACKING_URI``, ``TLPIPE_ROOT``, ...) are removed,
+  and :func:`restore_tracking_state` puts MLflow's process state back after every test.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +17,9 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -15,9 +29,94 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 PROJECT_FILES = ("dvc.yaml", "params.yaml", "pyproject.toml", "flows", "tasks", "tlpipe", ".dvc/config")
 
-for _key, _value in {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1",
-                     "MLFLOW_DISABLE_TELEMETRY": "true", "DVC_NO_ANALYTICS": "1", "TF_CPP_MIN_LOG_LEVEL": "2"}.items():
-    os.environ.setdefault(_key, _value)
+#: Variables of the user's shell that would point tests at the user's own stores, projects or servers.
+UNSET_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME",
+             "MLFLOW_RUN_ID", "TLPIPE_ROOT", "TLPIPE_PARENT_RUN_ID", "TLPIPE_EXPERIMENT", "PREFECT_API_URL")
+SAVED_ENV = pytest.StashKey[dict]()
+SESSION_DIR = pytest.StashKey[Path]()
+
+
+def hermetic_env(session_dir: Path) -> dict[str, str]:
+    """The variables every test (and every process a test starts) runs with."""
+    return {
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1", "MLFLOW_DISABLE_TELEMETRY": "true",
+        "DVC_NO_ANALYTICS": "1", "TF_CPP_MIN_LOG_LEVEL": "2",
+        "TLPIPE_CACHE_DIR": str(session_dir / "tlpipe-cache"), "KERAS_HOME": str(session_dir / "keras"),
+        "KERAS_BACKEND": "tensorflow",
+        "GIT_CONFIG_GLOBAL": os.devnull, "GIT_CONFIG_NOSYSTEM": "1",
+        "GIT_AUTHOR_NAME": "tlpipe tests", "GIT_AUTHOR_EMAIL": "tests@tlpipe.invalid",
+        "GIT_COMMITTER_NAME": "tlpipe tests", "GIT_COMMITTER_EMAIL": "tests@tlpipe.invalid",
+    }
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Make the session hermetic (before any test module is imported); undone by :func:`pytest_unconfigure`.
+
+    Done in this hook, not at import: ``from tests.conftest import ...`` and the benchmarks import this file
+    as a plain module too, and must not change their process's environment.
+    """
+    session_dir = Path(tempfile.mkdtemp(prefix="tlpipe-tests-"))
+    env = hermetic_env(session_dir)
+    config.stash[SESSION_DIR] = session_dir
+    config.stash[SAVED_ENV] = {key: os.environ.get(key) for key in (*env, *UNSET_ENV)}
+    os.environ.update(env)
+    for key in UNSET_ENV:
+        os.environ.pop(key, None)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """Give the process its original environment back and remove the session's temporary folder."""
+    for key, value in config.stash.get(SAVED_ENV, {}).items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+    if SESSION_DIR in config.stash:
+        shutil.rmtree(config.stash[SESSION_DIR], ignore_errors=True)
+
+
+@contextmanager
+def kept_tracking_state() -> Iterator[None]:
+    """Restore MLflow's process-wide state on exit: tracking URI, active runs and experiment, and every
+    ``MLFLOW_*`` / ``TLPIPE_*`` variable (in-process flows set them: ``set_tracking_uri`` exports
+    ``MLFLOW_TRACKING_URI``, ``set_experiment`` exports ``MLFLOW_EXPERIMENT_ID``)."""
+    tracked = lambda key: key.startswith(("MLFLOW_", "TLPIPE_"))  # noqa: E731
+    before_env = {key: value for key, value in os.environ.items() if tracked(key)}
+    before_uri = before_experiment = None
+    if "mlflow" in sys.modules:
+        from mlflow.tracking import fluent
+        from mlflow.tracking._tracking_service import utils
+
+        before_uri, before_experiment = utils._tracking_uri, fluent._active_experiment_id
+    try:
+        yield
+    finally:
+        if "mlflow" in sys.modules:
+            import mlflow
+            from mlflow.tracking import fluent
+
+            while mlflow.active_run() is not None:
+                mlflow.end_run("KILLED")
+            mlflow.set_tracking_uri(before_uri)
+            fluent._active_experiment_id = before_experiment
+        for key in [key for key in os.environ if tracked(key)]:
+            if key not in before_env:
+                del os.environ[key]
+        os.environ.update(before_env)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def restore_tracking_state_per_module() -> Iterator[None]:
+    """What a module's fixtures set (e.g. a module-wide tracking store) does not leak into the next module."""
+    with kept_tracking_state():
+        yield
+
+
+@pytest.fixture(autouse=True)
+def restore_tracking_state() -> Iterator[None]:
+    """What a test sets does not leak into the next; its module's fixtures' state is kept."""
+    with kept_tracking_state():
+        yield
 
 
 @pytest.fixture(scope="session")
@@ -105,7 +204,7 @@ def project_env(tmp_path: Path, monkeypatch) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "TLPIPE_PARENT_RUN_ID",
                                                              "TLPIPE_ROOT")}
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"  # `python` in dvc.yaml
-    env["TLPIPE_CACHE_DIR"] = os.environ.get("TLPIPE_CACHE_DIR", str(Path.home() / ".cache" / "tlpipe"))
+    env["TLPIPE_CACHE_DIR"] = os.environ["TLPIPE_CACHE_DIR"]  # the session's cache (see the module docstring)
     for key in ("MLFLOW_TRACKING_URI", "TLPIPE_PARENT_RUN_ID", "TLPIPE_ROOT"):
         monkeypatch.delenv(key, raising=False)
     return env

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -140,6 +141,7 @@ def write_json(path: Path, payload: object) -> None:
     """Write JSON atomically (temp file in the same folder, then rename)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_siblings(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
     os.replace(tmp, path)
@@ -149,15 +151,71 @@ def write_csv(path: Path, frame: pd.DataFrame) -> None:
     """Write a DataFrame as CSV atomically."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_siblings(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     frame.to_csv(tmp, index=False, lineterminator="\n")
     os.replace(tmp, path)
 
 
+def owner_alive(pid: int, since: float) -> bool:
+    """Whether process ``pid`` may still own a staging path last modified at ``since`` (epoch seconds).
+
+    False when no such process exists, when it is a zombie, or when it started after
+    the path was last modified (the pid was reused by a newer process). True when in
+    doubt, so a live writer's files are never removed.
+    """
+    import psutil
+
+    try:
+        process = psutil.Process(pid)
+        return process.status() != psutil.STATUS_ZOMBIE and process.create_time() <= since + 1.0
+    except psutil.NoSuchProcess:
+        return False
+    except psutil.Error:  # e.g. access denied: it exists
+        return True
+
+
+def remove_stale_siblings(target: Path) -> list[Path]:
+    """Remove what killed writers of ``target`` left next to it; return the removed paths.
+
+    A process building ``target`` writes ``.<name>.tmp-<pid>`` (a staging folder, or
+    a temp file for :func:`write_json`), and :func:`publish_dir` parks the previous
+    output as ``.<name>.old-<pid>``. A process killed half-way (``kill -9``, out of
+    memory) leaves them behind; they are removed here, at the start of the next write,
+    once their owner is gone (see :func:`owner_alive`). Assumes writers on one host.
+    """
+    target = Path(target)
+    pattern = re.compile(rf"\.{re.escape(target.name)}\.(?:tmp|old)-(\d+)")
+    removed = []
+    try:
+        entries = list(os.scandir(target.parent))
+    except FileNotFoundError:
+        return removed
+    for entry in entries:
+        match = pattern.fullmatch(entry.name)
+        if not match or int(match.group(1)) == os.getpid():
+            continue
+        try:
+            if owner_alive(int(match.group(1)), entry.stat(follow_symlinks=False).st_mtime):
+                continue
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(entry.path)
+            else:
+                os.unlink(entry.path)
+            removed.append(Path(entry.path))
+        except OSError:  # removed concurrently, or not removable: never block the new write over debris
+            continue
+    return removed
+
+
 def staging_dir(target: Path) -> Path:
-    """Create and return an empty sibling folder to build ``target`` in."""
+    """Create and return an empty sibling folder to build ``target`` in.
+
+    Staging debris of killed earlier runs is removed first (:func:`remove_stale_siblings`).
+    """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_siblings(target)
     staging = target.with_name(f".{target.name}.tmp-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()

@@ -137,24 +137,37 @@ def split_labels(store: Path, split: str) -> np.ndarray:
     return frame.loc[frame["split"] == split].sort_values("index")["label"].to_numpy(dtype=np.int64)
 
 
-def write_json(path: Path, payload: object) -> None:
-    """Write JSON atomically (temp file in the same folder, then rename)."""
+def write_atomic(path: Path, data: bytes | str) -> None:
+    """Write a whole file atomically: readers see the old file or the new one, never a part.
+
+    The bytes (``str`` is encoded as UTF-8) go to a temp sibling ``.<name>.tmp-<pid>``
+    (the pattern :func:`remove_stale_siblings` cleans up after a killed writer), which
+    then replaces ``path`` with one ``os.replace``. The parent folder is created if
+    needed; on any error the temp file is removed and ``path`` is left untouched.
+    This is the one file-writing primitive of the project: JSON, CSV, PNG, HTML and
+    Markdown outputs all go through it.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_siblings(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as handle:
+            handle.write(data.encode("utf-8") if isinstance(data, str) else bytes(data))
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: Path, payload: object) -> None:
+    """Write JSON (indented, sorted keys) atomically with :func:`write_atomic`."""
+    write_atomic(path, json.dumps(payload, indent=2, sort_keys=True) + "\n")
 
 
 def write_csv(path: Path, frame: pd.DataFrame) -> None:
-    """Write a DataFrame as CSV atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_siblings(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    frame.to_csv(tmp, index=False, lineterminator="\n")
-    os.replace(tmp, path)
+    """Write a DataFrame as CSV (no index, ``\\n`` line ends) atomically with :func:`write_atomic`."""
+    write_atomic(path, frame.to_csv(index=False, lineterminator="\n"))
 
 
 def owner_alive(pid: int, since: float) -> bool:

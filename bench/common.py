@@ -48,12 +48,10 @@ def format_row(r: dict[str, Any]) -> str:
 
 
 def write_json(path: Path, payload: Any) -> None:
-    """Write JSON atomically (temp file in the same folder, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=False, default=str) + "\n")
-    os.replace(tmp, path)
+    """Write JSON atomically (the project's one atomic writer, :func:`tlpipe.store.write_atomic`)."""
+    from tlpipe.store import write_atomic
+
+    write_atomic(path, json.dumps(payload, indent=2, sort_keys=False, default=str) + "\n")
 
 
 def machine() -> dict[str, Any]:

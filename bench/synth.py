@@ -93,10 +93,13 @@ def _add_noise(image: Image.Image, rng: np.random.Generator, amplitude: int) -> 
 def _write_one(job: tuple[SynthSpec, str, int]) -> None:
     """Worker: render and save one image (atomic rename)."""
     spec, root, index = job
-    path = image_path(Path(root), index)
-    tmp = path.with_name(f".{path.name}.tmp")
-    render(spec, index).save(tmp, "JPEG", quality=spec.quality)
-    tmp.replace(path)
+    import io
+
+    from tlpipe.store import write_atomic
+
+    buffer = io.BytesIO()
+    render(spec, index).save(buffer, "JPEG", quality=spec.quality)
+    write_atomic(image_path(Path(root), index), buffer.getvalue())
 
 
 def ensure_set(spec: SynthSpec, count: int, cache: Path = OUT_DIR / "synth", workers: int = 2) -> list[Path]:

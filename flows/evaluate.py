@@ -29,4 +29,6 @@ def evaluate_flow(root: str | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    evaluate_flow()
+    from flows.common import run_stage
+
+    run_stage(evaluate_flow)

@@ -31,4 +31,6 @@ def features_flow(root: str | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    features_flow()
+    from flows.common import run_stage
+
+    run_stage(features_flow)

@@ -35,4 +35,6 @@ def finetune_flow(root: str | None = None, kinds: list[str] | None = None) -> di
 
 
 if __name__ == "__main__":
-    finetune_flow()
+    from flows.common import run_stage
+
+    run_stage(finetune_flow)

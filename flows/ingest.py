@@ -31,4 +31,6 @@ def ingest_flow(root: str | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    ingest_flow()
+    from flows.common import run_stage
+
+    run_stage(ingest_flow)

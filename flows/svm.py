@@ -30,4 +30,6 @@ def svm_flow(root: str | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    svm_flow()
+    from flows.common import run_stage
+
+    run_stage(svm_flow)

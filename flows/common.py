@@ -78,9 +78,24 @@ class QuietUserErrors(logging.Filter):
         if is_user_error(record):
             self.seen_user_error = True
             return False
-        if self.seen_user_error and record.getMessage().startswith(self.AFTER_ERROR):
+        message = record.getMessage()
+        if message.startswith("Finished in state Failed") and any(
+                f"{name}: " in message for name in user_error_names()):
+            self.seen_user_error = True
+            return False
+        if self.seen_user_error and message.startswith(self.AFTER_ERROR):
             return False
         return True
+
+
+def user_error_names() -> set[str]:
+    """Class names of :class:`UserError` and every subclass imported so far."""
+    names, pending = set(), [UserError]
+    while pending:
+        cls = pending.pop()
+        names.add(cls.__name__)
+        pending.extend(cls.__subclasses__())
+    return names
 
 
 def quiet_prefect_console() -> None:

@@ -41,6 +41,13 @@ def report_progress(label: str, steps: int = 4):
     return wrap
 
 
+def retry_unless_user_error(task, task_run, state) -> bool:
+    """Prefect ``retry_condition_fn``: retry transient failures, never a user error (a retry cannot fix it)."""
+    from tlpipe.errors import UserError
+
+    return not isinstance(state.data, UserError)
+
+
 @task(name="check-tracking", timeout_seconds=120)
 def check_tracking(root: Path) -> str:
     """Fail fast, before any work, when the MLflow store is unreachable; return its URI.

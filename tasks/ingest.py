@@ -10,10 +10,11 @@ from prefect import task
 from tlpipe import ingest, store, tracking
 from tlpipe.config import DataParams
 from tlpipe.sources import SourceListing, list_source
-from tasks.common import get_logger, report_progress
+from tasks.common import get_logger, report_progress, retry_unless_user_error
 
 
-@task(name="list-source", retries=2, retry_delay_seconds=[1, 4], timeout_seconds=600)
+@task(name="list-source", retries=2, retry_delay_seconds=[1, 4], timeout_seconds=600,
+      retry_condition_fn=retry_unless_user_error)
 def list_source_files(params: DataParams) -> SourceListing:
     """Find candidate files and their classes in the configured source."""
     listing = list_source(params.source, params.classes, params.elpv_label, params.elpv_threshold)

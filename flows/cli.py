@@ -1,6 +1,14 @@
 """The ``tlpipe`` command line (Typer). Heavy imports happen inside each command.
 
-It lives in ``flows`` (the entry-point layer), so the core package ``tlpipe`` never imports flows.
+It lives in ``flows`` (the entry-point layer), so the core package ``tlpipe`` never
+imports flows. Manners (issue 11/12): results on stdout, errors on stderr; a user
+error (:class:`~tlpipe.errors.UserError`) prints one line and exits 1, a usage
+error exits 2, anything else is a bug and keeps its traceback; ``--debug`` (or
+``TLPIPE_DEBUG=1``) shows the traceback of user errors too.
+
+Adding a command: a function decorated with ``@app.command()`` whose options use
+``Annotated[..., typer.Option(metavar=...)]`` (no raw type names in the help);
+raise a ``UserError`` subclass for anything the user can fix.
 """
 
 from __future__ import annotations
@@ -10,17 +18,111 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
+from typer.core import TyperGroup
 
+try:  # Typer vendors its own click (typer._click); its UsageError is not click's
+    from typer._click.exceptions import UsageError as ClickUsageError
+except ImportError:  # pragma: no cover (older Typer on the real click)
+    from click.exceptions import UsageError as ClickUsageError
+
+from flows.common import DEBUG_ENV, debug_enabled, quiet_prefect_console, report_user_error
 from tlpipe import tracking
+from tlpipe.errors import UsageError, UserError
 from tlpipe.paths import find_root
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
-                  help="tlpipe: transfer-learning pipeline (DVC stages as Prefect flows, tracked in MLflow).")
+DEBUG_KEY = "tlpipe.debug"
 
-RootOption = Annotated[Optional[Path], typer.Option("--root", help="project root (default: found from cwd)")]
+
+class CliGroup(TyperGroup):
+    """The command group: user and usage errors become one line on stderr with their exit code.
+
+    Help shows each argument's metavar (``IMAGE``), never a Python type name (``<list[str]>``).
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        for command in (self.commands or {}).values():
+            for param in command.params:
+                if getattr(param, "param_type_name", "") == "argument" and param.metavar:
+                    usage = param.metavar + ("..." if param.nargs != 1 else "")
+                    param.display_type_rich = lambda ctx=None: None  # type: ignore[method-assign]
+                    param._usage_display_name = lambda usage=usage: usage  # type: ignore[method-assign]
+
+    def make_context(self, info_name, args, parent=None, **extra):  # noqa: D102 (click API)
+        try:
+            return super().make_context(info_name, args, parent=parent, **extra)
+        except ClickUsageError as error:  # bad top-level options
+            raise typer.Exit(report_usage_error(error)) from None
+
+    def invoke(self, ctx: typer.Context) -> Any:  # noqa: D102 (click API)
+        try:
+            return super().invoke(ctx)
+        except ClickUsageError as error:  # unknown command, bad options or arguments of a command
+            raise typer.Exit(report_usage_error(error)) from None
+        except UserError as error:
+            debug = bool(ctx.meta.get(DEBUG_KEY)) or debug_enabled()
+            raise typer.Exit(report_user_error(command_path(ctx), error, debug)) from None
+
+
+def command_path(ctx: typer.Context) -> str:
+    """``tlpipe <command>`` of the command that ran (for error lines)."""
+    sub = ctx.invoked_subcommand
+    return f"{ctx.command_path} {sub}" if sub else ctx.command_path
+
+
+def report_usage_error(error: ClickUsageError) -> int:
+    """One line for a usage error, pointing at the command's help; return 2."""
+    path = error.ctx.command_path if error.ctx else "tlpipe"
+    typer.echo(f"{path}: error: {error.format_message()} (see '{path} --help')", err=True)
+    return UsageError.exit_code
+
+
+app = typer.Typer(cls=CliGroup, add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  rich_markup_mode=None,
+                  help="tlpipe: transfer-learning pipeline (DVC stages as Prefect flows, tracked in MLflow).")
+prefect_app = typer.Typer(cls=CliGroup, no_args_is_help=True, rich_markup_mode=None,
+                          help="The project's Prefect server (kept in .prefect/; every run reports to it).")
+app.add_typer(prefect_app, name="prefect-server")
+
+RootOption = Annotated[Optional[Path], typer.Option("--root", metavar="DIR",
+                                                    help="project root (default: found from the working directory)")]
+HostOption = Annotated[str, typer.Option(metavar="HOST", help="bind address")]
+PortOption = Annotated[int, typer.Option(metavar="PORT", help="port")]
+ApiUrlOption = Annotated[Optional[str], typer.Option(
+    metavar="URL", help="Prefect API URL (default: $PREFECT_API_URL, else the project's server)")]
+
+
+def package_version() -> str:
+    """The installed tlpipe version."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("tlpipe")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def show_version(value: bool) -> None:
+    """``--version``: print ``tlpipe <version>`` and exit."""
+    if value:
+        typer.echo(f"tlpipe {package_version()}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main_options(
+    ctx: typer.Context,
+    version: Annotated[bool, typer.Option("--version", callback=show_version, is_eager=True,
+                                          help="print the version and exit")] = False,
+    debug: Annotated[bool, typer.Option("--debug", help="show tracebacks of user errors too")] = False,
+) -> None:
+    """tlpipe: transfer-learning pipeline (DVC stages as Prefect flows, tracked in MLflow)."""
+    ctx.meta[DEBUG_KEY] = debug or debug_enabled()
+    if ctx.meta[DEBUG_KEY]:
+        os.environ[DEBUG_ENV] = "1"  # the stage processes too
 
 
 def resolve_root(root: Path | None) -> Path:
@@ -35,18 +137,41 @@ def prepare_environment(root: Path) -> None:
     os.environ["TLPIPE_ROOT"] = str(root)
 
 
+def prepare_prefect(root: Path | None, api_url: str | None = None) -> Path:
+    """Resolve the root and point Prefect at ``api_url``, ``$PREFECT_API_URL`` or the project's server.
+
+    Runs before Prefect is imported, so the choice holds for this process and its children.
+    """
+    from flows.common import use_project_prefect
+
+    root = resolve_root(root)
+    prepare_environment(root)
+    if api_url:
+        os.environ["PREFECT_API_URL"] = api_url
+    else:
+        use_project_prefect(root)
+    if not debug_enabled():
+        quiet_prefect_console()
+    return root
+
+
 @app.command()
 def repro(
-    set_: Annotated[Optional[list[str]], typer.Option("--set", "-S", help="param override key=value (runs dvc exp run)")] = None,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", "-S", metavar="KEY=VALUE",
+                                                      help="param override (runs dvc exp run)")] = None,
     exp: Annotated[bool, typer.Option("--exp", help="run as a DVC experiment")] = False,
     root: RootOption = None,
 ) -> None:
     """Run the pipeline through DVC under one MLflow pipeline run (what `make run` does)."""
-    root = resolve_root(root)
-    prepare_environment(root)
+    root = prepare_prefect(root)
+    for item in set_ or []:
+        if "=" not in item:
+            raise UsageError(f"--set {item!r}: expected KEY=VALUE, e.g. svm.c_grid.num=7")
+    from flows.common import prefect_context
     from flows.pipeline import pipeline_flow
 
-    result = pipeline_flow(root=str(root), overrides=list(set_ or []), experiment=exp)
+    with prefect_context(root):
+        result = pipeline_flow(root=str(root), overrides=list(set_ or []), experiment=exp)
     typer.echo(json.dumps({"stages_ran": result["stages_ran"], "promotion": result["promotion"].get("reason")},
                           indent=2))
     for model, values in result["metrics"].items():
@@ -59,59 +184,123 @@ def retrain(
     root: RootOption = None,
 ) -> None:
     """Rerun the pipeline if the source data changed; the quality gate picks the champion."""
-    root = resolve_root(root)
-    prepare_environment(root)
+    root = prepare_prefect(root)
+    from flows.common import prefect_context
     from flows.retrain import retrain_flow
 
-    result = retrain_flow(root=str(root), force=force)
+    with prefect_context(root):
+        result = retrain_flow(root=str(root), force=force)
     typer.echo(json.dumps({k: v for k, v in result.items() if k in ("retrained", "reason", "stages_ran", "promotion")},
                           indent=2, default=str))
 
 
 @app.command()
 def predict(
-    images: Annotated[list[str], typer.Argument(help="image files or directories")],
-    model: Annotated[Optional[str], typer.Option(help="models:/<name>@champion (default), a run URI or a local model dir")] = None,
-    top: Annotated[int, typer.Option(min=1, help="classes to show per image")] = 1,
+    images: Annotated[list[str], typer.Argument(metavar="IMAGE", help="image files or folders")],
+    model: Annotated[Optional[str], typer.Option(
+        metavar="URI", help="models:/NAME@ALIAS (default: the champion), models:/NAME/VERSION, "
+                            "runs:/RUN_ID/NAME or a local model folder")] = None,
+    top: Annotated[int, typer.Option(min=1, metavar="N", help="classes to show per image")] = 1,
     as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
-    imagenet: Annotated[bool, typer.Option("--imagenet", help="top-k ImageNet classes of the pretrained backbone")] = False,
-    backbone: Annotated[str, typer.Option(help="backbone for --imagenet")] = "efficientnet_lite0",
-    weights: Annotated[str, typer.Option(help="weights for --imagenet: imagenet or a file")] = "imagenet",
+    imagenet: Annotated[bool, typer.Option("--imagenet", help="top ImageNet classes of the pretrained backbone")] = False,
+    backbone: Annotated[str, typer.Option(metavar="NAME", help="backbone for --imagenet")] = "efficientnet_lite0",
+    weights: Annotated[str, typer.Option(metavar="WEIGHTS", help="weights for --imagenet: imagenet or a file")] = "imagenet",
     root: RootOption = None,
 ) -> None:
-    """Classify images with the champion model (or ImageNet classes with --imagenet)."""
+    """Classify images with the champion model (or ImageNet classes with --imagenet).
+
+    Results go to stdout (first the model that answered), errors to stderr. Exit
+    code 0 when every input was classified, 1 when any failed, 2 on bad usage.
+    """
     tracking.quiet_telemetry()
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     if imagenet:
-        from tlpipe.imagenet import predict_imagenet
+        identity, rows = predict_imagenet(images, backbone, weights, top)
+    else:
+        identity, rows = predict_with_model(images, model, top, root)
+    print_predictions(identity, rows, as_json)
+    if any(row["error"] for row in rows):
+        raise typer.Exit(1)
 
-        results = predict_imagenet([Path(p) for p in images], backbone=backbone, weights=weights, top=top)
-        rows = [{"path": p, "top": [(c, round(float(s), 4)) for c, s in r]} for p, r in zip(images, results)]
-        if as_json:
-            typer.echo(json.dumps(rows, indent=2))
-        else:
-            for row in rows:
-                typer.echo(f"{row['path']}: " + ", ".join(f"{c} ({s:.3f})" for c, s in row["top"]))
-        return
+
+def predict_imagenet(images: list[str], backbone: str, weights: str, top: int) -> tuple[dict, list[dict]]:
+    """The ImageNet classes of ``images`` by a pretrained backbone."""
+    from tlpipe.backbones import list_backbones
+    from tlpipe.predict import predict_imagenet_rows
+
+    if backbone not in list_backbones():
+        raise UsageError(f"--backbone {backbone!r} is unknown; choose one of {', '.join(list_backbones())}")
+    rows = predict_imagenet_rows(images, backbone, weights, top)
+    return {"uri": f"{backbone} ImageNet classifier", "weights": weights}, rows
+
+
+def predict_with_model(images: list[str], model: str | None, top: int, root: Path | None) -> tuple[dict, list[dict]]:
+    """The classes of ``images`` by the model ``--model`` names (default: the champion)."""
     from tlpipe.config import load_params
-    from tlpipe.predict import format_predictions, predict_images, resolve_model_uri
+    from tlpipe.predict import identify_model, predict_images, resolve_model_uri
 
     project = resolve_root(root)
     prepare_environment(project)
-    import mlflow
-
-    mlflow.set_tracking_uri(tracking.tracking_uri(project))
     uri = resolve_model_uri(model, project, load_params(project / "params.yaml").registry.model_name)
-    rows = predict_images(uri, images, top=top)
-    typer.echo(format_predictions(rows, as_json))
-    if any(row.get("error") for row in rows):
-        raise typer.Exit(code=1 if all(row.get("error") for row in rows) else 0)
+    client = None if Path(uri).is_dir() else tracking.connect(project)
+    identity = identify_model(uri, client)
+    rows = predict_images(identity.load_uri, images, top=top)
+    return {**identity.as_dict(), "description": identity.describe()}, rows
+
+
+def print_predictions(identity: dict, rows: list[dict], as_json: bool) -> None:
+    """Results on stdout (each JSON row names the model), one line per failed input on stderr."""
+    from tlpipe.predict import format_predictions
+
+    good = [row for row in rows if not row["error"]]
+    if as_json:
+        typer.echo(json.dumps([{**row, "top": [list(p) for p in row["top"]], "model": identity} for row in rows],
+                              indent=2))
+    else:
+        typer.echo(f"model: {identity.get('description') or identity['uri']}")
+        if good:
+            typer.echo(format_predictions(good, as_json=False))
+    for row in rows:
+        if row["error"]:
+            typer.echo(f"tlpipe predict: error: {row['path']}: {row['error']}", err=True)
+
+
+@app.command()
+def report(
+    open_: Annotated[bool, typer.Option("--open", help="open it in the web browser")] = False,
+    root: RootOption = None,
+) -> None:
+    """Print the path of the evaluate stage's HTML report (reports/evaluate/report.html), or open it."""
+    path = resolve_root(root) / "reports" / "evaluate" / "report.html"
+    if not path.is_file():
+        raise UserError(f"no report at {path} yet: run the pipeline first (tlpipe repro)")
+    typer.echo(str(path))
+    if open_:
+        import webbrowser
+
+        if not webbrowser.open(path.as_uri()):
+            raise UserError(f"no web browser found to open {path.as_uri()}; open it by hand")
+
+
+@app.command()
+def compare(
+    first: Annotated[str, typer.Argument(metavar="A", help="DVC experiment name or MLflow pipeline run id")],
+    second: Annotated[str, typer.Argument(metavar="B", help="DVC experiment name or MLflow pipeline run id")],
+    all_params: Annotated[bool, typer.Option("--all-params", help="list every param, not only those that differ")] = False,
+    root: RootOption = None,
+) -> None:
+    """Compare two experiments: each model's test accuracy, and the params that differ."""
+    from tlpipe.compare import compare_table, load_experiment
+
+    project = resolve_root(root)
+    prepare_environment(project)
+    typer.echo(compare_table(load_experiment(first, project), load_experiment(second, project), all_params))
 
 
 @app.command()
 def ui(
-    host: Annotated[str, typer.Option(help="bind address")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="port")] = 5000,
+    host: HostOption = "127.0.0.1",
+    port: PortOption = 5000,
     root: RootOption = None,
 ) -> None:
     """Start the MLflow UI on the project's store."""
@@ -127,9 +316,9 @@ def ui(
 
 @app.command("serve-model")
 def serve_model(
-    model: Annotated[Optional[str], typer.Option(help="model URI (default: models:/<name>@champion)")] = None,
-    host: Annotated[str, typer.Option()] = "127.0.0.1",
-    port: Annotated[int, typer.Option()] = 5001,
+    model: Annotated[Optional[str], typer.Option(metavar="URI", help="model URI (default: models:/NAME@champion)")] = None,
+    host: HostOption = "127.0.0.1",
+    port: PortOption = 5001,
     root: RootOption = None,
 ) -> None:
     """Serve a model over REST with `mlflow models serve` (POST images to /invocations)."""
@@ -146,19 +335,10 @@ def serve_model(
     raise typer.Exit(subprocess.call(command, env=env))
 
 
-def prepare_prefect(root: Path | None, api_url: str | None) -> Path:
-    """Resolve the root, prepare the environment and point Prefect at ``api_url`` when given."""
-    root = resolve_root(root)
-    prepare_environment(root)
-    if api_url:
-        os.environ["PREFECT_API_URL"] = api_url
-    return root
-
-
 @app.command()
 def deploy(
-    cron: Annotated[Optional[str], typer.Option(help="cron schedule (default: schedule.cron in params.yaml)")] = None,
-    api_url: Annotated[Optional[str], typer.Option(help="Prefect API URL, e.g. http://127.0.0.1:4200/api")] = None,
+    cron: Annotated[Optional[str], typer.Option(metavar="CRON", help="cron schedule (default: schedule.cron in params.yaml)")] = None,
+    api_url: ApiUrlOption = None,
     root: RootOption = None,
 ) -> None:
     """Register the retrain flow as a scheduled Prefect deployment."""
@@ -166,13 +346,14 @@ def deploy(
     from flows.deploy import create_deployment
 
     deployment_id, name, schedule = create_deployment(root, cron)
-    typer.echo(f"deployment {name} ({deployment_id}) scheduled '{schedule}'; run `tlpipe serve` to execute runs")
+    typer.echo(f"deployment {name} ({deployment_id}) scheduled '{schedule}' on {os.environ.get('PREFECT_API_URL')}; "
+               "run `tlpipe serve` to execute runs")
 
 
 @app.command()
 def serve(
-    cron: Annotated[Optional[str], typer.Option(help="cron schedule (default: params.yaml)")] = None,
-    api_url: Annotated[Optional[str], typer.Option(help="Prefect API URL")] = None,
+    cron: Annotated[Optional[str], typer.Option(metavar="CRON", help="cron schedule (default: params.yaml)")] = None,
+    api_url: ApiUrlOption = None,
     root: RootOption = None,
 ) -> None:
     """Serve the scheduled retrain deployment: executes its runs until stopped."""
@@ -182,8 +363,46 @@ def serve(
     serve_deployment(root, cron)
 
 
+@prefect_app.command("start")
+def prefect_start(
+    port: Annotated[Optional[int], typer.Option(metavar="PORT", help="port (default: $TLPIPE_PREFECT_PORT or 4200; "
+                                                                     "a free one when taken)")] = None,
+    root: RootOption = None,
+) -> None:
+    """Start the project's Prefect server in the background, or find it running; print its URL."""
+    from tlpipe.prefect_server import ensure_server, home
+
+    project = resolve_root(root)
+    url = ensure_server(project, port)
+    typer.echo(f"Prefect server for {project.name}: {url.removesuffix('/api')} (runs kept in {home(project)})")
+    typer.echo(f"export PREFECT_API_URL={url}")
+
+
+@prefect_app.command("stop")
+def prefect_stop(root: RootOption = None) -> None:
+    """Stop the project's Prefect server (its runs stay in .prefect/prefect.db)."""
+    from tlpipe.prefect_server import stop_server
+
+    stopped = stop_server(resolve_root(root))
+    typer.echo("Prefect server stopped" if stopped else "no Prefect server was running")
+
+
+@prefect_app.command("status")
+def prefect_status(root: RootOption = None) -> None:
+    """Print the project's Prefect server URL; exit 1 when it is not running."""
+    from tlpipe.prefect_server import running_url
+
+    url = running_url(resolve_root(root))
+    if not url:
+        typer.echo("not running (start it: make prefect-server)", err=True)
+        raise typer.Exit(1)
+    typer.echo(url)
+
+
 def main() -> None:
-    """Console-script entry point (``tlpipe``)."""
+    """Console-script entry point (``tlpipe``): ``--debug`` is accepted anywhere on the line."""
+    if "--debug" in sys.argv[2:]:
+        sys.argv = [sys.argv[0], "--debug", *[arg for arg in sys.argv[1:] if arg != "--debug"]]
     app()
 
 

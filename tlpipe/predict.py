@@ -10,14 +10,106 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
+
+from tlpipe.errors import UserError
 
 BATCH_SIZE = 32
 DEFAULT_ALIAS = "champion"
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"})
 URI_PATTERN = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:/")
+
+
+class ModelNotFoundError(UserError, LookupError):
+    """The model asked for (registered name, alias, version, run or folder) does not exist."""
+
+
+@dataclass(frozen=True)
+class ModelIdentity:
+    """Which model answers: what ``--model`` named and what it resolved to."""
+
+    uri: str
+    load_uri: str
+    name: str | None = None
+    version: str | None = None
+    alias: str | None = None
+    run_id: str | None = None
+
+    def describe(self) -> str:
+        """One line, e.g. ``tlpipe-classifier v3 (@champion), run 0a1b2c3d...``."""
+        if self.name:
+            text = f"{self.name} v{self.version}" + (f" (@{self.alias})" if self.alias else "")
+        else:
+            text = self.uri
+        return text + (f", run {self.run_id}" if self.run_id else "")
+
+    def as_dict(self) -> dict:
+        """The identity as a JSON-ready dict."""
+        return asdict(self)
+
+
+MODELS_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))$")
+RUNS_URI = re.compile(r"^runs:/(?P<run_id>[^/]+)/")
+
+
+def identify_model(uri: str, client=None) -> ModelIdentity:
+    """Resolve a model URI to the registered version / run that answers, checking that it exists.
+
+    ``models:/NAME@ALIAS`` is pinned to the version the alias points at now (so
+    the model loaded is the one named). Local folders report the run recorded
+    in their ``MLmodel`` file, if any.
+
+    Args:
+        uri: From :func:`resolve_model_uri`.
+        client: An ``MlflowClient`` on the project store (needed for ``models:/`` and ``runs:/``).
+
+    Raises:
+        ModelNotFoundError: Naming what is missing and what exists instead.
+    """
+    if match := MODELS_URI.match(uri):
+        return identify_registered(uri, match["name"], match["alias"], match["version"], client)
+    if match := RUNS_URI.match(uri):
+        from mlflow.exceptions import MlflowException
+
+        try:
+            client.get_run(match["run_id"])
+        except MlflowException:
+            raise ModelNotFoundError(f"no MLflow run {match['run_id']!r} in {client.tracking_uri}") from None
+        return ModelIdentity(uri=uri, load_uri=uri, run_id=match["run_id"])
+    folder = Path(uri)
+    if (folder / "MLmodel").is_file():
+        import yaml
+
+        run_id = (yaml.safe_load((folder / "MLmodel").read_text()) or {}).get("run_id")
+        return ModelIdentity(uri=uri, load_uri=uri, run_id=run_id)
+    return ModelIdentity(uri=uri, load_uri=uri)
+
+
+def identify_registered(uri: str, name: str, alias: str | None, version: str | None, client) -> ModelIdentity:
+    """The registered model version behind ``models:/NAME@ALIAS`` or ``models:/NAME/VERSION``."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        registered = client.get_registered_model(name)
+    except MlflowException:
+        names = sorted(m.name for m in client.search_registered_models(max_results=50))
+        raise ModelNotFoundError(
+            f"no registered model {name!r} in {client.tracking_uri} (registered: {', '.join(names) or 'none'}); "
+            "run the pipeline first (tlpipe repro) or pass --model") from None
+    try:
+        found = (client.get_model_version_by_alias(name, alias) if alias
+                 else client.get_model_version(name, version))
+    except MlflowException:
+        aliases = ", ".join(f"@{a} -> v{v}" for a, v in sorted((registered.aliases or {}).items())) or "none"
+        missing = f"alias @{alias}" if alias else f"version {version}"
+        raise ModelNotFoundError(f"registered model {name!r} has no {missing} (aliases: {aliases}); "
+                                 f"pick one with --model models:/{name}@ALIAS or models:/{name}/VERSION") from None
+    return ModelIdentity(uri=uri, load_uri=f"models:/{name}/{found.version}", name=name,
+                         version=str(found.version), alias=alias, run_id=found.run_id)
 
 
 def resolve_model_uri(model: str | None, root: Path, registered_name: str) -> str:
@@ -31,7 +123,7 @@ def resolve_model_uri(model: str | None, root: Path, registered_name: str) -> st
         registered_name: The registered model name.
 
     Raises:
-        FileNotFoundError: If ``model`` is a path with no ``MLmodel`` file.
+        ModelNotFoundError: If ``model`` is a path with no ``MLmodel`` file (also a ``LookupError``).
     """
     if model is None:
         return f"models:/{registered_name}@{DEFAULT_ALIAS}"
@@ -41,7 +133,7 @@ def resolve_model_uri(model: str | None, root: Path, registered_name: str) -> st
     for folder in candidates:
         if (folder / "MLmodel").is_file():
             return str(folder.resolve())
-    raise FileNotFoundError(
+    raise ModelNotFoundError(
         f"--model {model!r} is neither a URI (models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID/NAME) "
         "nor a folder with an MLmodel file")
 
@@ -137,6 +229,43 @@ def predict_images(model_uri: str, inputs: list[str], top: int = 1) -> list[dict
             frame = model.predict(pd.DataFrame({"image": pd.Series([str(p) for p in batch], dtype=object)}))
             rows.extend(rows_from_output(batch, frame, top))
     return rows + [error_row(item, reason) for item, reason in missing]
+
+
+def predict_imagenet_rows(inputs: list[str], backbone: str, weights: str, top: int = 1) -> list[dict]:
+    """Top ImageNet classes of a pretrained backbone for image files and folders.
+
+    Rows have the shape of :func:`predict_images`' rows; a file that does not
+    exist or cannot be decoded gets an error row and the others go on.
+
+    Raises:
+        ModelNotFoundError: If the backbone's weights cannot be used (the message says why).
+    """
+    from PIL import Image
+
+    from tlpipe.backbones import build_backbone, get_spec
+    from tlpipe.imagenet import decode_top, load_image_for_imagenet, predict_probs
+
+    size = get_spec(backbone).default_size
+    files, missing = collect_images(inputs)
+    images, good, bad = [], [], []
+    for path in files:
+        try:
+            images.append(load_image_for_imagenet(path, size))
+            good.append(path)
+        except (OSError, ValueError, Image.DecompressionBombError) as error:
+            bad.append(error_row(str(path), f"not a readable image: {error}"))
+    rows: list[dict] = []
+    if good:
+        try:
+            model = build_backbone(backbone, weights=weights, image_size=size, include_top=True)
+        except ValueError as error:
+            raise ModelNotFoundError(f"{backbone} with weights {weights!r}: {error}") from None
+        for start in range(0, len(good), BATCH_SIZE):
+            batch = np.stack(images[start:start + BATCH_SIZE])
+            for path, pairs in zip(good[start:start + BATCH_SIZE], decode_top(predict_probs(model, batch), top)):
+                rows.append({"path": str(path), "class": pairs[0][0], "probability": pairs[0][1],
+                             "top": pairs, "error": None})
+    return rows + bad + [error_row(item, reason) for item, reason in missing]
 
 
 def format_predictions(rows: list[dict], as_json: bool) -> str:

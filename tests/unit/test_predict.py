@@ -11,7 +11,9 @@ import pytest
 from PIL import Image
 
 from tlpipe.images import decode_file
-from tlpipe.predict import collect_images, format_predictions, predict_images, resolve_model_uri
+from tlpipe.predict import (
+    ModelNotFoundError, collect_images, format_predictions, predict_images, resolve_model_uri,
+)
 from tlpipe.pyfunc import save_keras_classifier
 
 SIZE = 32
@@ -89,5 +91,5 @@ def test_resolve_model_uri(model_dir, tmp_path: Path, monkeypatch: pytest.Monkey
     assert resolve_model_uri(str(path), tmp_path, "tlpipe") == str(path.resolve())
     monkeypatch.chdir(tmp_path)
     assert resolve_model_uri(path.name, path.parent, "tlpipe") == str(path.resolve())
-    with pytest.raises(FileNotFoundError, match="MLmodel"):
+    with pytest.raises(ModelNotFoundError, match="MLmodel"):
         resolve_model_uri(str(tmp_path), tmp_path, "tlpipe")

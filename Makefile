@@ -18,7 +18,7 @@ export TF_CPP_MIN_LOG_LEVEL := 2
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 120
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: setup run test test-fast bench bench-full ui prefect-server deploy serve serve-model clean
+.PHONY: setup run test test-fast bench bench-full ui prefect-server prefect-stop deploy serve serve-model clean
 
 setup: $(STAMP)
 
@@ -47,14 +47,18 @@ bench-full: setup
 ui: setup
 	$(BIN)/tlpipe ui --host $(HOST) --port $(UI_PORT)
 
+# The project's Prefect server (runs kept in .prefect/prefect.db); stages and `tlpipe` start it on demand too.
 prefect-server: setup
-	$(BIN)/prefect server start --host $(HOST) --port $(PREFECT_PORT)
+	TLPIPE_PREFECT_PORT=$(PREFECT_PORT) $(BIN)/tlpipe prefect-server start
+
+prefect-stop: setup
+	$(BIN)/tlpipe prefect-server stop
 
 deploy: setup
-	$(BIN)/tlpipe deploy --api-url http://$(HOST):$(PREFECT_PORT)/api
+	$(BIN)/tlpipe deploy
 
 serve: setup
-	$(BIN)/tlpipe serve --api-url http://$(HOST):$(PREFECT_PORT)/api
+	$(BIN)/tlpipe serve
 
 serve-model: setup
 	$(BIN)/tlpipe serve-model --host $(HOST) --port $(SERVE_PORT)

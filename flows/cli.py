@@ -175,7 +175,8 @@ def repro(
     typer.echo(json.dumps({"stages_ran": result["stages_ran"], "promotion": result["promotion"].get("reason")},
                           indent=2))
     for model, values in result["metrics"].items():
-        typer.echo(f"{model:14s} test accuracy {values.get('accuracy', float('nan')):.4f}")
+        accuracy = next((values[k] for k in ("acc", "accuracy") if k in values), float("nan"))
+        typer.echo(f"{model:14s} test accuracy {accuracy:.4f}")
 
 
 @app.command()
@@ -338,13 +339,21 @@ def serve_model(
 @app.command()
 def deploy(
     cron: Annotated[Optional[str], typer.Option(metavar="CRON", help="cron schedule (default: schedule.cron in params.yaml)")] = None,
+    work_pool: Annotated[Optional[str], typer.Option("--work-pool", metavar="NAME", help=(
+        "register on this Prefect process work pool (created if missing); `tlpipe worker --pool NAME` "
+        "executes its runs"))] = None,
     api_url: ApiUrlOption = None,
     root: RootOption = None,
 ) -> None:
     """Register the retrain flow as a scheduled Prefect deployment."""
     root = prepare_prefect(root, api_url)
-    from flows.deploy import create_deployment
+    from flows.deploy import create_deployment, deploy_to_work_pool
 
+    if work_pool:
+        deployment_id, name, schedule = deploy_to_work_pool(root, work_pool, cron)
+        typer.echo(f"deployment {name} ({deployment_id}) on work pool '{work_pool}' scheduled '{schedule}' on "
+                   f"{os.environ.get('PREFECT_API_URL')}; start workers with `tlpipe worker --pool {work_pool}`")
+        return
     deployment_id, name, schedule = create_deployment(root, cron)
     typer.echo(f"deployment {name} ({deployment_id}) scheduled '{schedule}' on {os.environ.get('PREFECT_API_URL')}; "
                "run `tlpipe serve` to execute runs")
@@ -361,6 +370,22 @@ def serve(
     from flows.deploy import serve_deployment
 
     serve_deployment(root, cron)
+
+
+@app.command()
+def worker(
+    pool: Annotated[str, typer.Option("--pool", metavar="NAME", help="the process work pool to poll")] = "tlpipe",
+    name: Annotated[Optional[str], typer.Option(metavar="NAME", help="worker name (default: Prefect's)")] = None,
+    limit: Annotated[Optional[int], typer.Option(metavar="N", help="at most N flow runs at once")] = None,
+    api_url: ApiUrlOption = None,
+    root: RootOption = None,
+) -> None:
+    """Start a Prefect process worker: executes the deployment's runs from the work pool until stopped."""
+    prepare_prefect(root, api_url)
+    from flows.deploy import worker_command
+
+    typer.echo(f"worker on pool '{pool}' of {os.environ.get('PREFECT_API_URL')}", err=True)
+    raise typer.Exit(subprocess.call(worker_command(pool, name, limit)))
 
 
 @prefect_app.command("start")

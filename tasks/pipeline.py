@@ -13,11 +13,17 @@ from prefect import task
 
 from tlpipe import tracking
 from tlpipe.config import DataParams
+from tlpipe.errors import UserError
 from tlpipe.ingest import hash_source
 from tlpipe.sources import list_source
 from tasks.common import get_logger
 
 STAGE_LINE = re.compile(r"Running stage '([^']+)'")
+ERROR_LINE = re.compile(r"(^tlpipe [\w-]+: error: |^ERROR: )")
+
+
+class StageFailedError(UserError, RuntimeError):
+    """A DVC command of the pipeline failed; its output (streamed above) holds the stage's own error."""
 
 
 def current_prefect_api_url() -> str | None:
@@ -67,7 +73,8 @@ def run_dvc(root: Path, overrides: list[str], experiment: bool, force_stages: li
     """Run the pipeline through DVC (its cache and lock skip unchanged stages); return the stages that ran.
 
     Raises:
-        RuntimeError: When DVC fails, with the tail of its output.
+        StageFailedError: When DVC fails: the stage that failed and its error line (the
+            full output was streamed already).
     """
     logger = get_logger()
     ran: list[str] = []
@@ -86,8 +93,61 @@ def run_dvc(root: Path, overrides: list[str], experiment: bool, force_stages: li
                 ran.append(match.group(1))
                 logger.info("stage %s started", match.group(1))
         if process.wait() != 0:
-            raise RuntimeError(f"{' '.join(command[2:])} failed (exit {process.returncode}):\n" + "\n".join(tail))
+            raise StageFailedError(failure_message(command[2:], process.returncode, ran, tail))
     return list(dict.fromkeys(ran))
+
+
+def failure_message(command: list[str], code: int, ran: list[str], tail: list[str]) -> str:
+    """One line: which DVC command and stage failed, and the stage's own error line when it printed one."""
+    errors = [line.strip() for line in tail if ERROR_LINE.search(line.strip())]
+    stage = f" in stage '{ran[-1]}'" if ran else ""
+    reason = errors[0] if errors else "see its output above"
+    return f"{' '.join(command)} failed (exit {code}){stage}: {reason}"
+
+
+@task(name="tag-pipeline-run")
+def tag_pipeline_run(tags: list[str]) -> list[str]:
+    """Add ``tags`` to this flow run (the pipeline run's own id is known only once it runs); return them all."""
+    from prefect.client.orchestration import get_client
+    from prefect.runtime import flow_run
+
+    with get_client(sync_client=True) as client:
+        run = client.read_flow_run(flow_run.id)
+        merged = list(dict.fromkeys([*(run.tags or []), *tags]))
+        client.update_flow_run(run.id, tags=merged)
+    return merged
+
+
+@task(name="publish-artifacts", retries=2, retry_delay_seconds=[1, 4])
+def publish_artifacts(root: Path, pipeline_run_id: str, metrics: dict, promotion: dict) -> dict[str, str]:
+    """Publish the comparison table, the promotion decision and the MLflow run links as Prefect artifacts.
+
+    Returns:
+        ``{artifact key: artifact id}``.
+    """
+    from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+    from tlpipe import pipeline_summary as summary
+
+    detail = root / "metrics" / "evaluate_detail.json"
+    metrics = summary.merge_metrics(metrics, json.loads(detail.read_text()) if detail.is_file() else {})
+    client = tracking.connect(root)
+    pipeline, stages, models = summary.find_runs(client, pipeline_run_id)
+    project = root.name
+    keys = {name: summary.artifact_key(project, name) for name in ("model-comparison", "promotion", "mlflow-runs")}
+    ids = {
+        keys["model-comparison"]: create_table_artifact(
+            table=summary.comparison_rows(metrics, models), key=keys["model-comparison"],
+            description=f"Test metrics of every model of {project}, best first (MLflow pipeline run "
+                        f"{pipeline_run_id})"),
+        keys["promotion"]: create_markdown_artifact(
+            markdown=summary.promotion_markdown(promotion), key=keys["promotion"],
+            description=f"Champion gate decision of {project}"),
+        keys["mlflow-runs"]: create_markdown_artifact(
+            markdown=summary.links_markdown(pipeline, stages, models, root / "reports" / "evaluate" / "report.html"),
+            key=keys["mlflow-runs"], description=f"MLflow runs of this {project} pipeline execution"),
+    }
+    return {key: str(value) for key, value in ids.items()}
 
 
 @task(name="read-results", retries=2, retry_delay_seconds=[1, 4])

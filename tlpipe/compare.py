@@ -51,11 +51,11 @@ def flatten(value: object, prefix: str = "") -> dict[str, str]:
 
 
 def accuracies_from_metrics(metrics: dict) -> dict[str, float]:
-    """``{model: test accuracy}`` from the evaluate metrics (``accuracy`` or ``test_accuracy`` per model)."""
+    """``{model: test accuracy}`` from the evaluate metrics (``acc``, ``accuracy`` or ``test_accuracy``)."""
     found = {}
     for model, values in metrics.items():
         if isinstance(values, dict):
-            value = values.get("accuracy", values.get("test_accuracy"))
+            value = next((values[k] for k in ("acc", "accuracy", "test_accuracy") if k in values), None)
             if isinstance(value, (int, float)):
                 found[model] = float(value)
     return found

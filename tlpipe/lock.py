@@ -75,3 +75,17 @@ def file_lock(path: Path, what: str, wait_s: float | None = 0.0) -> Iterator[Non
             handle.seek(0)
             handle.truncate()
         handle.close()  # closing the file releases the lock
+
+
+def pipeline_lock_path(root: Path) -> Path:
+    """The lock a pipeline run holds for its whole life: ``<root>/.dvc/tmp/tlpipe-pipeline.lock``."""
+    return Path(root) / ".dvc" / "tmp" / "tlpipe-pipeline.lock"
+
+
+def pipeline_lock(root: Path):
+    """Hold the project's pipeline lock; a second pipeline run in the project fails at once, naming the first.
+
+    Raises:
+        LockHeldError: When another pipeline run of this project holds it.
+    """
+    return file_lock(pipeline_lock_path(root), f"a tlpipe pipeline run in {Path(root)}", wait_s=0)

@@ -1,20 +1,30 @@
-"""Evaluate stage flow: every model on the same held-out test split, reports, registry gate."""
+"""Evaluate stage flow: every model on the same held-out test split, the champion gate, the report."""
 
 from __future__ import annotations
 
 from prefect import flow
 
-from tlpipe import store
+from tlpipe import store, tracking
 from tlpipe.config import load_params
 from tlpipe.ingest import hash_manifest
 from tlpipe.paths import project_paths
 from tasks.common import check_tracking
-from tasks.evaluate import evaluate_all, log_evaluation, write_metrics
+from tasks.evaluate import (
+    evaluate_all,
+    log_evaluation,
+    publish_artifacts,
+    register_and_gate,
+    write_metrics,
+    write_report,
+)
 
 
 @flow(name="evaluate")
 def evaluate_flow(root: str | None = None) -> dict:
-    """Evaluate all models into ``reports/evaluate`` and ``metrics/evaluate.json``; gate the champion.
+    """Evaluate all models into ``reports/evaluate`` and ``metrics/evaluate*.json``; gate the champion; report.
+
+    The gate runs once, after the (retried) logging; the report is written
+    after the gate because it shows the decision.
 
     Args:
         root: Project root (default: found from the working directory).
@@ -22,10 +32,16 @@ def evaluate_flow(root: str | None = None) -> dict:
     paths = project_paths(root)
     params = load_params(paths.params)
     check_tracking(paths.root)
-    result = evaluate_all(paths, params)
-    flat = write_metrics(result, paths.metrics / "evaluate.json")
-    promotion = log_evaluation(paths, params, result, hash_manifest(store.load_manifest(paths.store)))
-    return {"metrics": flat, "promotion": promotion}
+    data_hash = hash_manifest(store.load_manifest(paths.store))
+    stage_params = {"evaluate": params.evaluate.model_dump(), "registry": params.registry.model_dump()}
+    with tracking.stage_run("evaluate", paths.root, stage_params, data_hash):  # spans the stage's work
+        result = evaluate_all(paths, params)
+        accuracies = write_metrics(result, paths.metrics)
+        evaluation = log_evaluation(paths, params, result, data_hash)  # joins this stage run
+        promotion = register_and_gate(paths, params, result, evaluation, data_hash)
+        report = write_report(paths, result, promotion, evaluation, data_hash)
+        publish_artifacts(paths.root, result, promotion, report, evaluation)
+    return {"metrics": accuracies, "promotion": promotion, "report": report}
 
 
 if __name__ == "__main__":

@@ -1,14 +1,24 @@
 """Core of the ``evaluate`` stage: every trained model on the same held-out TEST split.
 
-Models are found by file: ``<svm_dir>/<name>.joblib`` for the SVMs and
-``<finetune_dir>/<name>.keras`` for the networks. Missing models are skipped
-(and reported), not an error; no model at all is.
+Models come from :mod:`tlpipe.models` (the one list of names; each model's file
+is :func:`tlpipe.models.model_file`). Missing models are skipped (and
+reported), not an error; no model at all is.
 
 Outputs in ``out_dir`` (a plain folder, each file written atomically):
-``metrics.json``, ``comparison.csv``, ``predictions.csv``,
-``confusion/<model>.csv`` (DVC's confusion template), ``confusion_<model>.png``,
-``comparison.png``, ``grid_<best>.png`` and, when the features folder has one,
-``imagenet_top1.md``.
+
+* ``metrics.json``: every metric per model, per-class precision/recall/F1 and
+  the confusion matrix included;
+* ``comparison.csv``: one row per model (family, selection score, test metrics);
+* ``predictions.csv``: one row per test image, each model's class and probability;
+* ``confusion.csv`` (model, actual, predicted; DVC's confusion plot) and
+  ``confusion_<model>.png`` (counts in every cell);
+* ``comparison.png``; ``grid_<model>.png`` (test images of the selected model,
+  mistakes first and marked in red);
+* ``curves.csv`` and ``curves.png`` (training curves of the networks, best
+  epoch marked), when the finetune folder has histories;
+* ``imagenet_top1.md``, when the features folder has ``imagenet_top1.csv``.
+
+The evaluate tasks add ``promotion.json`` and ``report.html`` after the gate.
 
 An SVM's predicted class is ``SVC.predict`` (the decision function); its
 probabilities come from Platt scaling (``predict_proba``), which on small data
@@ -18,8 +28,9 @@ the argmax of its softmax.
 
 from __future__ import annotations
 
-from tlpipe.errors import UserError
-import os
+import json
+import shutil
+from datetime import datetime, timezone
 from pathlib import Path
 
 import joblib
@@ -33,12 +44,19 @@ from sklearn.metrics import (
     roc_auc_score,
 )
 
-from tlpipe import plots, store
+from tlpipe import plots, report, store
 from tlpipe.config import EvaluateParams
-from tlpipe.svm import SVM_MODELS, load_inputs
+from tlpipe.errors import UserError
+from tlpipe.models import MODEL_NAMES, SVM_MODELS, model_family, model_file
+from tlpipe.svm import load_inputs
 
-from tlpipe.models import MODEL_NAMES, NETWORK_MODELS as KERAS_MODELS  # noqa: E402
 DIGITS = 4
+METRIC_KEYS = {"accuracy": "acc", "balanced_accuracy": "bal_acc", "f1_macro": "f1", "roc_auc": "auc"}
+"""Test metric -> its short key in ``metrics/evaluate*.json`` (what ``dvc metrics show`` prints)."""
+SELECTION_METRIC = {"svm": "CV accuracy", "network": "best validation accuracy"}
+"""What each model family is selected by (never test accuracy)."""
+GATE_OUTPUTS = ("promotion.json", "report.html")
+"""Files the evaluate tasks write into ``out_dir`` after the gate."""
 
 
 class NoModelsError(UserError, FileNotFoundError):
@@ -101,6 +119,32 @@ def compute_metrics(y_true: np.ndarray, y_pred: np.ndarray, proba: np.ndarray | 
     }
 
 
+def dvc_metrics(metrics: dict[str, dict]) -> tuple[dict, dict]:
+    """The two DVC metrics files of the stage, numbers only, short keys.
+
+    Returns:
+        ``(accuracies, details)``: ``{model: {"acc": ...}}`` for
+        ``metrics/evaluate.json`` (five columns in ``dvc metrics show``) and
+        ``{model: {"bal_acc", "f1", "auc"}}`` for ``metrics/evaluate_detail.json``
+        (``auc`` left out where undefined). Per-class numbers stay in the
+        report folder's ``metrics.json``.
+    """
+    accuracies = {name: {"acc": values["accuracy"]} for name, values in metrics.items()}
+    details = {name: {short: values[key] for key, short in METRIC_KEYS.items()
+                      if key != "accuracy" and isinstance(values.get(key), (int, float))}
+               for name, values in metrics.items()}
+    return accuracies, details
+
+
+def read_test_accuracies(metrics_path: Path) -> dict[str, float]:
+    """``{model: test accuracy}`` from ``metrics/evaluate.json`` (empty when the file is absent)."""
+    path = Path(metrics_path)
+    if not path.is_file():
+        return {}
+    return {name: float(values["acc"]) for name, values in json.loads(path.read_text()).items()
+            if isinstance(values, dict) and isinstance(values.get("acc"), (int, float))}
+
+
 def predict_svm(model_path: Path, X: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
     """Predict with a saved SVM: labels from ``predict``, probabilities when it has them."""
     model = joblib.load(model_path)
@@ -132,19 +176,22 @@ def find_models(svm_dir: Path | None, finetune_dir: Path | None) -> tuple[dict[s
     """Which model files exist, in :data:`MODEL_NAMES` order, and which are missing."""
     found, skipped = {}, {}
     for name in MODEL_NAMES:
-        folder, suffix = (finetune_dir, ".keras") if name in KERAS_MODELS else (svm_dir, ".joblib")
-        path = Path(folder) / f"{name}{suffix}" if folder is not None else None
-        if path is not None and path.is_file():
+        folder = svm_dir if model_family(name) == "svm" else finetune_dir
+        if folder is None:
+            skipped[name] = f"no {model_family(name)} model folder given"
+            continue
+        path = model_file(Path(svm_dir or "."), Path(finetune_dir or "."), name)
+        if path.is_file():
             found[name] = path
         else:
-            skipped[name] = f"no model file {path}" if path is not None else "no model folder given"
+            skipped[name] = f"no model file {path}"
     return found, skipped
 
 
 def predict_model(name: str, path: Path, store_dir: Path, features_dir: Path,
                   pixel_size: int) -> tuple[np.ndarray, np.ndarray | None]:
-    """Predict the test split with one model, whatever its kind."""
-    if name in KERAS_MODELS:
+    """Predict the test split with one model, whatever its family."""
+    if model_family(name) == "network":
         return predict_keras(path, store_dir, "test")
     X = load_inputs(store_dir, features_dir, "test", SVM_MODELS[name], pixel_size)
     return predict_svm(path, X)
@@ -160,9 +207,41 @@ def check_predictions(name: str, y_pred: np.ndarray, proba: np.ndarray | None, r
 
 
 def choose_best(metrics: dict[str, dict]) -> str:
-    """The best model: highest accuracy, then balanced accuracy, then first in order."""
+    """The best model on the test split: highest accuracy, then balanced accuracy, then first in order."""
     return max(metrics, key=lambda m: (metrics[m]["accuracy"], metrics[m]["balanced_accuracy"],
                                        -MODEL_NAMES.index(m)))
+
+
+def selection_scores(svm_dir: Path | None, finetune_dir: Path | None, models: list[str]) -> dict[str, float]:
+    """What each model is selected by (see :data:`SELECTION_METRIC`), for the models given, in their order.
+
+    SVMs: ``cv_accuracy`` in ``<svm_dir>/summary.json``; networks:
+    ``best_val_accuracy`` in ``<finetune_dir>/<name>_metrics.json``. Models
+    without a recorded score are left out.
+    """
+    scores: dict[str, float] = {}
+    summary = Path(svm_dir) / "summary.json" if svm_dir is not None else None
+    svm_summaries = json.loads(summary.read_text()) if summary is not None and summary.is_file() else {}
+    for name in models:
+        if model_family(name) == "svm" and "cv_accuracy" in svm_summaries.get(name, {}):
+            scores[name] = float(svm_summaries[name]["cv_accuracy"])
+        elif model_family(name) == "network" and finetune_dir is not None:
+            path = Path(finetune_dir) / f"{name}_metrics.json"
+            if path.is_file():
+                scores[name] = float(json.loads(path.read_text())["best_val_accuracy"])
+    return scores
+
+
+def choose_candidate(scores: dict[str, float], metrics: dict[str, dict]) -> str:
+    """The model put forward to the gate: the best selection score (never test accuracy).
+
+    Ties go to the first in :data:`MODEL_NAMES` order. Without any selection
+    score (models trained outside the pipeline) the best on test is taken.
+    """
+    from tlpipe.registry import select_best
+
+    ordered = {name: scores[name] for name in MODEL_NAMES if name in scores and name in metrics}
+    return select_best(ordered) if ordered else choose_best(metrics)
 
 
 def load_test_rows(store_dir: Path) -> pd.DataFrame:
@@ -182,28 +261,35 @@ def build_predictions(rows: pd.DataFrame, predictions: dict[str, tuple], classes
     return frame
 
 
-def remove_stale(out_dir: Path, models: list[str], best: str) -> None:
-    """Delete per-model outputs of earlier runs that this run will not rewrite.
+def build_comparison(metrics: dict[str, dict], scores: dict[str, float]) -> pd.DataFrame:
+    """One row per evaluated model: family, selection score and the test metrics."""
+    return pd.DataFrame([{
+        "model": name, "family": model_family(name), "selected_by": SELECTION_METRIC[model_family(name)],
+        "selection_score": scores.get(name), "accuracy": values["accuracy"],
+        "balanced_accuracy": values["balanced_accuracy"], "f1_macro": values["f1_macro"],
+        "roc_auc": values["roc_auc"],
+    } for name, values in metrics.items()])
 
-    Only files this module names are touched: ``confusion_<m>.png`` and
-    ``confusion/<m>.csv`` of models not evaluated now, ``grid_<m>.png`` of
-    every model but the best, and ``imagenet_top1.md``.
+
+def remove_stale(out_dir: Path, models: list[str], grid_model: str) -> None:
+    """Delete outputs of earlier runs that this run will not rewrite.
+
+    Only files this module (or the tasks after the gate) name are touched:
+    ``confusion_<m>.png`` of models not evaluated now, ``grid_<m>.png`` of every
+    model but ``grid_model``, the curve and ImageNet files (rewritten when their
+    inputs exist), the gate's ``promotion.json`` and ``report.html``, and the
+    per-model ``confusion/`` folder of older versions.
     """
-    stale = [out_dir / "imagenet_top1.md"]
+    stale = [out_dir / "imagenet_top1.md", out_dir / "curves.csv", out_dir / "curves.png"]
+    stale += [out_dir / name for name in GATE_OUTPUTS]
     for model in MODEL_NAMES:
         if model not in models:
-            stale += [out_dir / f"confusion_{model}.png", out_dir / "confusion" / f"{model}.csv"]
-        if model != best:
+            stale.append(out_dir / f"confusion_{model}.png")
+        if model != grid_model:
             stale.append(out_dir / f"grid_{model}.png")
     for path in stale:
         path.unlink(missing_ok=True)
-
-
-def write_text(path: Path, text: str) -> None:
-    """Write a text file atomically."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    shutil.rmtree(out_dir / "confusion", ignore_errors=True)
 
 
 def escape_markdown(value: object) -> str:
@@ -211,19 +297,26 @@ def escape_markdown(value: object) -> str:
     return str(value).replace("|", "\\|").replace("\n", " ")
 
 
-def write_imagenet_table(features_dir: Path, out_dir: Path) -> bool:
-    """Write ``imagenet_top1.md`` from the features folder's ``imagenet_top1.csv``; False if absent."""
+def read_imagenet_table(features_dir: Path) -> pd.DataFrame | None:
+    """The features folder's ``imagenet_top1.csv`` (test images), or None when absent."""
     source = Path(features_dir) / "imagenet_top1.csv"
     if not source.is_file():
+        return None
+    return pd.read_csv(source, dtype={"relpath": str, "class_name": str, "imagenet_top1": str})
+
+
+def write_imagenet_table(features_dir: Path, out_dir: Path) -> bool:
+    """Write ``imagenet_top1.md`` from the features folder's ``imagenet_top1.csv``; False if absent."""
+    frame = read_imagenet_table(features_dir)
+    if frame is None:
         return False
-    frame = pd.read_csv(source, dtype={"relpath": str, "class_name": str, "imagenet_top1": str})
     lines = ["# What the ImageNet network sees in each test image", "",
              "| index | image | true class | ImageNet top-1 | probability |",
              "|---:|---|---|---|---:|"]
     for row in frame.itertuples(index=False):
         cells = [row.index, row.relpath, row.class_name, row.imagenet_top1, f"{row.imagenet_probability:.4f}"]
         lines.append("| " + " | ".join(escape_markdown(c) for c in cells) + " |")
-    write_text(out_dir / "imagenet_top1.md", "\n".join(lines) + "\n")
+    store.write_atomic(out_dir / "imagenet_top1.md", "\n".join(lines) + "\n")
     return True
 
 
@@ -239,46 +332,93 @@ def write_grid(store_dir: Path, out_dir: Path, model: str, y_true: np.ndarray, y
     """Draw ``grid_<model>.png``: test images titled 'predicted (true)', mistakes in red."""
     rows = choose_grid_rows(y_true, y_pred, count)
     images = store.read_rows(store.split_path(store_dir, "test"), rows)
-    titles = [f"{classes[y_pred[i]]} ({classes[y_true[i]]})" for i in rows]
-    plots.plot_image_grid(images, titles, [bool(y_pred[i] != y_true[i]) for i in rows], out_dir / f"grid_{model}.png")
+    titles = [f"{classes[y_pred[i]]} (true: {classes[y_true[i]]})" for i in rows]
+    wrong = int(np.sum(y_true != y_pred))
+    plots.plot_image_grid(images, titles, [bool(y_pred[i] != y_true[i]) for i in rows],
+                          out_dir / f"grid_{model}.png",
+                          title=f"{model}: {wrong} of {len(y_true)} test images wrong (red), mistakes first")
+
+
+def read_histories(finetune_dir: Path | None) -> tuple[dict[str, pd.DataFrame], dict[str, int]]:
+    """Per-epoch histories and best epochs of the networks that have them, in model order."""
+    histories, best = {}, {}
+    if finetune_dir is None:
+        return histories, best
+    for name in MODEL_NAMES:
+        if model_family(name) != "network":
+            continue
+        path = Path(finetune_dir) / f"{name}_history.csv"
+        if not path.is_file():
+            continue
+        histories[name] = pd.read_csv(path)
+        summary = Path(finetune_dir) / f"{name}_metrics.json"
+        if summary.is_file():
+            best[name] = int(json.loads(summary.read_text())["best_epoch"])
+    return histories, best
+
+
+def curves_frame(histories: dict[str, pd.DataFrame], best: dict[str, int]) -> pd.DataFrame:
+    """Long table for DVC's training-curve plots: model, epoch, split, accuracy, loss, best (1 at the best epoch)."""
+    rows = []
+    for model, history in histories.items():
+        for record in history.to_dict(orient="records"):
+            for split, prefix in (("train", ""), ("val", "val_")):
+                rows.append({"model": model, "epoch": int(record["epoch"]), "split": split,
+                             "accuracy": round_float(record[f"{prefix}accuracy"]),
+                             "loss": round_float(record[f"{prefix}loss"]),
+                             "best": int(split == "val" and best.get(model) == int(record["epoch"]))})
+    return pd.DataFrame(rows, columns=["model", "epoch", "split", "accuracy", "loss", "best"])
+
+
+def write_curves(finetune_dir: Path | None, out_dir: Path) -> bool:
+    """Write ``curves.csv`` and ``curves.png`` from the networks' histories; False when there are none."""
+    histories, best = read_histories(finetune_dir)
+    if not histories:
+        return False
+    store.write_csv(out_dir / "curves.csv", curves_frame(histories, best))
+    plots.plot_training_curves(histories, best, out_dir / "curves.png",
+                               "Networks per epoch: solid = train, dashed = validation, ★ = kept (best) epoch")
+    return True
 
 
 def write_outputs(out_dir: Path, metrics: dict[str, dict], predictions: dict[str, tuple],
-                  rows: pd.DataFrame, classes: list[str]) -> None:
-    """Write metrics.json, comparison.csv, predictions.csv, confusion CSVs and the metric PNGs."""
+                  rows: pd.DataFrame, classes: list[str], scores: dict[str, float]) -> None:
+    """Write metrics.json, comparison.csv, predictions.csv, confusion.csv and the metric PNGs."""
     store.write_json(out_dir / "metrics.json", metrics)
     names = np.asarray(classes)
-    for model, (y_pred, _) in predictions.items():
-        confusion = pd.DataFrame({"actual": rows["class_name"].to_numpy(), "predicted": names[y_pred]})
-        store.write_csv(out_dir / "confusion" / f"{model}.csv", confusion)
+    confusion = [pd.DataFrame({"model": model, "actual": rows["class_name"].to_numpy(), "predicted": names[y_pred]})
+                 for model, (y_pred, _) in predictions.items()]
+    store.write_csv(out_dir / "confusion.csv", pd.concat(confusion, ignore_index=True))
+    for model in predictions:
         plots.plot_confusion(np.asarray(metrics[model]["confusion_matrix"]), classes,
                              f"{model}: test accuracy {metrics[model]['accuracy']:.3f}",
                              out_dir / f"confusion_{model}.png")
-    comparison = pd.DataFrame([{"model": m, "accuracy": v["accuracy"], "balanced_accuracy": v["balanced_accuracy"]}
-                               for m, v in metrics.items()])
+    comparison = build_comparison(metrics, scores)
     store.write_csv(out_dir / "comparison.csv", comparison)
     store.write_csv(out_dir / "predictions.csv", build_predictions(rows, predictions, classes))
     majority = float(rows["class_name"].value_counts(normalize=True).max()) if len(rows) else None
-    plots.plot_comparison(list(comparison["model"]), list(comparison["accuracy"]),
-                          out_dir / "comparison.png", majority)
+    plots.plot_comparison(list(comparison["model"]), list(comparison["accuracy"]), out_dir / "comparison.png",
+                          majority, balanced=list(comparison["balanced_accuracy"]))
 
 
 def evaluate_models(store_dir: Path, features_dir: Path, svm_dir: Path | None, finetune_dir: Path | None,
-                    out_dir: Path, params: EvaluateParams, pixel_size: int) -> dict[str, dict]:
+                    out_dir: Path, params: EvaluateParams, pixel_size: int) -> dict:
     """Evaluate every existing model on the test split and write the reports.
 
     Args:
         store_dir: The image store.
         features_dir: The features folder (SVM inputs, ``imagenet_top1.csv``).
-        svm_dir: Folder of ``<name>.joblib`` SVMs (None: no SVMs).
-        finetune_dir: Folder of ``<name>.keras`` networks (None: no networks).
+        svm_dir: Folder of ``<name>.joblib`` SVMs and ``summary.json`` (None: no SVMs).
+        finetune_dir: Folder of ``<name>.keras`` networks with their histories (None: no networks).
         out_dir: Where the reports go (created if needed).
         params: The evaluate params (``grid_images``).
         pixel_size: Side of the raw-pixel inputs of ``svm_pixels``.
 
     Returns:
         ``{"metrics": {model: metrics}, "skipped": {model: reason},
-        "best": {"model", "accuracy", "balanced_accuracy"}}``.
+        "best": {"model", "accuracy", "balanced_accuracy"}`` (best on test),
+        ``"selection": {model: score}``, ``"candidate"`` (the model the gate
+        considers, chosen by selection score), ``"classes"``, ``"test_images"``}.
 
     Raises:
         NoModelsError: When no model file exists.
@@ -295,12 +435,71 @@ def evaluate_models(store_dir: Path, features_dir: Path, svm_dir: Path | None, f
     for name, (y_pred, proba) in predictions.items():
         check_predictions(name, y_pred, proba, len(y_true), len(classes))
     metrics = {name: compute_metrics(y_true, y_pred, proba, classes) for name, (y_pred, proba) in predictions.items()}
-    best = choose_best(metrics)
+    scores = selection_scores(svm_dir, finetune_dir, list(metrics))
+    best, candidate = choose_best(metrics), choose_candidate(scores, metrics)
     out_dir.mkdir(parents=True, exist_ok=True)
-    remove_stale(out_dir, list(metrics), best)
-    write_outputs(out_dir, metrics, predictions, load_test_rows(store_dir), classes)
-    write_grid(store_dir, out_dir, best, y_true, predictions[best][0], classes, params.grid_images)
+    remove_stale(out_dir, list(metrics), candidate)
+    write_outputs(out_dir, metrics, predictions, load_test_rows(store_dir), classes, scores)
+    write_grid(store_dir, out_dir, candidate, y_true, predictions[candidate][0], classes, params.grid_images)
+    write_curves(finetune_dir, out_dir)
     write_imagenet_table(features_dir, out_dir)
     return {"metrics": metrics, "skipped": skipped,
             "best": {"model": best, "accuracy": metrics[best]["accuracy"],
-                     "balanced_accuracy": metrics[best]["balanced_accuracy"]}}
+                     "balanced_accuracy": metrics[best]["balanced_accuracy"]},
+            "selection": scores, "candidate": candidate, "classes": list(classes), "test_images": int(len(y_true))}
+
+
+def read_png(path: Path) -> bytes | None:
+    """A PNG's bytes, or None when the file is absent."""
+    return Path(path).read_bytes() if Path(path).is_file() else None
+
+
+def build_report(out_dir: Path, result: dict, decision: dict | None, features_dir: Path | None,
+                 facts: list[tuple[str, str]] | None = None, links: list[tuple[str, str]] | None = None,
+                 max_imagenet_rows: int = 200) -> report.ReportData:
+    """Gather the report's content from an :func:`evaluate_models` result and its output folder.
+
+    Args:
+        out_dir: The folder :func:`evaluate_models` wrote.
+        result: Its return value.
+        decision: The gate's decision (``promotion.json``), or None.
+        features_dir: Where ``imagenet_top1.csv`` is (None: no ImageNet table).
+        facts: Extra header facts (label, value), e.g. data hash and run ids.
+        links: (label, where) pairs for the "Where to look next" section.
+        max_imagenet_rows: Rows of the ImageNet table shown (the rest is counted).
+    """
+    out_dir = Path(out_dir)
+    metrics, candidate = result["metrics"], result["candidate"]
+    comparison = build_comparison(metrics, result.get("selection", {}))
+    columns = {"model": "model", "family": "family", "selected_by": "selected by",
+               "selection_score": "selection score", "accuracy": "test accuracy",
+               "balanced_accuracy": "balanced accuracy", "f1_macro": "macro F1", "roc_auc": "ROC AUC"}
+    table = report.Table(columns, comparison.to_dict(orient="records"), highlight=[candidate])
+    chart = read_png(out_dir / "comparison.png")
+    confusions = [report.Picture(model, png, f"test accuracy {metrics[model]['accuracy']:.4f}")
+                  for model in metrics if (png := read_png(out_dir / f"confusion_{model}.png"))]
+    curves = read_png(out_dir / "curves.png")
+    grid = read_png(out_dir / f"grid_{candidate}.png")
+    imagenet, notes = None, {}
+    frame = read_imagenet_table(features_dir) if features_dir is not None else None
+    if frame is not None:
+        shown = frame.head(max_imagenet_rows)
+        imagenet = report.Table({"index": "index", "relpath": "image", "class_name": "true class",
+                                 "imagenet_top1": "ImageNet top-1", "imagenet_probability": "probability"},
+                                shown.to_dict(orient="records"))
+        if len(frame) > len(shown):
+            notes["imagenet"] = f"First {len(shown)} of {len(frame)} test images (all in imagenet_top1.md)."
+    notes["comparison"] = (f"{result.get('test_images', '?')} test images. The highlighted row is the model put "
+                           "forward to the champion gate: chosen by CV accuracy (SVMs) or best validation accuracy "
+                           "(networks), never by test accuracy.")
+    notes["predictions"] = "Each image is titled 'predicted (true: class)'; mistakes come first, in red with a ✗."
+    now = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    header = [("Generated", now), ("Classes", ", ".join(result.get("classes", []))), *(facts or [])]
+    return report.ReportData(
+        title="tlpipe: model comparison and promotion", facts=header, decision=decision, comparison=table,
+        comparison_chart=report.Picture("Test accuracy per model", chart, "dotted line: always predicting the "
+                                        "majority class") if chart else None,
+        confusions=confusions,
+        curves=report.Picture("Training curves", curves, "colour = network, line style = split") if curves else None,
+        grid=report.Picture(f"Test images as {candidate} sees them", grid) if grid else None,
+        imagenet=imagenet, skipped=result.get("skipped", {}), links=links or [], notes=notes)

@@ -20,8 +20,11 @@ from tlpipe.evaluate import (
     NoModelsError,
     choose_grid_rows,
     compute_metrics,
+    curves_frame,
+    dvc_metrics,
     evaluate_models,
     predict_keras,
+    read_test_accuracies,
 )
 from tlpipe.svm import train_svms
 
@@ -53,6 +56,15 @@ def write_keras_model(path: Path) -> Path:
     return path
 
 
+def write_history(folder: Path, name: str, best_epoch: int) -> None:
+    """A 3-epoch training history and the metrics file naming the best epoch, as the finetune stage writes them."""
+    history = pd.DataFrame({"epoch": [1, 2, 3], "phase": [1, 1, 1], "loss": [0.9, 0.6, 0.5],
+                            "accuracy": [0.5, 0.7, 0.8], "val_loss": [0.8, 0.55, 0.6],
+                            "val_accuracy": [0.5, 0.75, 0.7], "seconds": [0.1, 0.1, 0.1]})
+    store.write_csv(folder / f"{name}_history.csv", history)
+    store.write_json(folder / f"{name}_metrics.json", {"best_epoch": best_epoch, "best_val_accuracy": 0.75})
+
+
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """A store, features, two SVMs (svm_concat missing) and one network (concat missing)."""
@@ -61,6 +73,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     features_dir = write_features(root / "features", store_dir)
     train_svms(store_dir, features_dir, root / "svm", SVM_PARAMS, names=("svm_features", "svm_pixels"))
     write_keras_model(root / "finetune" / "frozen.keras")
+    write_history(root / "finetune", "frozen", best_epoch=2)
     return {"store": store_dir, "features": features_dir, "svm": root / "svm", "finetune": root / "finetune",
             "root": root}
 
@@ -71,7 +84,9 @@ def evaluated(world: dict[str, Path]) -> tuple[Path, dict]:
     out = world["root"] / "evaluate"
     (out / "confusion").mkdir(parents=True)
     (out / "grid_concat.png").write_bytes(b"stale")
-    (out / "confusion" / "concat.csv").write_text("stale\n")
+    (out / "confusion" / "concat.csv").write_text("stale\n")  # per-model layout of older versions
+    (out / "report.html").write_text("stale")  # the gate's outputs of an earlier run
+    (out / "promotion.json").write_text("{}")
     result = evaluate_models(world["store"], world["features"], world["svm"], world["finetune"], out, GRID, SIZE)
     return out, result
 
@@ -148,17 +163,26 @@ def test_evaluate_writes_tables(evaluated: tuple[Path, dict], world: dict[str, P
     out, result = evaluated
     n_test = 2 * COUNTS["test"]
     comparison = pd.read_csv(out / "comparison.csv")
-    assert list(comparison.columns) == ["model", "accuracy", "balanced_accuracy"]
+    assert list(comparison.columns) == ["model", "family", "selected_by", "selection_score", "accuracy",
+                                        "balanced_accuracy", "f1_macro", "roc_auc"]
     assert comparison["model"].tolist() == list(result["metrics"])
+    assert comparison["family"].tolist() == ["svm", "svm", "network"]
+    assert comparison["accuracy"].tolist() == [result["metrics"][m]["accuracy"] for m in result["metrics"]]
+    assert comparison.loc[2, "selection_score"] == 0.75  # frozen: best validation accuracy
     predictions = pd.read_csv(out / "predictions.csv")
     assert len(predictions) == n_test
     assert list(predictions.columns[:3]) == ["index", "relpath", "class_name"]
+    confusion = pd.read_csv(out / "confusion.csv")
+    assert list(confusion.columns) == ["model", "actual", "predicted"]
+    assert confusion["model"].unique().tolist() == list(result["metrics"])
     for model in result["metrics"]:
         assert set(predictions[model]) <= set(CLASSES)
         assert predictions[f"{model}_probability"].between(0, 1).all()
-        confusion = pd.read_csv(out / "confusion" / f"{model}.csv")
-        assert list(confusion.columns) == ["actual", "predicted"] and len(confusion) == n_test
-        assert confusion["actual"].tolist() == predictions["class_name"].tolist()
+        rows = confusion[confusion["model"] == model]
+        assert len(rows) == n_test and rows["actual"].tolist() == predictions["class_name"].tolist()
+        assert rows["predicted"].tolist() == predictions[model].tolist()
+        matrix = pd.crosstab(rows["actual"], rows["predicted"]).reindex(index=CLASSES, columns=CLASSES, fill_value=0)
+        assert matrix.to_numpy().tolist() == result["metrics"][model]["confusion_matrix"]
     table = (out / "imagenet_top1.md").read_text()
     assert table.count("\n| ") == n_test + 1 and "ant \\| formicid" in table
 
@@ -167,14 +191,48 @@ def test_evaluate_draws_valid_pngs_and_drops_stale_ones(evaluated: tuple[Path, d
     out, result = evaluated
     best = result["best"]["model"]
     assert best == "svm_features"  # perfect on separable features; ties go to the first model
-    pngs = ["comparison.png", f"grid_{best}.png"] + [f"confusion_{m}.png" for m in result["metrics"]]
+    # put forward by selection score (CV 1.0 on separable features beats frozen's val 0.75), never by test
+    assert result["candidate"] == "svm_features" and result["selection"]["frozen"] == 0.75
+    pngs = ["comparison.png", "curves.png", f"grid_{best}.png"] + [f"confusion_{m}.png" for m in result["metrics"]]
     for name in pngs:
         with Image.open(out / name) as image:
             image.verify()
             assert image.format == "PNG"
     assert sorted(p.name for p in out.glob("grid_*.png")) == [f"grid_{best}.png"]
-    assert not (out / "confusion" / "concat.csv").exists()
+    assert not (out / "confusion").exists()
+    assert not (out / "report.html").exists() and not (out / "promotion.json").exists()
     assert not list(out.rglob(".*tmp-*"))
+
+
+def test_training_curves_table_marks_the_best_epoch(evaluated: tuple[Path, dict]) -> None:
+    out, _ = evaluated
+    curves = pd.read_csv(out / "curves.csv")
+    assert list(curves.columns) == ["model", "epoch", "split", "accuracy", "loss", "best"]
+    assert curves["model"].unique().tolist() == ["frozen"]  # the only network with a history
+    assert len(curves) == 3 * 2
+    val = curves[curves["split"] == "val"]
+    assert val["accuracy"].tolist() == [0.5, 0.75, 0.7]
+    assert curves.loc[curves["best"] == 1, ["split", "epoch"]].to_numpy().tolist() == [["val", 2]]
+    assert curves_frame({}, {}).empty
+
+
+def test_dvc_metrics_are_numbers_with_short_keys(evaluated: tuple[Path, dict], tmp_path: Path) -> None:
+    _, result = evaluated
+    accuracies, details = dvc_metrics(result["metrics"])
+    assert list(accuracies) == list(result["metrics"])
+    assert all(list(v) == ["acc"] for v in accuracies.values())
+    assert accuracies["svm_features"]["acc"] == result["metrics"]["svm_features"]["accuracy"]
+    for model, values in details.items():
+        assert set(values) <= {"bal_acc", "f1", "auc"} and {"bal_acc", "f1"} <= set(values)
+        assert values["f1"] == result["metrics"][model]["f1_macro"]
+
+    def leaves(value):
+        return [x for v in value.values() for x in leaves(v)] if isinstance(value, dict) else [value]
+
+    assert all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in leaves(accuracies) + leaves(details))
+    store.write_json(tmp_path / "evaluate.json", accuracies)
+    assert read_test_accuracies(tmp_path / "evaluate.json") == {m: v["acc"] for m, v in accuracies.items()}
+    assert read_test_accuracies(tmp_path / "absent.json") == {}
 
 
 def test_evaluate_without_models_fails_clearly(world: dict[str, Path], tmp_path: Path) -> None:

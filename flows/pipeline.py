@@ -61,7 +61,7 @@ def run_pipeline(paths: ProjectPaths, overrides: list[str], experiment: bool, fo
     logger = get_logger()
     logger.info("stages ran: %s", ", ".join(stages) or "none (everything up to date)")
     for model, values in metrics.items():
-        logger.info("%-14s test accuracy %.4f", model, values.get("accuracy", float("nan")))
+        logger.info("%-14s test accuracy %.4f", model, values.get("acc", float("nan")))
     if promotion:
         logger.info("promotion: %s", promotion.get("reason", promotion))
     return {"stages_ran": stages, "metrics": metrics, "promotion": promotion, "mlflow_run_id": parent}

@@ -63,8 +63,8 @@ def close_pipeline_run(root: Path, run_id: str, status: str, stages: list[str], 
     client = tracking.connect(root)
     client.set_tag(run_id, "tlpipe.stages_ran", ",".join(stages) or "none")
     for model, values in metrics.items():
-        if isinstance(values, dict) and isinstance(values.get("accuracy"), (int, float)):
-            client.log_metric(run_id, f"{model}.test_accuracy", float(values["accuracy"]))
+        if isinstance(values, dict) and isinstance(values.get("acc"), (int, float)):  # metrics/evaluate.json
+            client.log_metric(run_id, f"{model}.test_accuracy", float(values["acc"]))
     client.set_terminated(run_id, status)
 
 

@@ -56,8 +56,8 @@ def test_dvc_repro_runs_every_stage_once_and_tracks_it(tmp_path, tiny_source, pr
     assert [r["relpath"] for r in report["rejections"]] == ["dark/broken.jpg"]
     metrics = json.loads((project / "metrics" / "evaluate.json").read_text())
     assert set(metrics) == MODELS
-    assert all(0.0 <= m["accuracy"] <= 1.0 for m in metrics.values())
-    assert metrics["svm_features"]["accuracy"] >= 0.8  # brightness classes are separable
+    assert all(0.0 <= m["acc"] <= 1.0 for m in metrics.values())
+    assert metrics["svm_features"]["acc"] >= 0.8  # brightness classes are separable
     promotion = json.loads((project / "reports" / "evaluate" / "promotion.json").read_text())
     assert promotion["promoted"] is True and promotion["model"] in MODELS
 

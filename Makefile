@@ -8,6 +8,9 @@ HOST ?= 127.0.0.1
 UI_PORT ?= 5000
 PREFECT_PORT ?= 4200
 SERVE_PORT ?= 5001
+TRACKING_PORT ?= 5010
+PG_PORT ?= 55432
+WORK_POOL ?= tlpipe
 
 # Nothing phones home: Prefect, MLflow and DVC telemetry off in every command.
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
@@ -18,7 +21,7 @@ export TF_CPP_MIN_LOG_LEVEL := 2
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 120
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: setup run test test-fast bench bench-full ui prefect-server prefect-stop deploy serve serve-model clean
+.PHONY: setup run test test-fast bench bench-full ui prefect-server prefect-stop deploy worker serve serve-model tracking-server tracking-stop remote clean
 
 setup: $(STAMP)
 
@@ -54,14 +57,30 @@ prefect-server: setup
 prefect-stop: setup
 	$(BIN)/tlpipe prefect-server stop
 
+# Retrain deployment on a Prefect process work pool; `make worker` (on each machine) executes its runs.
 deploy: setup
-	$(BIN)/tlpipe deploy
+	$(BIN)/tlpipe deploy --work-pool $(WORK_POOL)
+
+worker: setup
+	$(BIN)/tlpipe worker --pool $(WORK_POOL)
 
 serve: setup
 	$(BIN)/tlpipe serve
 
 serve-model: setup
 	$(BIN)/tlpipe serve-model --host $(HOST) --port $(SERVE_PORT)
+
+# Shared tracking: PostgreSQL + MLflow server (artifacts proxied) on 127.0.0.1, state in .tlpipe/.
+tracking-server: setup
+	$(PY) -m tlpipe.services start --pg-port $(PG_PORT) --port $(TRACKING_PORT)
+
+tracking-stop: setup
+	$(PY) -m tlpipe.services stop
+
+# Default DVC remote for `dvc push`/`dvc pull`: make remote REMOTE=/path/or/s3://bucket/prefix
+remote: setup
+	@test -n "$(REMOTE)" || { echo "usage: make remote REMOTE=/path/to/dir (or s3://bucket/prefix)"; exit 2; }
+	$(BIN)/dvc remote add --default --force store $(REMOTE)
 
 clean:
 	rm -rf data models reports metrics/*.json mlflow.db mlartifacts dvc.lock

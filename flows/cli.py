@@ -31,7 +31,7 @@ except ImportError:  # pragma: no cover (older Typer on the real click)
 from flows.common import DEBUG_ENV, debug_enabled, quiet_prefect_console, report_user_error
 from tlpipe import tracking
 from tlpipe.errors import UsageError, UserError
-from tlpipe.paths import find_root
+from tlpipe.paths import ProjectNotFoundError, find_root
 
 DEBUG_KEY = "tlpipe.debug"
 
@@ -126,8 +126,17 @@ def main_options(
 
 
 def resolve_root(root: Path | None) -> Path:
-    """The project root from the option or the working directory."""
-    return Path(root).resolve() if root else find_root()
+    """The project root from ``--root`` (checked) or found from the working directory.
+
+    Raises:
+        ProjectNotFoundError: When ``--root`` is not a tlpipe project.
+    """
+    if not root:
+        return find_root()
+    folder = Path(root).resolve()
+    if not ((folder / "params.yaml").is_file() and (folder / "dvc.yaml").is_file()):
+        raise ProjectNotFoundError(f"--root {folder} is not a tlpipe project: expected params.yaml and dvc.yaml there")
+    return folder
 
 
 def prepare_environment(root: Path) -> None:
@@ -163,10 +172,10 @@ def repro(
     root: RootOption = None,
 ) -> None:
     """Run the pipeline through DVC under one MLflow pipeline run (what `make run` does)."""
-    root = prepare_prefect(root)
     for item in set_ or []:
         if "=" not in item:
             raise UsageError(f"--set {item!r}: expected KEY=VALUE, e.g. svm.c_grid.num=7")
+    root = prepare_prefect(root)
     from flows.common import prefect_context
     from flows.pipeline import pipeline_flow
 

@@ -126,8 +126,8 @@ def port_is_free(port: int) -> bool:
 
 
 def choose_port(preferred: int) -> int:
-    """``preferred`` when free, else any free local port."""
-    if port_is_free(preferred):
+    """``preferred`` when free, else (or when it is 0) any free local port."""
+    if preferred and port_is_free(preferred):
         return preferred
     with socket.socket() as sock:
         sock.bind((HOST, 0))
@@ -188,6 +188,8 @@ def ensure_server(root: Path | str, port: int | None = None, timeout: float = ST
     with file_lock(home(root) / "server.lock", "starting the Prefect server", wait_s=timeout + 30):
         if url := running_url(root):
             return url
+        print(f"tlpipe: starting the project's Prefect server (runs kept in {home(root)}; log "
+              f"{home(root) / 'server.log'}; stop it with `make prefect-stop`)", file=sys.stderr, flush=True)
         return start_server(root, port, timeout).url
 
 

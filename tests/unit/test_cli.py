@@ -182,16 +182,16 @@ def pyfunc_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_predict_results_on_stdout_failures_on_stderr_exit_1(project: Path, pyfunc_model: Path,
                                                              tmp_path: Path) -> None:
     good = tmp_path / "good.png"
-    Image.fromarray(np.full((20, 20, 3), 200, np.uint8)).save(good)
+    Image.fromarray(np.full((40, 40, 3), 200, np.uint8)).save(good)
     broken = tmp_path / "broken.jpg"
     broken.write_bytes(b"not a jpeg")
     result = invoke("predict", str(good), str(broken), str(tmp_path / "missing.jpg"), "--model", str(pyfunc_model),
                     "--root", str(project))
-    assert result.exit_code == 1
+    assert result.exit_code == 1, result.output
     out = result.stdout.strip().splitlines()
     assert out[0] == f"model: {pyfunc_model}" and len(out) == 2 and out[1].startswith(str(good))
     errors = result.stderr.strip().splitlines()
-    assert len(errors) == 2 and all(line.startswith("tlpipe predict: error: ") for line in errors)
+    assert len(errors) == 2 and all(line.startswith("tlpipe predict: error: ") for line in errors), errors
     assert "broken.jpg" in errors[0] and "missing.jpg: no such file or directory" in errors[1]
 
     only_good = invoke("predict", str(good), "--model", str(pyfunc_model), "--json", "--root", str(project))

@@ -134,7 +134,8 @@ def publish_artifacts(root: Path, pipeline_run_id: str, metrics: dict, promotion
     client = tracking.connect(root)
     pipeline, stages, models = summary.find_runs(client, pipeline_run_id)
     project = root.name
-    keys = {name: summary.artifact_key(project, name) for name in ("model-comparison", "promotion", "mlflow-runs")}
+    keys = {name: summary.artifact_key(project, f"pipeline-{name}")
+            for name in ("model-comparison", "promotion", "mlflow-runs")}
     ids = {
         keys["model-comparison"]: create_table_artifact(
             table=summary.comparison_rows(metrics, models), key=keys["model-comparison"],

@@ -9,7 +9,6 @@ it comes after the gate); publish the Prefect artifacts.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from prefect import task
@@ -23,8 +22,6 @@ from tasks.common import get_logger, log_image_model
 SCALARS = ("accuracy", "balanced_accuracy", "f1_macro", "roc_auc")
 DETAIL_METRICS = "evaluate_detail.json"
 """Second metrics file of the stage (next to ``evaluate.json``): balanced accuracy, macro F1, ROC AUC."""
-MLFLOW_UI = "http://127.0.0.1:5000"
-"""Where ``make ui`` serves MLflow by default (links when the store is a local file)."""
 
 
 @task(name="evaluate-models")
@@ -113,11 +110,11 @@ def register_and_gate(paths: ProjectPaths, params: Params, result: dict, evaluat
             "registered_model": params.registry.model_name, "evaluate_run_id": evaluation["run_id"]}
 
 
-def mlflow_run_url(root: Path, experiment_id: str, run_id: str) -> str:
-    """A link to a run in the MLflow UI (the tracking server's, or ``make ui``'s default address)."""
-    uri = tracking.tracking_uri(root)
-    base = uri.rstrip("/") if uri.startswith(("http://", "https://")) else MLFLOW_UI
-    return f"{base}/#/experiments/{experiment_id}/runs/{run_id}"
+def run_link(evaluation: dict, label: str, run_id: str):
+    """A link to one MLflow run of this evaluation's experiment (see :mod:`tlpipe.pipeline_summary`)."""
+    from tlpipe.pipeline_summary import RunLink
+
+    return RunLink(label, run_id, evaluation["experiment_id"])
 
 
 @task(name="write-report", retries=2, retry_delay_seconds=[2, 8], timeout_seconds=600)
@@ -125,8 +122,10 @@ def write_report(paths: ProjectPaths, result: dict, promotion: dict, evaluation:
     """Write ``promotion.json`` and the self-contained ``report.html`` (atomically); log both to the stage run."""
     out_dir = paths.reports("evaluate")
     store.write_json(out_dir / "promotion.json", promotion)
-    runs = [("evaluate stage run", mlflow_run_url(paths.root, evaluation["experiment_id"], evaluation["run_id"]))]
-    runs += [(f"{name} run", mlflow_run_url(paths.root, evaluation["experiment_id"], run_id))
+    from tlpipe.pipeline_summary import run_url
+
+    runs = [("evaluate stage run", run_url(run_link(evaluation, "evaluate", evaluation["run_id"])))]
+    runs += [(f"{name} run", run_url(run_link(evaluation, name, run_id)))
              for name, run_id in evaluation["model_runs"].items()]
     facts = [("Registered model", promotion["registered_model"]), ("Data hash", data_hash[:16]),
              ("MLflow evaluate run", evaluation["run_id"])]
@@ -145,47 +144,50 @@ def write_report(paths: ProjectPaths, result: dict, promotion: dict, evaluation:
     return str(path)
 
 
-def comparison_rows(result: dict) -> list[dict]:
-    """Rows of the comparison table artifact: one per model, the candidate marked."""
-    rows = []
-    for name, values in result["metrics"].items():
-        score = result["selection"].get(name)
-        rows.append({"model": name, "candidate": "yes" if name == result["candidate"] else "",
-                     "selection_score": score, **{key: values.get(key) for key in SCALARS}})
+def comparison_rows(result: dict, evaluation: dict) -> list[dict]:
+    """Rows of the comparison table artifact: test metrics and MLflow run per model, plus what the gate saw."""
+    from tlpipe.pipeline_summary import comparison_rows as rows_of
+
+    links = {name: run_link(evaluation, name, run_id) for name, run_id in evaluation["model_runs"].items()}
+    rows = rows_of(result["metrics"], links)
+    for row in rows:
+        row["selection_score"] = result["selection"].get(row["model"])
+        row["candidate"] = "yes" if row["model"] == result["candidate"] else ""
     return rows
 
 
-def decision_markdown(promotion: dict, report_path: str) -> str:
-    """The promotion decision as Markdown."""
-    verdict = "**Promoted**" if promotion["promoted"] else "**Not promoted** (champion kept)"
-    lines = [f"# {verdict}: {promotion['model']} v{promotion['version']}", "", promotion["reason"], "",
-             "| | |", "|---|---|",
-             f"| registered model | `{promotion['registered_model']}` |",
-             f"| candidate test accuracy | {promotion['test_accuracy']:.4f} |",
-             f"| champion before | {promotion.get('champion_version') or '–'} |",
-             f"| champion accuracy on this test split | {promotion.get('champion_accuracy') or '–'} |",
-             f"| report | `{report_path}` |"]
-    return "\n".join(lines) + "\n"
-
-
 @task(name="publish-evaluate-artifacts", retries=2, retry_delay_seconds=[1, 4], timeout_seconds=120)
-def publish_artifacts(root: Path, result: dict, promotion: dict, report_path: str, evaluation: dict) -> None:
-    """Prefect artifacts: the comparison table, the decision, the report's path and the MLflow runs."""
+def publish_artifacts(root: Path, result: dict, promotion: dict, report_path: str, evaluation: dict) -> dict:
+    """Prefect artifacts of the evaluate flow run: the comparison table, the decision, the report, the MLflow runs.
+
+    Keys are ``<project>-evaluate-*`` (the pipeline flow publishes ``<project>-*`` ones).
+
+    Returns:
+        ``{artifact key: artifact id}``.
+    """
     from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 
-    create_table_artifact(comparison_rows(result), key="tlpipe-model-comparison",
-                          description="Test metrics per model; candidate = put forward to the champion gate "
-                                      "(by CV / validation accuracy, never test accuracy)")
-    create_markdown_artifact(decision_markdown(promotion, report_path), key="tlpipe-promotion",
-                             description=promotion["reason"][:500])
-    create_link_artifact(Path(report_path).resolve().as_uri(), link_text=f"evaluation report ({report_path})",
-                         key="tlpipe-evaluation-report",
-                         description="Self-contained HTML report (open the file; `tlpipe report` prints its path)")
-    lines = ["| run | MLflow |", "|---|---|",
-             f"| evaluate stage | [{evaluation['run_id']}]"
-             f"({mlflow_run_url(root, evaluation['experiment_id'], evaluation['run_id'])}) |"]
-    lines += [f"| {name} | [{run_id}]({mlflow_run_url(root, evaluation['experiment_id'], run_id)}) |"
-              for name, run_id in evaluation["model_runs"].items()]
-    note = "" if os.environ.get("MLFLOW_TRACKING_URI") else "\n\nLocal store: start the UI with `make ui` first.\n"
-    create_markdown_artifact("\n".join(lines) + note, key="tlpipe-mlflow-runs",
-                             description="MLflow runs of this evaluation and of each model")
+    from tlpipe import pipeline_summary as summary
+    from tlpipe.prefect_server import main_project_root
+
+    project = main_project_root(root).name
+    key = {what: summary.artifact_key(project, f"evaluate-{what}")
+           for what in ("model-comparison", "promotion", "report", "mlflow-runs")}
+    report = Path(report_path)
+    models = {name: run_link(evaluation, name, run_id) for name, run_id in evaluation["model_runs"].items()}
+    ids = {
+        key["model-comparison"]: create_table_artifact(
+            comparison_rows(result, evaluation), key=key["model-comparison"],
+            description=f"Test metrics per model of {project}, best first; candidate = the model put forward to "
+                        "the champion gate (by CV or validation accuracy, never test accuracy)"),
+        key["promotion"]: create_markdown_artifact(
+            summary.promotion_markdown(promotion) + f"\n\nReport: [{report}]({report.resolve().as_uri()})\n",
+            key=key["promotion"], description=str(promotion.get("reason", ""))[:500]),
+        key["report"]: create_link_artifact(
+            report.resolve().as_uri(), link_text=f"evaluation report: {report}", key=key["report"],
+            description="Self-contained HTML page (open the file; `tlpipe report` prints its path)"),
+        key["mlflow-runs"]: create_markdown_artifact(
+            summary.links_markdown(None, [run_link(evaluation, "evaluate", evaluation["run_id"])], models, report),
+            key=key["mlflow-runs"], description=f"MLflow runs of this {project} evaluation and of each model"),
+    }
+    return {name: str(value) for name, value in ids.items()}

@@ -12,8 +12,8 @@ Outputs in ``out_dir`` (a plain folder, each file written atomically):
 * ``predictions.csv``: one row per test image, each model's class and probability;
 * ``confusion.csv`` (model, actual, predicted; DVC's confusion plot) and
   ``confusion_<model>.png`` (counts in every cell);
-* ``comparison.png``; ``grid_<model>.png`` (test images of the selected model,
-  mistakes first and marked in red);
+* ``comparison.png``; ``grid.png`` (test images as the gate's candidate model
+  classifies them, mistakes first and marked in red);
 * ``curves.csv`` and ``curves.png`` (training curves of the networks, best
   epoch marked), when the finetune folder has histories;
 * ``imagenet_top1.md``, when the features folder has ``imagenet_top1.csv``.
@@ -148,7 +148,7 @@ def read_test_accuracies(metrics_path: Path) -> dict[str, float]:
 def predict_svm(model_path: Path, X: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
     """Predict with a saved SVM: labels from ``predict``, probabilities when it has them."""
     model = joblib.load(model_path)
-    proba = model.predict_proba(X) if getattr(model, "probability", False) else None
+    proba = model.predict_proba(X) if hasattr(model, "predict_proba") else None  # SVC without probability: False
     return model.predict(X), proba
 
 
@@ -271,22 +271,21 @@ def build_comparison(metrics: dict[str, dict], scores: dict[str, float]) -> pd.D
     } for name, values in metrics.items()])
 
 
-def remove_stale(out_dir: Path, models: list[str], grid_model: str) -> None:
+def remove_stale(out_dir: Path, models: list[str]) -> None:
     """Delete outputs of earlier runs that this run will not rewrite.
 
     Only files this module (or the tasks after the gate) name are touched:
-    ``confusion_<m>.png`` of models not evaluated now, ``grid_<m>.png`` of every
-    model but ``grid_model``, the curve and ImageNet files (rewritten when their
-    inputs exist), the gate's ``promotion.json`` and ``report.html``, and the
-    per-model ``confusion/`` folder of older versions.
+    ``confusion_<m>.png`` of models not evaluated now, the curve and ImageNet
+    files (rewritten when their inputs exist), the gate's ``promotion.json`` and
+    ``report.html``, and the per-model ``confusion/`` folder and ``grid_<m>.png``
+    of older versions.
     """
     stale = [out_dir / "imagenet_top1.md", out_dir / "curves.csv", out_dir / "curves.png"]
     stale += [out_dir / name for name in GATE_OUTPUTS]
     for model in MODEL_NAMES:
+        stale.append(out_dir / f"grid_{model}.png")
         if model not in models:
             stale.append(out_dir / f"confusion_{model}.png")
-        if model != grid_model:
-            stale.append(out_dir / f"grid_{model}.png")
     for path in stale:
         path.unlink(missing_ok=True)
     shutil.rmtree(out_dir / "confusion", ignore_errors=True)
@@ -329,13 +328,13 @@ def choose_grid_rows(y_true: np.ndarray, y_pred: np.ndarray, count: int) -> np.n
 
 def write_grid(store_dir: Path, out_dir: Path, model: str, y_true: np.ndarray, y_pred: np.ndarray,
                classes: list[str], count: int) -> None:
-    """Draw ``grid_<model>.png``: test images titled 'predicted (true)', mistakes in red."""
+    """Draw ``grid.png``: test images as ``model`` classifies them, titled 'predicted (true)', mistakes in red."""
     rows = choose_grid_rows(y_true, y_pred, count)
     images = store.read_rows(store.split_path(store_dir, "test"), rows)
     titles = [f"{classes[y_pred[i]]} (true: {classes[y_true[i]]})" for i in rows]
     wrong = int(np.sum(y_true != y_pred))
     plots.plot_image_grid(images, titles, [bool(y_pred[i] != y_true[i]) for i in rows],
-                          out_dir / f"grid_{model}.png",
+                          out_dir / "grid.png",
                           title=f"{model}: {wrong} of {len(y_true)} test images wrong (red), mistakes first")
 
 
@@ -438,7 +437,7 @@ def evaluate_models(store_dir: Path, features_dir: Path, svm_dir: Path | None, f
     scores = selection_scores(svm_dir, finetune_dir, list(metrics))
     best, candidate = choose_best(metrics), choose_candidate(scores, metrics)
     out_dir.mkdir(parents=True, exist_ok=True)
-    remove_stale(out_dir, list(metrics), candidate)
+    remove_stale(out_dir, list(metrics))
     write_outputs(out_dir, metrics, predictions, load_test_rows(store_dir), classes, scores)
     write_grid(store_dir, out_dir, candidate, y_true, predictions[candidate][0], classes, params.grid_images)
     write_curves(finetune_dir, out_dir)
@@ -479,7 +478,7 @@ def build_report(out_dir: Path, result: dict, decision: dict | None, features_di
     confusions = [report.Picture(model, png, f"test accuracy {metrics[model]['accuracy']:.4f}")
                   for model in metrics if (png := read_png(out_dir / f"confusion_{model}.png"))]
     curves = read_png(out_dir / "curves.png")
-    grid = read_png(out_dir / f"grid_{candidate}.png")
+    grid = read_png(out_dir / "grid.png")
     imagenet, notes = None, {}
     frame = read_imagenet_table(features_dir) if features_dir is not None else None
     if frame is not None:

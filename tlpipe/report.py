@@ -149,6 +149,13 @@ def render_decision(decision: Mapping[str, object] | None) -> str:
             f"<p>{escape(decision.get('reason', ''))}</p><dl class=\"facts\">{facts}</dl></div>")
 
 
+def render_link(value: str) -> str:
+    """An http(s) address as a link (navigation only: the page loads nothing), anything else as text."""
+    if str(value).startswith(("http://", "https://")):
+        return f'<a href="{escape(value)}">{escape(value)}</a>'
+    return escape(value)
+
+
 def section(anchor: str, title: str, body: str, note: str | None = None) -> str:
     """One titled section."""
     note_html = f'<p class="note">{escape(note)}</p>' if note else ""
@@ -180,7 +187,7 @@ def render_html(data: ReportData) -> str:
         parts.append(section("imagenet", "What the ImageNet network sees (top-1 class per test image)",
                              render_table(data.imagenet), notes.get("imagenet")))
     if data.links:
-        items = "".join(f"<dt>{escape(label)}</dt><dd>{escape(value)}</dd>" for label, value in data.links)
+        items = "".join(f"<dt>{escape(label)}</dt><dd>{render_link(value)}</dd>" for label, value in data.links)
         parts.append(section("tracking", "Where to look next", f'<dl class="facts">{items}</dl>',
                              notes.get("tracking")))
     ids = [("decision", "Decision"), ("comparison", "Comparison"), ("confusion", "Confusion"),

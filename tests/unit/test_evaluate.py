@@ -193,12 +193,12 @@ def test_evaluate_draws_valid_pngs_and_drops_stale_ones(evaluated: tuple[Path, d
     assert best == "svm_features"  # perfect on separable features; ties go to the first model
     # put forward by selection score (CV 1.0 on separable features beats frozen's val 0.75), never by test
     assert result["candidate"] == "svm_features" and result["selection"]["frozen"] == 0.75
-    pngs = ["comparison.png", "curves.png", f"grid_{best}.png"] + [f"confusion_{m}.png" for m in result["metrics"]]
+    pngs = ["comparison.png", "curves.png", "grid.png"] + [f"confusion_{m}.png" for m in result["metrics"]]
     for name in pngs:
         with Image.open(out / name) as image:
             image.verify()
             assert image.format == "PNG"
-    assert sorted(p.name for p in out.glob("grid_*.png")) == [f"grid_{best}.png"]
+    assert not list(out.glob("grid_*.png"))  # the per-model names of older versions
     assert not (out / "confusion").exists()
     assert not (out / "report.html").exists() and not (out / "promotion.json").exists()
     assert not list(out.rglob(".*tmp-*"))
@@ -238,3 +238,65 @@ def test_dvc_metrics_are_numbers_with_short_keys(evaluated: tuple[Path, dict], t
 def test_evaluate_without_models_fails_clearly(world: dict[str, Path], tmp_path: Path) -> None:
     with pytest.raises(NoModelsError, match="no model to evaluate"):
         evaluate_models(world["store"], world["features"], tmp_path / "none", None, tmp_path / "out", GRID, SIZE)
+
+
+def test_report_holds_every_figure_and_the_decision(evaluated: tuple[Path, dict], world: dict[str, Path]) -> None:
+    from tlpipe.evaluate import build_report
+    from tlpipe.report import render_html
+
+    out, result = evaluated
+    decision = {"promoted": True, "model": result["candidate"], "version": "1", "test_accuracy": 1.0,
+                "reason": f"{result['candidate']} promoted: no champion yet (test accuracy 1.0000)"}
+    data = build_report(out, result, decision, world["features"], [("Data hash", "abc")], [("run", "x")])
+    assert [p.title for p in data.confusions] == list(result["metrics"])
+    assert data.curves is not None and data.grid is not None and data.comparison_chart is not None
+    assert [row["model"] for row in data.comparison.rows] == list(result["metrics"])
+    assert list(data.comparison.highlight) == [result["candidate"]]
+    assert len(data.imagenet.rows) == 2 * COUNTS["test"]
+    page = render_html(data)
+    assert page.count("data:image/png;base64,") == len(result["metrics"]) + 3
+    assert "svm_features promoted: no champion yet" in page and "ant | formicid" in page
+    assert "svm_concat (no model file" in page  # the skipped models are named
+
+
+def test_dvc_plots_render_with_labels_counts_and_colours(evaluated: tuple[Path, dict], tmp_path: Path) -> None:
+    """``dvc plots show`` on the real dvc.yaml and templates over this stage's outputs."""
+    import shutil
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    out, _ = evaluated
+    for name in ("dvc.yaml", "params.yaml"):  # dvc.yaml interpolates params
+        shutil.copy2(REPO / name, tmp_path / name)
+    subprocess.run([sys.executable, "-m", "dvc", "init", "--no-scm", "-q"], cwd=tmp_path, check=True)
+    shutil.copytree(REPO / ".dvc" / "plots", tmp_path / ".dvc" / "plots")
+    shutil.copytree(out, tmp_path / "reports" / "evaluate")
+    shown = subprocess.run([sys.executable, "-m", "dvc", "plots", "show", "--json"], cwd=tmp_path,
+                           capture_output=True, text=True, timeout=300)
+    assert shown.returncode == 0, shown.stderr[-3000:]
+    plots = json.loads(shown.stdout)["data"]
+    assert not json.loads(shown.stdout).get("errors")
+    vega = {name: entries[0]["content"] for name, entries in plots.items() if entries[0]["type"] == "vega"}
+    assert set(vega) == {"test accuracy per model", "confusion matrices", "training accuracy", "training loss"}
+    assert {"reports/evaluate/comparison.png", "reports/evaluate/curves.png", "reports/evaluate/grid.png"} <= set(plots)
+
+    confusion = vega["confusion matrices"]
+    layers = confusion["spec"]["layer"]
+    assert layers[1]["mark"]["type"] == "text" and layers[1]["encoding"]["text"] == {"field": "images",
+                                                                                      "type": "quantitative"}
+    assert confusion["spec"]["encoding"]["x"]["title"] == "predicted class"
+    assert confusion["spec"]["encoding"]["y"]["title"] == "true class"
+    assert {row["model"] for row in confusion["data"]["values"]} == set(evaluated[1]["metrics"])
+
+    curves = vega["training accuracy"]
+    assert curves["spec"]["encoding"]["color"]["field"] == "model"
+    assert curves["spec"]["layer"][0]["encoding"]["strokeDash"]["field"] == "split_name"
+    assert curves["spec"]["encoding"]["y"]["title"] == "accuracy" and vega["training loss"]["spec"]["encoding"][
+        "y"]["title"] == "loss (cross-entropy)"
+    assert [row["epoch"] for row in curves["data"]["values"] if row["best"] == "1"] == ["2"]
+    bars = vega["test accuracy per model"]
+    assert bars["spec"]["encoding"]["x"]["title"] == "test accuracy"
+    assert bars["spec"]["encoding"]["x"]["scale"]["domain"] == [0, 1]
+    assert "<DVC_METRIC" not in json.dumps(vega)  # every anchor filled

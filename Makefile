@@ -47,6 +47,15 @@ bench: setup
 bench-full: setup
 	$(PY) -m bench.run
 
+# DVC experiments side by side: each model's test accuracy and the params that differ between rows.
+# Dropped: params equal in every row, other metrics (dotless keys, `<model>.<key>`), deps (paths).
+# Model names come from tlpipe/models.py. `dvc exp show` alone lists every column.
+.PHONY: exps
+exps: setup
+	$(BIN)/dvc exp show --no-pager --only-changed --keep '\.acc$$' \
+	  --drop '^(?!(Experiment|Created|State|Executor)$$)[^.]*$$|/|:|^($(shell $(PY) -c \
+	    'from tlpipe.models import MODEL_NAMES; print("|".join(MODEL_NAMES))'))\.'
+
 ui: setup
 	$(BIN)/tlpipe ui --host $(HOST) --port $(UI_PORT)
 

@@ -1,4 +1,4 @@
-"""Retrain flow for the schedule: rerun the pipeline when the source data changed."""
+"""Retrain flow for the schedule: rerun the pipeline when DVC says its inputs changed."""
 
 from __future__ import annotations
 
@@ -7,29 +7,56 @@ from prefect import flow
 from tlpipe.config import load_params
 from tlpipe.paths import project_paths
 from tasks.common import get_logger
-from tasks.pipeline import compute_source_hash, read_last_source_hash
+from tasks.pipeline import dvc_status
 from flows.pipeline import pipeline_flow
+
+UP_TO_DATE = "DVC: data and pipelines are up to date; champion kept"
+
+
+def describe(stale: dict[str, list]) -> str:
+    """One line per stale stage from ``dvc status --json``: ``ingest: /src (modified), ...``."""
+    parts = []
+    for stage, changes in stale.items():
+        items = []
+        for change in changes:
+            if isinstance(change, dict):
+                for kind, paths in change.items():
+                    items += [f"{path} ({state})" for path, state in paths.items()] if isinstance(paths, dict) \
+                        else [kind]
+            else:
+                items.append(str(change))
+        parts.append(f"{stage}: {', '.join(items)}")
+    return "; ".join(parts)
 
 
 @flow(name="retrain")
 def retrain_flow(root: str | None = None, force: bool = False) -> dict:
-    """Hash the source; if it changed since the last ingest (or ``force``), rerun the pipeline.
+    """Ask DVC what is stale (``dvc status``); when anything is, or with ``force``, rerun the pipeline.
 
-    The evaluate stage applies the quality gate: the new best model becomes the
-    ``champion`` only if it beats the current champion on the same test data.
+    DVC's signal is the one ``dvc repro`` acts on: images added, removed or edited in a
+    folder source (ingest depends on ``${data.source}``), a new ELPV pin, code, params,
+    missing outputs. The pipeline then reruns exactly the stale stages; ``force`` also
+    rebuilds the store from the source (stages after it rerun only if it changed). The
+    evaluate stage applies the quality gate: the new best model becomes the ``champion``
+    only if it beats the current champion on the same test data.
+
+    Returns:
+        ``retrained``, ``stale`` (DVC's status: stage -> changes) and, when it ran, the
+        pipeline flow's result (``stages_ran``, ``metrics``, ``promotion``, ...).
     """
     paths = project_paths(root)
-    params = load_params(paths.params)
+    load_params(paths.params)  # a bad params.yaml fails here, naming the key
     logger = get_logger()
-    current = compute_source_hash(params.data)
-    previous = read_last_source_hash(paths.root)
-    if not force and current == previous:
-        logger.info("source unchanged (%s): nothing to retrain; champion kept", current[:12])
-        return {"retrained": False, "source_hash": current, "reason": "source unchanged"}
-    logger.info("source changed (%s -> %s): rerunning the pipeline", (previous or "none")[:12], current[:12])
-    result = pipeline_flow(root=str(paths.root), force_stages=["ingest"] if previous else [])
-    return {"retrained": True, "source_hash": current, **result}
+    stale = dvc_status(paths.root)
+    if not stale and not force:
+        logger.info(UP_TO_DATE)
+        return {"retrained": False, "stale": {}, "reason": UP_TO_DATE}
+    logger.info("rerunning the pipeline: %s", describe(stale) if stale else "forced")
+    result = pipeline_flow(root=str(paths.root), force_stages=["ingest"] if force else [])
+    return {"retrained": True, "stale": stale, **result}
 
 
 if __name__ == "__main__":
-    retrain_flow()
+    from flows.common import run_stage
+
+    run_stage(retrain_flow)

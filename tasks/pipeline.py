@@ -12,10 +12,7 @@ from pathlib import Path
 from prefect import task
 
 from tlpipe import tracking
-from tlpipe.config import DataParams
 from tlpipe.errors import UserError
-from tlpipe.ingest import hash_source
-from tlpipe.sources import list_source
 from tasks.common import get_logger
 
 STAGE_LINE = re.compile(r"Running stage '([^']+)'")
@@ -160,14 +157,26 @@ def read_results(root: Path) -> tuple[dict, dict]:
     return read(root / "metrics" / "evaluate.json"), read(root / "reports" / "evaluate" / "promotion.json")
 
 
-@task(name="hash-source", retries=2, retry_delay_seconds=[2, 8], timeout_seconds=3600)
-def compute_source_hash(params: DataParams) -> str:
-    """Content hash of the configured source (every file's bytes, path and class)."""
-    return hash_source(list_source(params.source, params.classes, params.elpv_label, params.elpv_threshold))
+class DvcStatusError(UserError, RuntimeError):
+    """``dvc status`` failed (e.g. an invalid dvc.yaml or params.yaml); the message carries DVC's."""
 
 
-@task(name="read-last-source-hash")
-def read_last_source_hash(root: Path) -> str | None:
-    """The source hash recorded by the last ingest, if any."""
-    report = root / "reports" / "ingest" / "data_report.json"
-    return json.loads(report.read_text()).get("source_hash") if report.exists() else None
+@task(name="dvc-status", timeout_seconds=3600)
+def dvc_status(root: Path) -> dict[str, list]:
+    """DVC's own verdict on what is stale: ``dvc status --json``, stage -> changes; empty when up to date.
+
+    The same signal ``dvc repro`` acts on: every file of a folder source (ingest depends on
+    ``${data.source}``), the ELPV pin (``./elpv``), code, params and missing outputs. DVC hashes
+    a folder source once and then only re-reads files whose size or mtime changed.
+
+    Raises:
+        DvcStatusError: When DVC fails, with its message.
+    """
+    result = subprocess.run([sys.executable, "-m", "dvc", "status", "--json"], cwd=root, capture_output=True,
+                            text=True, timeout=3600)
+    lines = [line for line in result.stdout.splitlines() if line.strip()]
+    if result.returncode != 0 or not lines:
+        detail = (result.stderr or result.stdout).strip().splitlines()
+        raise DvcStatusError(f"dvc status failed in {root} (exit {result.returncode}): "
+                             f"{detail[-1] if detail else 'no output'}")
+    return json.loads(lines[-1])

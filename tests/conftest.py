@@ -27,7 +27,8 @@ import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
-PROJECT_FILES = ("dvc.yaml", "params.yaml", "pyproject.toml", "flows", "tasks", "tlpipe", ".dvc/config")
+PROJECT_FILES = ("dvc.yaml", "params.yaml", "pyproject.toml", "flows", "tasks", "tlpipe", ".dvc/config",
+                 "bin", "elpv")  # bin/python: the stages' launcher; elpv: ingest's dep for data.source=elpv
 
 #: Variables of the user's shell that would point tests at the user's own stores, projects or servers.
 UNSET_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME",
@@ -196,6 +197,29 @@ def make_project(target: Path, source: Path, overrides: dict | None = None) -> P
     subprocess.run([*git, "add", "-A"], cwd=target, check=True)
     subprocess.run([*git, "commit", "-qm", "init"], cwd=target, check=True)
     return target
+
+
+LISTING_PIPELINE = """\
+stages:
+  ingest:  # the real ingest's input (${data.source}), a listing of it as the only work
+    cmd: ls -lR ${data.source} > listing.txt
+    deps:
+      - ${data.source}
+    outs:
+      - listing.txt
+"""
+
+
+def use_listing_pipeline(project: Path) -> Path:
+    """Swap a copied project's pipeline for one cheap stage with the real ingest's input, and commit it.
+
+    For tests of what drives DVC (``tlpipe retrain``, deployments, workers), not of the stages: DVC's
+    status, reruns and the pipeline flow are real, the work is an ``ls``.
+    """
+    (project / "dvc.yaml").write_text(LISTING_PIPELINE)
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run([*git, "commit", "-qam", "listing pipeline"], cwd=project, check=True)
+    return project
 
 
 @pytest.fixture

@@ -51,8 +51,21 @@ def quiet_telemetry() -> None:
 
 
 def tracking_uri(root: Path) -> str:
-    """``$MLFLOW_TRACKING_URI`` or the project's local SQLite store."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(root).resolve()}/mlflow.db"
+    """``$MLFLOW_TRACKING_URI``, or the project's local SQLite store ``sqlite:///<project>/mlflow.db``.
+
+    ``<project>`` is :func:`tlpipe.paths.tracking_root` of ``root``: a stage that DVC runs in a
+    queued or ``--temp`` experiment's temporary workspace logs into the real project's store
+    (and ``mlartifacts/``), not into a copy that DVC deletes. The local store is created on
+    first use under a file lock (:func:`tlpipe.local_store.ensure_sqlite_store`): MLflow's own
+    schema creation races when two experiments start at once.
+    """
+    if uri := os.environ.get("MLFLOW_TRACKING_URI"):
+        return uri
+    from tlpipe.local_store import ensure_sqlite_store
+    from tlpipe.paths import tracking_root
+
+    quiet_telemetry()
+    return ensure_sqlite_store(tracking_root(root) / "mlflow.db")
 
 
 def artifact_location(root: Path) -> str | None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from tests.conftest import make_project
 
 
@@ -23,21 +25,28 @@ def test_deploy_creates_a_scheduled_deployment(tmp_path, tiny_source, prefect_se
         assert deployment.schedules[0].schedule.timezone == "UTC"
 
 
-def test_retrain_skips_when_source_unchanged(tmp_path, tiny_source, prefect_server, project_env, monkeypatch):
-    """With a recorded source hash equal to the current one, retrain does not rerun anything."""
-    import json
+@pytest.mark.slow
+def test_retrain_reruns_exactly_when_dvc_says_the_source_changed(tmp_path, tiny_source, prefect_server,
+                                                                  project_env, monkeypatch):
+    """retrain asks DVC (``dvc status``): nothing stale -> nothing runs; an image added -> DVC reruns ingest."""
+    import subprocess
+    import sys
 
-    from flows.retrain import retrain_flow
-    from tlpipe.config import load_params
-    from tlpipe.ingest import hash_source
-    from tlpipe.sources import list_source
+    import numpy as np
 
-    project = make_project(tmp_path / "project", tiny_source)
-    data = load_params(project / "params.yaml").data
-    current = hash_source(list_source(data.source, data.classes, data.elpv_label, data.elpv_threshold))
-    report = project / "reports" / "ingest" / "data_report.json"
-    report.parent.mkdir(parents=True)
-    report.write_text(json.dumps({"source_hash": current}))
+    from flows.retrain import UP_TO_DATE, retrain_flow
+    from tests.conftest import make_image, use_listing_pipeline
+
+    project = use_listing_pipeline(make_project(tmp_path / "project", tiny_source))
+    subprocess.run([sys.executable, "-m", "dvc", "repro"], cwd=project, env=project_env, check=True,
+                   capture_output=True)
+    listing = (project / "listing.txt").read_text()
+    assert retrain_flow(root=str(project)) == {"retrained": False, "stale": {}, "reason": UP_TO_DATE}
+
+    make_image(tiny_source / "dark" / "dark_new.jpg", np.random.default_rng(5), bright=False)
     result = retrain_flow(root=str(project))
-    assert result == {"retrained": False, "source_hash": current, "reason": "source unchanged"}
-    assert not (project / "data").exists()
+    assert result["retrained"] is True
+    assert result["stale"] == {"ingest": [{"changed deps": {str(tiny_source): "modified"}}]}
+    assert result["stages_ran"] == ["ingest"]
+    assert "dark_new.jpg" in (project / "listing.txt").read_text() and "dark_new.jpg" not in listing
+    assert retrain_flow(root=str(project))["retrained"] is False

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from prefect import flow
 
-from tlpipe import store
+from tlpipe import store, tracking
 from tlpipe.config import load_params
 from tlpipe.ingest import hash_manifest
 from tlpipe.paths import project_paths
-from tasks.common import check_tracking
 from tasks.features import check_backbone_weights, extract, log_features, write_metrics
 
 
@@ -21,12 +20,14 @@ def features_flow(root: str | None = None) -> dict:
     """
     paths = project_paths(root)
     params = load_params(paths.params)
-    check_tracking(paths.root)
-    image_size = store.read_npy_header(store.split_path(paths.store, "train"))[0][1]
-    check_backbone_weights(params.features, image_size)
-    meta = extract(paths.store, paths.features, params.features)
-    write_metrics(meta, paths.metrics / "features.json")
-    log_features(paths.root, params.features, meta, paths.features, hash_manifest(store.load_manifest(paths.store)))
+    data_hash = hash_manifest(store.load_manifest(paths.store))
+    # the stage run spans the work; opening it checks the store first (fails fast when unreachable)
+    with tracking.stage_run("features", paths.root, {"features": params.features.model_dump()}, data_hash) as run_id:
+        image_size = store.read_npy_header(store.split_path(paths.store, "train"))[0][1]
+        check_backbone_weights(params.features, image_size)
+        meta = extract(paths.store, paths.features, params.features)
+        write_metrics(meta, paths.metrics / "features.json")
+        log_features(run_id, paths.root, params.features, meta, paths.features, paths.store, params.data.source)
     return meta
 
 

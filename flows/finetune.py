@@ -4,12 +4,11 @@ from __future__ import annotations
 
 from prefect import flow
 
-from tlpipe import store
+from tlpipe import store, tracking
 from tlpipe.config import load_params
 from tlpipe.ingest import hash_manifest
 from tlpipe.models import NETWORK_MODELS
 from tlpipe.paths import project_paths
-from tasks.common import check_tracking
 from tasks.features import check_backbone_weights
 from tasks.finetune import log_networks, train, write_metrics
 
@@ -24,13 +23,16 @@ def finetune_flow(root: str | None = None, kinds: list[str] | None = None) -> di
     """
     paths = project_paths(root)
     params = load_params(paths.params)
-    check_tracking(paths.root)
-    image_size = store.read_npy_header(store.split_path(paths.store, "train"))[0][1]
-    check_backbone_weights(params.features, image_size)
-    results = train(paths.store, paths.finetune_models, params, list(kinds or NETWORK_MODELS))
-    write_metrics(results, paths.metrics / "finetune.json")
-    log_networks(paths.root, params, results, paths.finetune_models, paths.store,
-                 hash_manifest(store.load_manifest(paths.store)))
+    data_hash = hash_manifest(store.load_manifest(paths.store))
+    stage_params = {"finetune": params.finetune.model_dump(), "data": {"resize_mode": params.data.resize_mode},
+                    "features": {"backbone": params.features.backbone, "weights": params.features.weights}}
+    # the stage run spans the work; opening it checks the store first (fails fast when unreachable)
+    with tracking.stage_run("finetune", paths.root, stage_params, data_hash) as run_id:
+        image_size = store.read_npy_header(store.split_path(paths.store, "train"))[0][1]
+        check_backbone_weights(params.features, image_size)
+        results = train(paths.store, paths.finetune_models, params, list(kinds or NETWORK_MODELS))
+        write_metrics(results, paths.metrics / "finetune.json")
+        log_networks(run_id, paths.root, params, results, paths.finetune_models, paths.store, data_hash)
     return results
 
 

@@ -6,9 +6,9 @@ import time
 
 from prefect import flow
 
+from tlpipe import tracking
 from tlpipe.config import load_params
 from tlpipe.paths import project_paths
-from tasks.common import check_tracking
 from tasks.ingest import build_store, list_source_files, log_ingest, write_data_report
 
 
@@ -21,12 +21,13 @@ def ingest_flow(root: str | None = None) -> dict:
     """
     paths = project_paths(root)
     params = load_params(paths.params)
-    check_tracking(paths.root)
-    start = time.perf_counter()
-    listing = list_source_files(params.data)
-    report = build_store(listing, params.data, paths.store)
-    artifacts = write_data_report(report, paths.reports("ingest"), paths.metrics / "ingest.json")
-    log_ingest(paths.root, params.data, report, artifacts, time.perf_counter() - start)
+    # the stage run spans the work; opening it checks the store first (fails fast when unreachable)
+    with tracking.stage_run("ingest", paths.root, {"data": params.data.model_dump()}) as run_id:
+        start = time.perf_counter()
+        listing = list_source_files(params.data)
+        report = build_store(listing, params.data, paths.store)
+        artifacts = write_data_report(report, paths.reports("ingest"), paths.metrics / "ingest.json")
+        log_ingest(run_id, paths.root, params.data, report, artifacts, time.perf_counter() - start, paths.store)
     return {k: report[k] for k in ("images_kept", "files_found", "rejected", "counts", "data_hash")}
 
 

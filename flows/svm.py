@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from prefect import flow
 
-from tlpipe import store
+from tlpipe import store, tracking
 from tlpipe.config import load_params
 from tlpipe.ingest import hash_manifest
 from tlpipe.paths import project_paths
-from tasks.common import check_tracking
 from tasks.svm import log_svms, train, write_metrics
 
 
@@ -21,11 +20,14 @@ def svm_flow(root: str | None = None) -> dict:
     """
     paths = project_paths(root)
     params = load_params(paths.params)
-    check_tracking(paths.root)
-    summaries = train(paths.store, paths.features, paths.svm_models, params)
-    write_metrics(summaries, paths.metrics / "svm.json")
-    log_svms(paths.root, params, summaries, paths.svm_models, paths.store, paths.features,
-             hash_manifest(store.load_manifest(paths.store)))
+    data_hash = hash_manifest(store.load_manifest(paths.store))
+    stage_params = {"svm": params.svm.model_dump(), "data": {"resize_mode": params.data.resize_mode},
+                    "features": {"backbone": params.features.backbone, "weights": params.features.weights}}
+    # the stage run spans the work; opening it checks the store first (fails fast when unreachable)
+    with tracking.stage_run("svm", paths.root, stage_params, data_hash) as run_id:
+        summaries = train(paths.store, paths.features, paths.svm_models, params)
+        write_metrics(summaries, paths.metrics / "svm.json")
+        log_svms(run_id, paths.root, params, summaries, paths.svm_models, paths.store, paths.features, data_hash)
     return summaries
 
 

@@ -58,40 +58,31 @@ def check_tracking(root: Path) -> str:
     return tracking.tracking_uri(root)
 
 
-def file_sha256(path: Path) -> str:
-    """SHA-256 of a file, streamed."""
-    import hashlib
-
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+file_sha256 = tracking.file_sha256
+"""SHA-256 of a file, streamed (re-exported from :mod:`tlpipe.tracking`)."""
 
 
-def log_image_model(name: str, model_path: Path, store_dir: Path, features_dir: Path | None, params) -> str:
-    """Log a trained model as an MLflow pyfunc that takes images, in the active run.
+def log_image_model(name: str, model_path: Path, store_dir: Path, features_dir: Path | None, params,
+                    step: int = 0, tags: dict[str, str] | None = None) -> str:
+    """Log a trained model as its one MLflow model (the image-taking pyfunc), in the active run.
 
-    The run is tagged with the model file's hash and the pyfunc URI, so the
-    evaluate stage can register exactly this file later without logging it again.
+    The logged model gets the run's params (MLflow copies them), the run's metrics
+    at ``step`` (so pass the best epoch for a network) and tags naming the model and
+    its file's hash; the run is tagged with the file's hash, the pyfunc URI and the
+    model id, so the evaluate stage finds this run and model for exactly this file.
 
     Returns:
-        The logged model's URI.
+        The logged model's URI (``models:/<model id>``).
     """
     import mlflow
 
-    from tlpipe import pyfunc, store
-    from tlpipe.features import EXTRACTOR, normalise_weights
-    from tlpipe.svm import SVM_MODELS
+    from tlpipe.models import model_family
+    from tlpipe.pyfunc import log_trained_model
 
-    classes = store.load_classes(store_dir)
-    image_size = int(store.read_npy_header(store.split_path(store_dir, "test"))[0][1])
-    if model_path.suffix == ".joblib":
-        info = pyfunc.log_svm_classifier(
-            name, model_path, SVM_MODELS[name], classes, image_size, params.data.resize_mode,
-            params.features.backbone, normalise_weights(params.features.weights), params.svm.pixel_size,
-            extractor_path=features_dir / EXTRACTOR if SVM_MODELS[name] != "pixels" else None)
-    else:
-        info = pyfunc.log_keras_classifier(name, model_path, classes, image_size, params.data.resize_mode)
-    mlflow.set_tags({"tlpipe.model_sha": file_sha256(model_path), "tlpipe.pyfunc_uri": info.model_uri})
+    sha = file_sha256(model_path)
+    info = log_trained_model(name, model_path, store_dir, features_dir, params, step=step,
+                             model_type=model_family(name),
+                             tags={tracking.MODEL_TAG: name, tracking.MODEL_SHA_TAG: sha, **(tags or {})})
+    mlflow.set_tags({tracking.MODEL_SHA_TAG: sha, tracking.PYFUNC_URI_TAG: info.model_uri,
+                     tracking.MODEL_ID_TAG: info.model_id})
     return info.model_uri

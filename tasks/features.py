@@ -37,18 +37,17 @@ def write_metrics(meta: dict, metrics_path: Path) -> None:
     store.write_json(metrics_path, {k: meta[k] for k in ("images_per_second", "seconds", "final_dim", "mid_dim")})
 
 
-@task(name="log-features", retries=2, retry_delay_seconds=[2, 8], timeout_seconds=300)
-def log_features(root: Path, params: FeaturesParams, meta: dict, out_dir: Path, data_hash: str) -> str:
-    """Log throughput, feature shapes and the ImageNet top-1 table to MLflow."""
-    import mlflow
-
-    with tracking.stage_run("features", root, {"features": params.model_dump()}, data_hash) as run_id:
-        mlflow.log_metrics({"images_per_second": meta["images_per_second"], "seconds": meta["seconds"],
-                            "final_dim": meta["final_dim"], "mid_dim": meta["mid_dim"],
-                            **{f"count.{s}": n for s, n in meta["counts"].items()}})
-        mlflow.set_tags({"tlpipe.device": meta["device"], "tlpipe.precision": meta["precision"],
-                         "tlpipe.keras_backend": meta["keras_backend"], "tlpipe.mid_layer": meta["mid_layer"]})
-        mlflow.log_artifact(str(out_dir / "meta.json"), "features")
-        if (out_dir / "imagenet_top1.csv").exists():
-            mlflow.log_artifact(str(out_dir / "imagenet_top1.csv"), "features")
-        return run_id
+@task(name="log-features", timeout_seconds=300)
+def log_features(run_id: str, root: Path, params: FeaturesParams, meta: dict, out_dir: Path, store_dir: Path,
+                 source: str) -> None:
+    """Log throughput, feature shapes, the ImageNet top-1 table and the splits it read onto the stage run."""
+    client = tracking.get_client(root)
+    tracking.log_metrics(client, run_id, {
+        "images_per_second": meta["images_per_second"], "seconds": meta["seconds"],
+        "final_dim": meta["final_dim"], "mid_dim": meta["mid_dim"], **{f"count.{s}": n for s, n in meta["counts"].items()}})
+    tracking.set_tags(client, run_id, {"tlpipe.device": meta["device"], "tlpipe.precision": meta["precision"],
+                                       "tlpipe.keras_backend": meta["keras_backend"], "tlpipe.mid_layer": meta["mid_layer"]})
+    client.log_artifact(run_id, str(out_dir / "meta.json"), "features")
+    if (out_dir / "imagenet_top1.csv").exists():
+        client.log_artifact(run_id, str(out_dir / "imagenet_top1.csv"), "features")
+    tracking.log_datasets(client, run_id, store_dir, source, store.SPLITS)

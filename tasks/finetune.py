@@ -21,7 +21,7 @@ def train(store_dir: Path, out_dir: Path, params: Params, kinds: list[str]) -> d
     logger = get_logger()
 
     def on_epoch(kind: str, epoch: int, logs: dict) -> None:
-        logger.info("%s epoch %d: loss %.4f acc %.4f val_loss %.4f val_acc %.4f", kind, epoch + 1,
+        logger.info("%s epoch %d: loss %.4f acc %.4f val_loss %.4f val_acc %.4f", kind, epoch,  # epoch is 1-based
                     logs.get("loss", float("nan")), logs.get("accuracy", float("nan")),
                     logs.get("val_loss", float("nan")), logs.get("val_accuracy", float("nan")))
 
@@ -31,28 +31,64 @@ def train(store_dir: Path, out_dir: Path, params: Params, kinds: list[str]) -> d
 
 @task(name="write-finetune-metrics", retries=2, retry_delay_seconds=[1, 4])
 def write_metrics(results: dict, metrics_path: Path) -> None:
-    """Write the finetune metrics file (best epoch, validation accuracy, time per model)."""
-    store.write_json(metrics_path, results)
+    """Write the finetune metrics file: the numbers of each model's summary (best epoch, validation accuracy, times).
+
+    Numbers only (what ``dvc metrics show`` can compare); the text fields (backbone,
+    weights, mode, classes) stay in ``models/finetune/<kind>_metrics.json``.
+    """
+    store.write_json(metrics_path, {kind: {key: value for key, value in summary.items()
+                                           if isinstance(value, (int, float)) and not isinstance(value, bool)}
+                                    for kind, summary in results.items()})
 
 
-@task(name="log-networks", retries=2, retry_delay_seconds=[2, 8], timeout_seconds=1800)
-def log_networks(root: Path, params: Params, results: dict, out_dir: Path, store_dir: Path, data_hash: str) -> str:
-    """One MLflow run per network: params, per-epoch metrics, curves, the .keras file and the image pyfunc."""
-    import mlflow
+CURVES = {"loss": "loss", "accuracy": "accuracy", "val_loss": "val_loss", "val_accuracy": "val_accuracy",
+          "seconds": "epoch_seconds"}
+"""History column -> the per-epoch MLflow metric (steps 1..N, as in the CSVs, plots and logs)."""
 
-    stage_params = {"finetune": params.finetune.model_dump(),
-                    "features": {"backbone": params.features.backbone, "weights": params.features.weights}}
-    with tracking.stage_run("finetune", root, stage_params, data_hash) as run_id:
-        for kind, summary in results.items():
-            with tracking.model_run(kind, {"tlpipe.data_hash": data_hash}):
-                mlflow.log_params({"units": getattr(params.finetune, f"{kind}_units"),
-                                   "backbone": params.features.backbone})
-                history = pd.read_csv(out_dir / f"{kind}_history.csv")
-                for step, row in enumerate(history.to_dict(orient="records")):
-                    mlflow.log_metrics({k: float(v) for k, v in row.items()
-                                        if k in ("loss", "accuracy", "val_loss", "val_accuracy", "seconds")}, step=step)
-                mlflow.log_metrics({k: float(v) for k, v in summary.items() if isinstance(v, (int, float))})
-                for suffix in ("_history.csv", "_curves.png", "_metrics.json"):
-                    mlflow.log_artifact(str(out_dir / f"{kind}{suffix}"), "training")
-                log_image_model(kind, out_dir / f"{kind}.keras", store_dir, None, params)
-        return run_id
+
+@task(name="log-networks", timeout_seconds=1800)
+def log_networks(stage_run_id: str, root: Path, params: Params, results: dict, out_dir: Path, store_dir: Path,
+                 data_hash: str) -> dict[str, str]:
+    """One MLflow run per network under the stage run: params, datasets, curves, files, one logged model.
+
+    Per-epoch train/val curves use steps 1..N (the history CSV's ``epoch``). The
+    logged model is logged at the best epoch's step, so it carries that epoch's
+    metrics (the weights it holds), plus the best-epoch summary. Not retried by
+    Prefect: it creates runs and logged models.
+
+    Returns:
+        ``{model name: run id}``.
+    """
+    client = tracking.get_client(root)
+    classes = store.load_classes(store_dir)
+    image_size = int(store.read_npy_header(store.split_path(store_dir, "train"))[0][1])
+    tracking.log_datasets(client, stage_run_id, store_dir, params.data.source, ("train", "val"))
+    runs = {}
+    for kind, summary in results.items():
+        with tracking.model_run(kind, stage_run_id, {"tlpipe.data_hash": data_hash, "tlpipe.family": "network"},
+                                client) as run_id:
+            tracking.log_params(client, run_id, tracking.network_model_params(kind, summary, params, data_hash,
+                                                                              classes, image_size))
+            datasets = tracking.log_datasets(client, run_id, store_dir, params.data.source, ("train", "val"))
+            history = pd.read_csv(out_dir / f"{kind}_history.csv")
+            for row in history.to_dict(orient="records"):
+                step = int(row["epoch"])
+                tracking.log_metrics(client, run_id, {CURVES[k]: row[k] for k in ("loss", "accuracy", "seconds")},
+                                     step=step, dataset=datasets["train"])
+                tracking.log_metrics(client, run_id, {CURVES[k]: row[k] for k in ("val_loss", "val_accuracy")},
+                                     step=step, dataset=datasets["val"])
+            for suffix in ("_history.csv", "_curves.png", "_metrics.json"):
+                client.log_artifact(run_id, str(out_dir / f"{kind}{suffix}"), "training")
+            uri = log_image_model(kind, out_dir / f"{kind}.keras", store_dir, None, params,
+                                  step=int(summary["best_epoch"]))
+            model_id = tracking.model_id_from_uri(uri)
+            tracking.log_metrics(client, run_id, {
+                "best_val_accuracy": summary["best_val_accuracy"], "best_val_loss": summary["best_val_loss"],
+                "selection_score": summary["best_val_accuracy"]}, model_id=model_id, dataset=datasets["val"])
+            tracking.log_metrics(client, run_id, {
+                "best_epoch": summary["best_epoch"], "train_seconds": summary["train_seconds"],
+                "seconds_per_epoch": summary["seconds_per_epoch"], "cache_seconds": summary.get("cache_seconds")},
+                model_id=model_id)
+        runs[kind] = run_id
+        get_logger().info("%s: logged to MLflow run %s", kind, run_id)
+    return runs

@@ -46,20 +46,24 @@ def write_data_report(report: dict, report_dir: Path, metrics_path: Path) -> lis
     return [report_dir / "data_report.json", report_dir / "rejections.csv", metrics_path]
 
 
-@task(name="log-ingest", retries=2, retry_delay_seconds=[2, 8], timeout_seconds=300)
-def log_ingest(root: Path, params: DataParams, report: dict, artifacts: list[Path], seconds: float) -> str:
-    """Log the ingest stage to MLflow: params, counts, the data report."""
-    import mlflow
+@task(name="log-ingest", timeout_seconds=300)
+def log_ingest(run_id: str, root: Path, params: DataParams, report: dict, artifacts: list[Path], seconds: float,
+               store_dir: Path) -> None:
+    """Log the ingest stage onto its stage run: counts, data hash, the data report, the splits as datasets.
 
-    with tracking.stage_run("ingest", root, {"data": params.model_dump()}, report["data_hash"]) as run_id:
-        metrics = {"images_kept": report["images_kept"], "files_found": report["files_found"],
-                   "rejected": report["rejected"], "stage_seconds": seconds,
-                   "images_per_second": report["files_found"] / seconds if seconds else 0.0}
-        for split, per_class in report["counts"].items():
-            for class_name, count in per_class.items():
-                metrics[f"count.{split}.{class_name}"] = count
-        mlflow.log_metrics(metrics)
-        mlflow.set_tags({"tlpipe.classes": ",".join(report["classes"]), "tlpipe.source": report["source"]})
-        for path in artifacts:
-            mlflow.log_artifact(str(path), "ingest")
-        return run_id
+    Not retried by Prefect (MLflow retries its own requests): it writes to a run
+    the flow owns, and a repeat would only log the same values again.
+    """
+    client = tracking.get_client(root)
+    metrics = {"images_kept": report["images_kept"], "files_found": report["files_found"],
+               "rejected": report["rejected"], "stage_seconds": seconds,
+               "images_per_second": report["files_found"] / seconds if seconds else 0.0}
+    for split, per_class in report["counts"].items():
+        for class_name, count in per_class.items():
+            metrics[f"count.{split}.{class_name}"] = count
+    tracking.log_metrics(client, run_id, metrics)
+    tracking.set_tags(client, run_id, {"tlpipe.classes": ",".join(report["classes"]), "tlpipe.source": report["source"],
+                                       "tlpipe.data_hash": report["data_hash"]})
+    for path in artifacts:
+        client.log_artifact(run_id, str(path), "ingest")
+    tracking.log_datasets(client, run_id, store_dir, params.source, store.SPLITS)

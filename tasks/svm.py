@@ -28,25 +28,40 @@ def write_metrics(summaries: dict, metrics_path: Path) -> None:
                                     for name, s in summaries.items()})
 
 
-@task(name="log-svms", retries=2, retry_delay_seconds=[2, 8], timeout_seconds=1800)
-def log_svms(root: Path, params: Params, summaries: dict, svm_dir: Path, store_dir: Path, features_dir: Path,
-             data_hash: str) -> str:
-    """One MLflow run per SVM: params, CV table, sklearn model and the image pyfunc."""
-    import mlflow
-    from mlflow.models import infer_signature
+@task(name="log-svms", timeout_seconds=1800)
+def log_svms(stage_run_id: str, root: Path, params: Params, summaries: dict, svm_dir: Path, store_dir: Path,
+             features_dir: Path, data_hash: str) -> dict[str, str]:
+    """One MLflow run per SVM under the stage run: params, datasets, CV metrics and table, one logged model.
 
-    with tracking.stage_run("svm", root, {"svm": params.svm.model_dump()}, data_hash) as run_id:
-        for name, summary in summaries.items():
-            with tracking.model_run(name, {"tlpipe.data_hash": data_hash}):
-                model = svm.joblib.load(svm_dir / f"{name}.joblib")
-                X = svm.load_inputs(store_dir, features_dir, "val", svm.SVM_MODELS[name], params.svm.pixel_size)
-                mlflow.log_params({"C": summary["best_C"], "input": svm.SVM_MODELS[name],
-                                   "n_features": summary["n_features"], "cv_folds": params.svm.cv_folds})
-                mlflow.log_metrics({"cv_accuracy": summary["cv_accuracy"], "cv_std": summary["cv_std"],
-                                    "fit_seconds": summary["fit_seconds"],
-                                    "val_accuracy": float(model.score(X, store.split_labels(store_dir, "val")))})
-                mlflow.log_artifact(str(svm_dir / f"{name}_cv.csv"), "cv")
-                mlflow.sklearn.log_model(model, name=f"{name}-sklearn", input_example=X[:2],
-                                         signature=infer_signature(X[:2], model.predict(X[:2])))
-                log_image_model(name, svm_dir / f"{name}.joblib", store_dir, features_dir, params)
-        return run_id
+    Not retried by Prefect: it creates runs and logged models, and a repeat would
+    log them twice (MLflow retries its own requests).
+
+    Returns:
+        ``{model name: run id}``.
+    """
+    client = tracking.get_client(root)
+    classes = store.load_classes(store_dir)
+    image_size = int(store.read_npy_header(store.split_path(store_dir, "train"))[0][1])
+    y_val = store.split_labels(store_dir, "val")
+    tracking.log_datasets(client, stage_run_id, store_dir, params.data.source, ("train", "val"))
+    runs = {}
+    for name, summary in summaries.items():
+        with tracking.model_run(name, stage_run_id, {"tlpipe.data_hash": data_hash, "tlpipe.family": "svm"},
+                                client) as run_id:
+            tracking.log_params(client, run_id, tracking.svm_model_params(name, summary, params, data_hash,
+                                                                          classes, image_size))
+            datasets = tracking.log_datasets(client, run_id, store_dir, params.data.source, ("train", "val"))
+            model = svm.joblib.load(svm_dir / f"{name}.joblib")
+            X = svm.load_inputs(store_dir, features_dir, "val", svm.SVM_MODELS[name], params.svm.pixel_size)
+            tracking.log_metrics(client, run_id, {"cv_accuracy": summary["cv_accuracy"], "cv_std": summary["cv_std"],
+                                                  "selection_score": summary["cv_accuracy"],
+                                                  "fit_seconds": summary["fit_seconds"],
+                                                  "search_seconds": summary.get("search_seconds")},
+                                 dataset=datasets["train"])
+            tracking.log_metrics(client, run_id, {"val_accuracy": float(model.score(X, y_val))},
+                                 dataset=datasets["val"])
+            client.log_artifact(run_id, str(svm_dir / f"{name}_cv.csv"), "cv")
+            log_image_model(name, svm_dir / f"{name}.joblib", store_dir, features_dir, params, step=0)
+        runs[name] = run_id
+        get_logger().info("%s: logged to MLflow run %s", name, run_id)
+    return runs

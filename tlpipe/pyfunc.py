@@ -9,7 +9,8 @@ Artifacts of one model (names in ``context.artifacts``):
     config: ``config.json``: kind (``network``/``svm``), classes, image_size,
         resize_mode and, for SVMs, feature, pixel_size, backbone, weights.
     network: the full Keras model, uint8 images -> softmax (networks only).
-    svm: the joblib'd ``SVC(kernel="linear", probability=True)`` (SVMs only).
+    svm: the joblib'd :class:`tlpipe.svm.LinearSVM` (primal linear SVM with calibrated
+        probabilities; older runs: ``SVC(kernel="linear", probability=True)``) (SVMs only).
     extractor: the backbone as a ``.keras`` model, uint8 images ->
         {"final", "mid"} (SVMs on features only).
 
@@ -25,9 +26,9 @@ training size and resize mode).
 Output: a DataFrame with ``class``, ``probability``, ``error`` and one
 ``p_<class>`` column per class. A row that cannot be decoded gets class None,
 null probabilities and the reason in ``error``; the other rows are unaffected.
-For SVMs ``class`` is ``SVC.predict`` (the model the metrics were computed
-with) and ``probability`` is its Platt probability, which is usually but not
-always the largest ``p_<class>``.
+For SVMs ``class`` is the SVM's ``predict`` (its decision function, the model the
+metrics were computed with) and ``probability`` its sigmoid-calibrated (Platt)
+probability, which is usually but not always the largest ``p_<class>``.
 """
 
 from __future__ import annotations
@@ -177,8 +178,9 @@ def load_keras(path: str | Path):
 class ImageClassifier(mlflow.pyfunc.PythonModel):
     """An MLflow pyfunc model: images in, class names and probabilities out.
 
-    The model state is read from the artifacts in :meth:`load_context`; the
-    instance pickled by MLflow carries nothing.
+    Logged "from code" (:data:`MODEL_CODE`): MLflow stores no pickled instance,
+    the code file creates an empty one and :meth:`load_context` reads the model
+    state from the artifacts.
     """
 
     # Inputs vary (DataFrame, array, list) and the signature is given explicitly:
@@ -337,10 +339,14 @@ def write_config(folder: Path, config: dict) -> Path:
     return path
 
 
+MODEL_CODE = Path(__file__).with_name("pyfunc_model.py")
+"""The models-from-code file MLflow logs with every model (it calls ``mlflow.models.set_model``)."""
+
+
 def model_options(classes: list[str], artifacts: dict[str, str]) -> dict:
-    """The keyword arguments shared by ``save_model`` and ``log_model``."""
+    """The keyword arguments shared by ``save_model`` and ``log_model`` (the model is logged from code)."""
     return {
-        "python_model": ImageClassifier(),
+        "python_model": str(MODEL_CODE),
         "artifacts": artifacts,
         "signature": build_signature(classes),
         "input_example": build_input_example(),
@@ -407,21 +413,26 @@ def save_keras_classifier(path: Path, keras_model_path: Path, classes: list[str]
 
 
 def log_keras_classifier(name: str, keras_model_path: Path, classes: list[str], image_size: int,
-                         resize_mode: str, registered_model_name: str | None = None):
+                         resize_mode: str, registered_model_name: str | None = None, **log_options):
     """Log a network as a pyfunc model in the active run (see :func:`save_keras_classifier`).
 
+    Args:
+        log_options: More ``mlflow.pyfunc.log_model`` arguments (``step``, ``tags``,
+            ``params``, ``model_type``) for the logged model.
+
     Returns:
-        The ``ModelInfo``; ``model_uri`` loads it back.
+        The ``ModelInfo``; ``model_uri`` (``models:/<model id>``) loads it back.
     """
     with tempfile.TemporaryDirectory(prefix="tlpipe-pyfunc-") as folder:
         artifacts = keras_artifacts(Path(folder), keras_model_path, classes, image_size, resize_mode)
         return mlflow.pyfunc.log_model(name=name, registered_model_name=registered_model_name,
-                                       **model_options(classes, artifacts))
+                                       **model_options(classes, artifacts), **log_options)
 
 
 def log_svm_classifier(name: str, svm_path: Path, feature: str, classes: list[str], image_size: int,
                        resize_mode: str, backbone: str, weights: str | None, pixel_size: int,
-                       registered_model_name: str | None = None, extractor_path: Path | None = None):
+                       registered_model_name: str | None = None, extractor_path: Path | None = None,
+                       **log_options):
     """Log an SVM with its input preparation as a pyfunc model in the active run.
 
     Args:
@@ -439,6 +450,8 @@ def log_svm_classifier(name: str, svm_path: Path, feature: str, classes: list[st
             "mid"}) the features were made with; default: rebuild it from
             ``backbone`` and ``weights`` (exact for ImageNet weights or a
             weights file, not for random init).
+        log_options: More ``mlflow.pyfunc.log_model`` arguments (``step``, ``tags``,
+            ``params``, ``model_type``) for the logged model.
 
     Returns:
         The ``ModelInfo``.
@@ -447,4 +460,38 @@ def log_svm_classifier(name: str, svm_path: Path, feature: str, classes: list[st
         artifacts = svm_artifacts(Path(folder), svm_path, feature, classes, image_size, resize_mode,
                                   backbone, weights, pixel_size, extractor_path)
         return mlflow.pyfunc.log_model(name=name, registered_model_name=registered_model_name,
-                                       **model_options(classes, artifacts))
+                                       **model_options(classes, artifacts), **log_options)
+
+
+def log_trained_model(name: str, model_path: Path, store_dir: Path, features_dir: Path | None, params,
+                      **log_options):
+    """Log one of the pipeline's trained models as its image-taking pyfunc, in the active run.
+
+    Picks the SVM or network logger from the model's family
+    (:func:`tlpipe.models.model_family`); an SVM on features gets the features
+    stage's saved extractor from ``features_dir``.
+
+    Args:
+        name: A name from :data:`tlpipe.models.MODEL_NAMES`.
+        model_path: Its ``.joblib`` or ``.keras`` file.
+        store_dir: The image store (class names and image size).
+        features_dir: The features folder (SVMs on features only).
+        params: The pipeline's :class:`tlpipe.config.Params`.
+        log_options: See :func:`log_keras_classifier`.
+
+    Returns:
+        The ``ModelInfo``.
+    """
+    from tlpipe import store
+    from tlpipe.features import EXTRACTOR, normalise_weights
+    from tlpipe.models import SVM_MODELS, model_family
+
+    classes = store.load_classes(store_dir)
+    image_size = int(store.read_npy_header(store.split_path(store_dir, "test"))[0][1])
+    if model_family(name) == "network":
+        return log_keras_classifier(name, model_path, classes, image_size, params.data.resize_mode, **log_options)
+    feature = SVM_MODELS[name]
+    extractor = Path(features_dir) / EXTRACTOR if feature != "pixels" and features_dir is not None else None
+    return log_svm_classifier(name, model_path, feature, classes, image_size, params.data.resize_mode,
+                              params.features.backbone, normalise_weights(params.features.weights),
+                              params.svm.pixel_size, extractor_path=extractor, **log_options)

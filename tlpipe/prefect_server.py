@@ -170,10 +170,9 @@ def start_server(root: Path | str, port: int | None = None, timeout: float = STA
             raise PrefectServerError(f"the Prefect server was not healthy after {timeout:.0f} s; see {log_path}")
         time.sleep(0.25)
     info = ServerInfo(pid=process.pid, port=port, url=url, started=time.time())
-    record = folder / "server.json"
-    temporary = record.with_suffix(f".tmp-{os.getpid()}")
-    temporary.write_text(json.dumps(asdict(info)))
-    temporary.replace(record)
+    from tlpipe.store import write_atomic
+
+    write_atomic(folder / "server.json", json.dumps(asdict(info)))
     return info
 
 

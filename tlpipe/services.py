@@ -40,6 +40,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from tlpipe.errors import UserError
+from tlpipe.store import write_atomic
 
 HOST = "127.0.0.1"
 DEFAULT_PG_PORT = 55432
@@ -191,10 +192,7 @@ def init_cluster(state: StateDir, bin_dir: Path, user: str | None) -> None:
         folder.mkdir(mode=0o700)
         _chown(folder, user)
     if not state.password.is_file():
-        tmp = state.password.with_name(".password.tmp")
-        tmp.write_text(secrets.token_urlsafe(24))
-        os.chmod(tmp, 0o600)
-        os.replace(tmp, state.password)
+        write_atomic(state.password, secrets.token_urlsafe(24), mode=0o600)
     pwfile = state.pg_socket / "initdb-password"  # readable by the cluster's user only, removed right after
     pwfile.write_text(state.password.read_text())
     os.chmod(pwfile, 0o600)
@@ -352,9 +350,7 @@ def start_mlflow(state: StateDir, pg_port: int, port: int = DEFAULT_MLFLOW_PORT,
     with open(state.mlflow_log, "ab") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                    env=env, start_new_session=True, cwd=state.root)
-    tmp = state.mlflow_pid.with_name(".mlflow.pid.tmp")
-    tmp.write_text(str(process.pid))
-    os.replace(tmp, state.mlflow_pid)
+    write_atomic(state.mlflow_pid, str(process.pid))
     url = f"http://{HOST}:{port}/health"
     while time.perf_counter() - start < timeout_s:
         if process.poll() is not None:
@@ -417,9 +413,7 @@ def start_tracking(state_dir: Path, pg_port: int = DEFAULT_PG_PORT,
         tracking_uri=f"http://{HOST}:{mlflow_port}", backend_store_uri=backend_store_uri(pg_port),
         artifacts_destination=state.artifacts.as_uri(), pg_port=pg_port, mlflow_port=mlflow_port,
         mlflow_pid=pid, pg_seconds=round(pg_seconds, 3), mlflow_seconds=round(mlflow_seconds, 3))
-    tmp = state.state.with_name(f".{STATE_FILE}.tmp")
-    tmp.write_text(json.dumps(asdict(endpoints), indent=2) + "\n")
-    os.replace(tmp, state.state)
+    write_atomic(state.state, json.dumps(asdict(endpoints), indent=2) + "\n")
     return endpoints
 
 

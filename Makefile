@@ -52,8 +52,8 @@ bench-full: setup
 # Model names come from tlpipe/models.py. `dvc exp show` alone lists every column.
 .PHONY: exps
 exps: setup
-	$(BIN)/dvc exp show --no-pager --only-changed --keep '\.acc$$' \
-	  --drop '^(?!(Experiment|Created|State|Executor)$$)[^.]*$$|/|:|^($(shell $(PY) -c \
+	$(BIN)/dvc exp show --no-pager --only-changed --keep '.*\.acc$$' \
+	  --drop '^(?!(Experiment|Created|State|Executor)$$)[^.]*$$|.*/|.*:|^($(shell $(PY) -c \
 	    'from tlpipe.models import MODEL_NAMES; print("|".join(MODEL_NAMES))'))\.'
 
 ui: setup

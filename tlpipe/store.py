@@ -137,7 +137,7 @@ def split_labels(store: Path, split: str) -> np.ndarray:
     return frame.loc[frame["split"] == split].sort_values("index")["label"].to_numpy(dtype=np.int64)
 
 
-def write_atomic(path: Path, data: bytes | str) -> None:
+def write_atomic(path: Path, data: bytes | str, mode: int | None = None) -> None:
     """Write a whole file atomically: readers see the old file or the new one, never a part.
 
     The bytes (``str`` is encoded as UTF-8) go to a temp sibling ``.<name>.tmp-<pid>``
@@ -145,7 +145,9 @@ def write_atomic(path: Path, data: bytes | str) -> None:
     then replaces ``path`` with one ``os.replace``. The parent folder is created if
     needed; on any error the temp file is removed and ``path`` is left untouched.
     This is the one file-writing primitive of the project: JSON, CSV, PNG, HTML and
-    Markdown outputs all go through it.
+    Markdown outputs all go through it. ``mode`` (e.g. ``0o600`` for a secret) is set
+    on the temp file before it replaces ``path``, so the file never exists with wider
+    permissions.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -154,6 +156,8 @@ def write_atomic(path: Path, data: bytes | str) -> None:
     try:
         with open(tmp, "wb") as handle:
             handle.write(data.encode("utf-8") if isinstance(data, str) else bytes(data))
+        if mode is not None:
+            os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)

@@ -43,6 +43,10 @@ def test_ingest_and_features_flows_write_outputs_and_track(project):
     assert ingest_run.data.metrics["images_kept"] == 24
     assert ingest_run.data.tags["tlpipe.data_hash"] == summary["data_hash"]
     assert stages["features"].data.metrics["images_per_second"] > 0
+    contexts = sorted({t.key: t.value for t in item.tags}["mlflow.data.context"]
+                      for item in ingest_run.inputs.dataset_inputs)
+    assert contexts == ["test", "train", "validation"]
+    assert experiment.artifact_location == (project / "mlartifacts").as_uri()
 
 
 def test_unreachable_tracking_fails_clearly_and_keeps_outputs(project, monkeypatch):
@@ -105,7 +109,9 @@ def test_finetune_flow_trains_both_networks_and_the_saved_models_reload(project)
         assert (probs.argmax(1) == labels).mean() == results[kind]["best_val_accuracy"]
         run = client.search_runs([experiment.experiment_id],
                                  filter_string=f"tags.`tlpipe.model` = '{kind}' and tags.`tlpipe.kind` = 'model'")[0]
-        assert run.data.metrics["val_accuracy"] == results[kind]["best_val_accuracy"]
+        assert run.data.metrics["best_val_accuracy"] == results[kind]["best_val_accuracy"]
+        assert [p.step for p in client.get_metric_history(run.info.run_id, "val_accuracy")] == [1]  # epoch 1
+        assert run.data.tags["tlpipe.pyfunc_uri"] == f"models:/{run.data.tags['tlpipe.model_id']}"
         served = mlflow.pyfunc.load_model(run.data.tags["tlpipe.pyfunc_uri"]).predict(to_image_frame(images))
         assert list(served["class"]) == [classes[i] for i in probs.argmax(1)]
         np.testing.assert_allclose(served[[f"p_{c}" for c in classes]].to_numpy(), probs, rtol=1e-4, atol=1e-5)

@@ -247,6 +247,16 @@ def test_logged_models_carry_signature_example_and_extractor(logged: dict) -> No
                          "svm_features": {"config", "svm", "extractor"}, "svm_concat": {"config", "svm", "extractor"}}
 
 
+def test_models_are_logged_from_code_without_a_pickle(logged: dict) -> None:
+    """MLflow "models from code": the code file travels with the model, no cloudpickled instance."""
+    for info, _, _ in logged.values():
+        flavor = info.flavors["python_function"]
+        assert flavor["loader_module"] == "mlflow.pyfunc.loaders.code_model"
+        assert flavor["model_code_path"].endswith("pyfunc_model.py") and "python_model" not in flavor
+        local = Path(mlflow.artifacts.download_artifacts(info.model_uri))
+        assert (local / "pyfunc_model.py").is_file() and not list(local.glob("python_model.pkl*"))
+
+
 def test_decode_cell_accepts_data_uris_and_rejects_other_types(images: list[Path]) -> None:
     uri = "data:image/jpeg;base64," + encode(images[0])
     assert decode_cell(uri, SIZE, "stretch").shape == (SIZE, SIZE, 3)

@@ -1,0 +1,119 @@
+"""One pipeline execution as Prefect shows it, and two at once in one project.
+
+A real ``tlpipe repro`` (the CLI, as a user runs it) on a tiny project against the session's Prefect
+test server: while it runs, a second ``tlpipe repro`` in the same project stops at once with one line
+naming the first; the first finishes unharmed. Then, through the Prefect API: the stage flow runs of that
+execution are found by its ``pipeline:<flow run id>`` tag, and the pipeline run carries the comparison
+table, the promotion decision and the MLflow run links as artifacts.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.conftest import make_project
+from tlpipe.lock import pipeline_lock_path
+
+STAGES = {"ingest", "features", "svm", "finetune", "evaluate"}
+
+
+def wait_for_lock_holder(project, process: subprocess.Popen, timeout: float = 600) -> dict:
+    """The holder note of the pipeline lock, once the pipeline holds it."""
+    path = pipeline_lock_path(project)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert process.poll() is None, process.communicate()[1][-3000:]
+        text = path.read_text() if path.exists() else ""
+        if text:
+            return json.loads(text)
+        time.sleep(0.5)
+    raise TimeoutError("the pipeline never took its lock")
+
+
+@pytest.mark.slow
+def test_pipeline_runs_once_per_project_links_its_stage_runs_and_publishes_artifacts(
+        tmp_path, tiny_source, prefect_server, project_env):
+    from mlflow import MlflowClient
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        ArtifactFilter, ArtifactFilterFlowRunId, FlowFilter, FlowFilterName, FlowRunFilter, FlowRunFilterTags,
+    )
+
+    project = make_project(tmp_path / "linkproj", tiny_source)
+    env = {**project_env, "PREFECT_API_URL": prefect_server}
+    command = [sys.executable, "-m", "flows.cli", "repro"]
+    first = subprocess.Popen(command, cwd=project, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True)
+    try:
+        holder = wait_for_lock_holder(project, first)
+        assert holder["pid"] == first.pid
+
+        start = time.monotonic()
+        second = subprocess.run(command, cwd=project, env=env, capture_output=True, text=True, timeout=300)
+        assert time.monotonic() - start < 120
+        assert second.returncode == 1
+        assert "Traceback" not in second.stderr
+        errors = [line for line in second.stderr.splitlines() if ": error: " in line]
+        assert len(errors) == 1, second.stderr
+        assert errors[0].startswith(f"python -m flows.cli repro: error: a tlpipe pipeline run in {project} is "
+                                    f"already running: pid {first.pid} since "), errors[0]
+
+        out, err = first.communicate(timeout=1800)
+    finally:
+        if first.poll() is None:
+            first.kill()
+            first.communicate()
+    assert first.returncode == 0, err[-4000:]
+    start = out.index('{\n  "stages_ran"')  # the CLI's summary, after DVC's streamed output
+    summary = json.loads(out[start:out.index("\n}", start) + 2])
+    assert summary["stages_ran"] == ["ingest", "features", "svm", "finetune", "evaluate"]
+
+    with get_client(sync_client=True) as client:
+        pipelines = client.read_flow_runs(
+            flow_filter=FlowFilter(name=FlowFilterName(any_=["pipeline"])),
+            flow_run_filter=FlowRunFilter(tags=FlowRunFilterTags(all_=["project:linkproj"])))
+        completed = [run for run in pipelines if run.state.is_completed()]
+        assert len(completed) == 1 and len(pipelines) == 2  # the second attempt failed on the lock
+        pipeline = completed[0]
+        link = f"pipeline:{pipeline.id}"
+        assert {"tlpipe", "project:linkproj", link} <= set(pipeline.tags)
+
+        linked = client.read_flow_runs(flow_run_filter=FlowRunFilter(tags=FlowRunFilterTags(all_=[link])))
+        flows = {client.read_flow(run.flow_id).name: run for run in linked}
+        assert set(flows) == STAGES | {"pipeline"}
+        for name in STAGES:
+            assert flows[name].state.is_completed()
+            assert {"tlpipe", "project:linkproj", link} <= set(flows[name].tags)
+
+        artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(
+            flow_run_id=ArtifactFilterFlowRunId(any_=[pipeline.id])))
+    by_key = {artifact.key: artifact for artifact in artifacts}
+    assert {"linkproj-pipeline-model-comparison", "linkproj-pipeline-promotion",
+            "linkproj-pipeline-mlflow-runs"} <= set(by_key)
+
+    table = by_key["linkproj-pipeline-model-comparison"]
+    assert table.type == "table"
+    rows = json.loads(table.data) if isinstance(table.data, str) else table.data
+    metrics = json.loads((project / "metrics" / "evaluate.json").read_text())
+    assert {row["model"] for row in rows} == set(metrics) and len(rows) == 5
+    for row in rows:
+        recorded = metrics[row["model"]]
+        assert row["test_accuracy"] == pytest.approx(recorded.get("acc", recorded.get("accuracy")), abs=1e-4)
+        assert "/#/experiments/" in row["mlflow_run"]
+
+    promotion = json.loads((project / "reports" / "evaluate" / "promotion.json").read_text())
+    decision = by_key["linkproj-pipeline-promotion"].data
+    assert ("**promoted**" if promotion["promoted"] else "**not promoted**") in decision
+    assert promotion["reason"] in decision
+
+    client = MlflowClient(f"sqlite:///{project}/mlflow.db")
+    experiment = client.get_experiment_by_name("tlpipe")
+    [mlflow_pipeline] = client.search_runs([experiment.experiment_id], "tags.`tlpipe.kind` = 'pipeline'")
+    links = by_key["linkproj-pipeline-mlflow-runs"].data
+    assert f"/runs/{mlflow_pipeline.info.run_id})" in links
+    assert all(f"- stage {stage}: [" in links for stage in STAGES)

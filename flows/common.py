@@ -21,7 +21,7 @@ import os
 import sys
 import traceback
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -146,14 +146,9 @@ def prefect_context(root: Path) -> Iterator[None]:
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     url = use_project_prefect(root)
-    with temporary_settings(updates={PREFECT_API_URL: url}) if url else _nothing():
+    with temporary_settings(updates={PREFECT_API_URL: url}) if url else nullcontext():
         with prefect.tags(*stage_tags(root)):
             yield
-
-
-@contextmanager
-def _nothing() -> Iterator[None]:
-    yield
 
 
 def run_stage(flow_fn: Callable[..., Any], **parameters: Any) -> None:

@@ -8,6 +8,7 @@ silently ignored.
 from __future__ import annotations
 
 from tlpipe.errors import UserError
+import re
 from pathlib import Path
 from typing import Literal
 
@@ -18,6 +19,19 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 class ConfigError(UserError, ValueError):
     """Raised when ``params.yaml`` is missing, unreadable or invalid."""
+
+
+#: A Dask cluster for a heavy stage (see tlpipe.cluster): ``local:N`` or a scheduler address.
+DASK_PATTERN = re.compile(r"^(local:[1-9][0-9]*|(tcp|tls)://\S+)$")
+DASK_HELP = "Dask cluster: local:N (N workers here) or tcp://host:port; null: $TLPIPE_DASK_SCHEDULER or local"
+
+
+def check_dask_address(value: str | None) -> str | None:
+    """Accept null, ``local:N`` (N >= 1) or a ``tcp://``/``tls://`` scheduler address."""
+    if value is not None and not DASK_PATTERN.match(value):
+        raise ValueError(f"'{value}' is not a Dask cluster: use local:N (N >= 1 workers on this machine), "
+                         "a scheduler address such as tcp://host:8786, or null")
+    return value
 
 
 class _Section(BaseModel):
@@ -41,6 +55,8 @@ class DataParams(_Section):
     max_pixels: int = Field(89_478_485, ge=1)
     cv_folds: int = Field(5, ge=2, description="smallest class must support this many CV folds")
     workers: int = Field(0, ge=0, description="decode processes; 0 = all cores")
+    dask: str | None = Field(None, description=DASK_HELP)
+    _dask_address = field_validator("dask")(lambda cls, value: check_dask_address(value))
 
     @field_validator("classes")
     @classmethod
@@ -57,6 +73,8 @@ class FeaturesParams(_Section):
     weights: str = Field("imagenet", description="'imagenet', a weights file path, or 'none'")
     batch_size: int = Field(32, ge=1)
     mixed_precision: Literal["auto", "off", "bfloat16", "float16"] = "auto"
+    dask: str | None = Field(None, description=DASK_HELP)
+    _dask_address = field_validator("dask")(lambda cls, value: check_dask_address(value))
 
 
 class CGrid(_Section):

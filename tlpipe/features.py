@@ -135,9 +135,95 @@ def imagenet_table(manifest: pd.DataFrame, split: str, top1: np.ndarray) -> pd.D
     })
 
 
+BATCHES_PER_TASK = 4  # inference batches per Dask task
+
+
+def worker_extractor(path: str):
+    """The extractor saved at ``path``, loaded once per Dask worker process (the latest one is kept)."""
+    key = f"{path}:{os.stat(path).st_mtime_ns}"
+    if key not in _WORKER_MODELS:
+        _WORKER_MODELS.clear()
+        import keras
+
+        import tlpipe.backbones  # noqa: F401  (registers the custom layers load_model needs)
+
+        visible_accelerator()
+        _WORKER_MODELS[key] = keras.saving.load_model(path, compile=False)
+    return _WORKER_MODELS[key]
+
+
+_WORKER_MODELS: dict[str, object] = {}
+
+
+def extract_rows(extractor_path: str, images_path: str, start: int, stop: int, batch_size: int,
+                 outputs: dict[str, str], with_top1: bool) -> np.ndarray | None:
+    """Dask task: rows ``start:stop`` of one split through the saved extractor, written in place.
+
+    ``start`` is a multiple of ``batch_size``, so every batch holds the same images as on the local path.
+
+    Returns:
+        The (n, 2) top-1 ImageNet class and probability per row when ``with_top1``, else None.
+    """
+    model = worker_extractor(extractor_path)
+    top1 = []
+    rows = range(start, stop)
+    for offset, batch in zip(range(start, stop, batch_size), store.iter_npy_batches(Path(images_path), batch_size, rows)):
+        result = model.predict_on_batch(batch)
+        for kind in KINDS:
+            store.write_rows_at(Path(outputs[kind]), offset, np.asarray(result[kind], dtype=np.float32))
+        if with_top1:
+            probs = np.asarray(result["probs"])
+            top1.append(np.stack([probs.argmax(1), probs.max(1)], axis=1))
+    return (np.concatenate(top1) if top1 else np.zeros((0, 2))) if with_top1 else None
+
+
+def extract_on_dask(
+    client, extractor_path: Path, model, store_dir: Path, out_dir: Path, batch_size: int,
+    progress: Callable[[Iterable, int], Iterable] = lambda it, total: it,
+) -> dict[str, tuple[SplitTiming, np.ndarray | None]]:
+    """Every split through the saved extractor on a Dask cluster; workers write row blocks in place.
+
+    The output files are allocated first (:func:`tlpipe.store.create_npy`), then each task fills
+    ``BATCHES_PER_TASK`` batches of one split, so the files are byte-identical to :func:`extract_split`'s.
+    A split's seconds are the wall time of the whole run shared out by its number of images.
+    """
+    from distributed import as_completed
+
+    from tlpipe.cluster import even_chunks
+
+    dims = {k: int(model.output[k].shape[-1]) for k in KINDS}
+    with_top1 = "probs" in model.output
+    counts, submitted = {}, []
+    start = time.perf_counter()
+    for split in store.SPLITS:
+        images = store.split_path(store_dir, split)
+        counts[split] = store.npy_rows(images)
+        outputs = {k: str(out_dir / f"{split}_{k}.npy") for k in KINDS}
+        for kind in KINDS:
+            store.create_npy(Path(outputs[kind]), counts[split], (dims[kind],), "float32")
+        for chunk in even_chunks(counts[split], batch_size * BATCHES_PER_TASK, align=batch_size):
+            future = client.submit(extract_rows, str(extractor_path), str(images), chunk.start, chunk.stop,
+                                   batch_size, outputs, with_top1, pure=False)
+            submitted.append((split, future))
+    index = {future.key: i for i, (_, future) in enumerate(submitted)}
+    results: list[np.ndarray | None] = [None] * len(submitted)
+    for future in progress(as_completed([f for _, f in submitted]), len(submitted)):
+        results[index[future.key]] = future.result()
+        future.release()
+    seconds = time.perf_counter() - start
+    total = sum(counts.values()) or 1
+    done = {}
+    for split in store.SPLITS:
+        parts = [r for (s, _), r in zip(submitted, results) if s == split]
+        top1 = (np.concatenate(parts) if parts else np.zeros((0, 2))) if with_top1 else None
+        done[split] = (SplitTiming(split, counts[split], seconds * counts[split] / total), top1)
+    return done
+
+
 def extract_features(
     store_dir: Path, out_dir: Path, params: FeaturesParams,
     progress: Callable[[Iterable, int], Iterable] = lambda it, total: it,
+    client=None,
 ) -> dict:
     """Extract pooled final and mid-level features for every split of a store.
 
@@ -146,9 +232,21 @@ def extract_features(
     model (``extractor.keras``) and, with an ImageNet head, ``imagenet_top1.csv``
     for the test split.
 
+    With ``params.dask`` (or ``$TLPIPE_DASK_SCHEDULER``), or a ``distributed.Client`` as
+    ``client``, the extractor is saved first and the splits run on that Dask cluster
+    (:func:`extract_on_dask`); the feature files are byte-identical to the local path's.
+
     Returns:
         The metadata: backbone, dims, per-split counts, images/s, precision.
     """
+    if client is None:
+        from tlpipe.cluster import dask_client, log_cluster, resolve_scheduler
+
+        address = resolve_scheduler(params.dask)
+        if address is not None:
+            with dask_client(address) as (dask, info):
+                log_cluster("features", info)
+                return extract_features(store_dir, out_dir, params, progress, client=dask)
     import keras
 
     from tlpipe.backbones import check_weights, get_spec
@@ -167,9 +265,13 @@ def extract_features(
     try:
         timings, tables = [], []
         manifest = store.load_manifest(store_dir)
+        if client is not None:
+            model.save(staging / EXTRACTOR)  # the workers load exactly this model
+            on_dask = extract_on_dask(client, staging / EXTRACTOR, model, store_dir, staging, params.batch_size,
+                                      progress)
         for split in store.SPLITS:
-            timing, top1 = extract_split(model, store.split_path(store_dir, split), staging, split,
-                                         params.batch_size, progress)
+            timing, top1 = on_dask[split] if client is not None else extract_split(
+                model, store.split_path(store_dir, split), staging, split, params.batch_size, progress)
             timings.append(timing)
             if top1 is not None and split == "test":
                 tables.append(imagenet_table(manifest, split, top1))
@@ -187,7 +289,8 @@ def extract_features(
             "imagenet_top1": bool(tables),
         }
         store.write_json(staging / "meta.json", meta)
-        model.save(staging / EXTRACTOR)
+        if client is None:
+            model.save(staging / EXTRACTOR)
         store.publish_dir(staging, out_dir)
     except BaseException:
         import shutil

@@ -305,24 +305,152 @@ def summarize(records: pd.DataFrame, manifest: pd.DataFrame, listing: SourceList
     }
 
 
+SHARD_FILES = 64  # files per Dask decode task (one shard file each)
+SHARD_DIR = "shards"
+
+
+def decode_shard(jobs: list[DecodeJob], shard_path: str) -> list[tuple[int, int, dict]]:
+    """Dask task: decode ``jobs`` in order, appending each decodable image's pixels to ``shard_path``.
+
+    Returns:
+        ``(position, row in the shard or -1, record fields)`` per job.
+    """
+    results, row = [], 0
+    with open(shard_path, "wb") as shard:
+        for job in jobs:
+            position, pixels, info = _decode_job(job)
+            if pixels is None:
+                results.append((position, -1, info))
+            else:
+                shard.write(pixels)
+                results.append((position, row, info))
+                row += 1
+    return results
+
+
+def decode_candidates_on_dask(
+    candidates: list[Candidate], params: DataParams, shard_dir: Path, client,
+    progress: Callable[[Iterable], Iterable] = lambda it: it,
+) -> tuple[pd.DataFrame, list[tuple[int, int]], list[Path]]:
+    """:func:`decode_candidates` on a Dask cluster: workers decode shards of the listing in parallel, each
+    writing its pixels to its own shard file in ``shard_dir``.
+
+    Duplicates are resolved afterwards in listing order, exactly as the local path does, so the
+    records are the same: ``row`` numbers the kept images in listing order.
+
+    Returns:
+        The records, each kept row's (shard, row in shard), and the shard files.
+    """
+    from distributed import as_completed
+
+    from tlpipe.cluster import even_chunks
+
+    shard_dir.mkdir(parents=True, exist_ok=True)
+    jobs = [DecodeJob(i, str(c.path), params.image_size, params.resize_mode, params.min_side, params.max_pixels)
+            for i, c in enumerate(candidates)]
+    chunks = even_chunks(len(jobs), SHARD_FILES)
+    shard_paths = [shard_dir / f"shard-{k:06d}.raw" for k in range(len(chunks))]
+    futures = [client.submit(decode_shard, jobs[chunk.start:chunk.stop], str(path), pure=False)
+               for chunk, path in zip(chunks, shard_paths)]
+    index = {future.key: k for k, future in enumerate(futures)}
+    shard_results: list[list[tuple[int, int, dict]]] = [[] for _ in futures]
+    for future in progress(as_completed(futures)):
+        shard_results[index[future.key]] = future.result()
+        future.release()
+    records: list[tuple] = []
+    locations: list[tuple[int, int]] = []
+    first_seen: dict[str, str] = {}
+    for shard, results in enumerate(shard_results):
+        for position, shard_row, info in results:
+            candidate = candidates[position]
+            sha, reason, row = info.get("sha256", ""), info.get("reason", ""), -1
+            if shard_row >= 0 and sha in first_seen:
+                reason = f"duplicate of {first_seen[sha]}"
+            elif shard_row >= 0:
+                first_seen[sha] = candidate.relpath
+                row = len(locations)
+                locations.append((shard, shard_row))
+            records.append((candidate.relpath, candidate.class_name, candidate.split or "", sha,
+                            info.get("width", 0), info.get("height", 0), info.get("mode", ""), row, reason))
+    return pd.DataFrame.from_records(records, columns=RECORD_COLUMNS), locations, shard_paths
+
+
+def scatter_shard(shard_path: str, moves: list[tuple[int, str, int]], size: int) -> int:
+    """Dask task: copy rows of one shard file to their places in the split files.
+
+    Args:
+        moves: ``(row in the shard, split file, row in the split)`` triples.
+
+    Returns:
+        The number of rows written.
+    """
+    row_bytes = size * size * 3
+    with open(shard_path, "rb") as shard:
+        for shard_row, split_file, split_row in sorted(moves):
+            shard.seek(shard_row * row_bytes)
+            pixels = np.frombuffer(shard.read(row_bytes), dtype=np.uint8).reshape(1, size, size, 3)
+            store.write_rows_at(Path(split_file), split_row, pixels)
+    return len(moves)
+
+
+def write_store_on_dask(manifest: pd.DataFrame, classes: list[str], locations: list[tuple[int, int]],
+                        shard_paths: list[Path], size: int, staging: Path, client) -> None:
+    """:func:`write_store` on a Dask cluster: the split files are allocated, then each worker copies the
+    rows of one shard into them in parallel (disjoint rows), giving byte-identical files."""
+    from distributed import wait
+
+    moves: dict[int, list[tuple[int, str, int]]] = {}
+    for split in store.SPLITS:
+        part = manifest.loc[manifest["split"] == split].sort_values("index")
+        path = store.split_path(staging, split)
+        store.create_npy(path, len(part), (size, size, 3))
+        for split_row, row in zip(part["index"].to_numpy(), part["row"].to_numpy()):
+            shard, shard_row = locations[int(row)]
+            moves.setdefault(shard, []).append((shard_row, str(path), int(split_row)))
+    futures = [client.submit(scatter_shard, str(shard_paths[shard]), items, size, pure=False)
+               for shard, items in sorted(moves.items())]
+    wait(futures)
+    written = sum(future.result() for future in futures)
+    if written != len(manifest):
+        raise RuntimeError(f"wrote {written} of {len(manifest)} store rows")
+    store.write_csv(staging / store.MANIFEST, manifest.drop(columns="row"))
+    store.write_json(staging / store.CLASSES, classes)
+
+
 def ingest(
     listing: SourceListing,
     params: DataParams,
     store_dir: Path,
     progress: Callable[[Iterable], Iterable] = lambda it: it,
+    client=None,
 ) -> dict:
     """Validate, split and store a listed source; return the data report.
 
     The store is built in a staging folder next to ``store_dir`` and published
-    atomically; on any error the previous store is left untouched.
+    atomically; on any error the previous store is left untouched. With ``params.dask``
+    (or ``$TLPIPE_DASK_SCHEDULER``), or a ``distributed.Client`` as ``client``, decoding and
+    the store writes run on that Dask cluster (see :mod:`tlpipe.cluster`); the outputs
+    are byte-identical to the local path's.
 
     Raises:
         DataError: When the data cannot support the task.
     """
+    if client is None:
+        from tlpipe.cluster import dask_client, log_cluster, resolve_scheduler
+
+        address = resolve_scheduler(params.dask)
+        if address is not None:
+            with dask_client(address) as (dask, info):
+                log_cluster("ingest", info)
+                return ingest(listing, params, store_dir, progress, client=dask)
     staging = store.staging_dir(Path(store_dir))
     try:
         raw_path = staging / RAW_NAME
-        records = decode_candidates(listing.candidates, params, raw_path, progress)
+        if client is None:
+            records = decode_candidates(listing.candidates, params, raw_path, progress)
+        else:
+            records, locations, shard_paths = decode_candidates_on_dask(
+                listing.candidates, params, staging / SHARD_DIR, client, progress)
         presplit = listing.kind == "presplit"
         kept = records[records["row"] >= 0]
         check_task_support(kept, params, presplit)
@@ -330,8 +458,14 @@ def ingest(
         check_task_support(selected, params, presplit)
         classes = sorted(selected["class_name"].unique())
         manifest = build_manifest(assign_splits(selected, params, presplit), classes)
-        write_store(manifest, classes, raw_path, params.image_size, staging)
-        raw_path.unlink()
+        if client is None:
+            write_store(manifest, classes, raw_path, params.image_size, staging)
+            raw_path.unlink()
+        else:
+            write_store_on_dask(manifest, classes, locations, shard_paths, params.image_size, staging, client)
+            import shutil
+
+            shutil.rmtree(staging / SHARD_DIR)
         report = summarize(records, manifest, listing, params)
         report["classes"] = classes
         store.publish_dir(staging, Path(store_dir))

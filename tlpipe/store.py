@@ -67,6 +67,41 @@ class NpyWriter:
             self._handle.close()
 
 
+def create_npy(path: Path, rows: int, row_shape: tuple[int, ...], dtype: str = "uint8") -> int:
+    """Create a ``.npy`` file of ``rows`` rows to be filled in place by parallel writers; return its data offset.
+
+    The header is the one :class:`NpyWriter` writes; the data area is allocated (sparse, zero) up to the
+    final size, so writers fill disjoint row blocks with :func:`write_rows_at` in any order and the
+    finished file is byte-identical to one written sequentially.
+    """
+    dtype_ = np.dtype(dtype)
+    header = {"descr": np.lib.format.dtype_to_descr(dtype_), "fortran_order": False,
+              "shape": (rows, *tuple(row_shape))}
+    with open(path, "wb") as handle:
+        np.lib.format.write_array_header_1_0(handle, header)
+        offset = handle.tell()
+        handle.truncate(offset + rows * int(np.prod(row_shape, dtype=np.int64)) * dtype_.itemsize)
+    return offset
+
+
+def write_rows_at(path: Path, start_row: int, rows: np.ndarray) -> None:
+    """Write a block of consecutive rows into a file made by :func:`create_npy`, starting at ``start_row``."""
+    shape, dtype, offset = read_npy_header(path)
+    rows = np.ascontiguousarray(rows, dtype=dtype)
+    if rows.shape[1:] != tuple(shape[1:]) or not 0 <= start_row <= shape[0] - rows.shape[0]:
+        raise ValueError(f"{path}: rows {start_row}..{start_row + rows.shape[0]} of shape {rows.shape[1:]} do "
+                         f"not fit an array of shape {shape}")
+    row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        view, position = memoryview(rows).cast("B"), offset + start_row * row_bytes
+        while view:
+            written = os.pwrite(fd, view, position)
+            view, position = view[written:], position + written
+    finally:
+        os.close(fd)
+
+
 def read_npy_header(path: Path) -> tuple[tuple[int, ...], np.dtype, int]:
     """Return (shape, dtype, data offset) of a ``.npy`` file without reading its data."""
     with open(path, "rb") as handle:

@@ -522,32 +522,22 @@ def summarize(kind: str, history: pd.DataFrame, cache: FeatureCache | None, back
     }
 
 
-def plot_curves(history: pd.DataFrame, path: Path, title: str) -> None:
-    """Save a two-panel (loss, accuracy) train-vs-val figure with the Agg canvas."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-    from matplotlib.ticker import MaxNLocator
+def plot_curves(history: pd.DataFrame, path: Path, title: str, kind: str, best_epoch: int | None = None) -> None:
+    """Save the train-vs-val accuracy and loss figure of one network, best epoch marked.
 
-    figure = Figure(figsize=(10, 4), layout="constrained")
-    FigureCanvasAgg(figure)
-    for axis, metric in zip(figure.subplots(1, 2), ("loss", "accuracy")):
-        axis.plot(history["epoch"], history[metric], marker=".", label="train")
-        axis.plot(history["epoch"], history[f"val_{metric}"], marker=".", label="val")
-        if (history["phase"] == 2).any():
-            axis.axvline(history.loc[history["phase"] == 2, "epoch"].min() - 0.5, color="grey", ls="--",
-                         label="phase 2")
-        axis.set(title=metric, xlabel="epoch")
-        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
-        axis.legend()
-    figure.suptitle(title)
-    figure.savefig(path, dpi=100)
+    Drawn by :func:`tlpipe.plots.plot_training_curves` (the evaluate report's figure, for one model).
+    """
+    from tlpipe.plots import plot_training_curves
+
+    plot_training_curves({kind: history}, {} if best_epoch is None else {kind: best_epoch}, path, title)
 
 
 def write_outputs(folder: Path, kind: str, model: keras.Model, history: pd.DataFrame, metrics: dict) -> None:
     """Write ``<kind>.keras``, ``_history.csv``, ``_curves.png`` and ``_metrics.json`` into ``folder``."""
     model.save(folder / f"{kind}.keras")
     store.write_csv(folder / f"{kind}_history.csv", history)
-    plot_curves(history, folder / f"{kind}_curves.png", f"{kind} ({metrics['mode']})")
+    plot_curves(history, folder / f"{kind}_curves.png", f"{kind} ({metrics['mode']}): solid = train, dashed = "
+                "validation, ★ = kept (best) epoch", kind, metrics.get("best_epoch"))
     store.write_json(folder / f"{kind}_metrics.json", metrics)
 
 

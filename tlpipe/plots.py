@@ -134,6 +134,8 @@ def plot_training_curves(histories: Mapping[str, pd.DataFrame], best_epochs: Map
                        label=f"{s} split") for s in SPLIT_STYLES]
     handles.append(Line2D([], [], color="black", marker="*", markersize=12, linestyle="none",
                           label="best epoch (kept weights)"))
+    if any("phase" in h and (h["phase"] == 2).any() for h in histories.values()):
+        handles.append(Line2D([], [], color="gray", linestyle="-.", label="phase 2 starts (top layers unfrozen)"))
     panels[1].legend(handles=handles, loc="upper right", fontsize=8)
     figure.suptitle(title)
     return save_figure(figure, path)

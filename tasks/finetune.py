@@ -84,7 +84,7 @@ def log_networks(stage_run_id: str, root: Path, params: Params, results: dict, o
             model_id = tracking.model_id_from_uri(uri)
             tracking.log_metrics(client, run_id, {
                 "best_val_accuracy": summary["best_val_accuracy"], "best_val_loss": summary["best_val_loss"],
-                "selection_score": summary["best_val_accuracy"]}, model_id=model_id, dataset=datasets["val"])
+                "validation_score": summary["best_val_accuracy"]}, model_id=model_id, dataset=datasets["val"])
             tracking.log_metrics(client, run_id, {
                 "best_epoch": summary["best_epoch"], "train_seconds": summary["train_seconds"],
                 "seconds_per_epoch": summary["seconds_per_epoch"], "cache_seconds": summary.get("cache_seconds")},

@@ -54,7 +54,7 @@ def log_svms(stage_run_id: str, root: Path, params: Params, summaries: dict, svm
             model = svm.joblib.load(svm_dir / f"{name}.joblib")
             X = svm.load_inputs(store_dir, features_dir, "val", svm.SVM_MODELS[name], params.svm.pixel_size)
             tracking.log_metrics(client, run_id, {"cv_accuracy": summary["cv_accuracy"], "cv_std": summary["cv_std"],
-                                                  "selection_score": summary["cv_accuracy"],
+                                                  "validation_score": summary["cv_accuracy"],
                                                   "fit_seconds": summary["fit_seconds"],
                                                   "search_seconds": summary.get("search_seconds")},
                                  dataset=datasets["train"])

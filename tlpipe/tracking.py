@@ -2,7 +2,8 @@
 
 * Store: ``$MLFLOW_TRACKING_URI`` or ``sqlite:///<root>/mlflow.db``; a SQLite store keeps its
   artifacts beside it in ``mlartifacts/``. One experiment for the project, tagged
-  ``mlflow.experimentKind = custom_model_development`` (MLflow's model-training view).
+  ``mlflow.experimentKind = custom_model_development`` (MLflow's "Machine learning"
+  kind); links made with :func:`ui_url` open the UI in its model-training view.
 * Runs: one *pipeline* (parent) run per pipeline execution; one *stage* run per stage
   execution, opened by the stage flow before its work and ended after it
   (:func:`stage_run`); one *model* run per trained model under its stage run
@@ -58,6 +59,14 @@ REAPED_TAG = "tlpipe.reaped"
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 EXPERIMENT_KIND = "custom_model_development"
 """The experiment kind MLflow 3's UI labels "Machine learning" (its model-training view)."""
+UI_TRAINING_VIEW = "workflowType=machine_learning"
+"""Query parameter that opens MLflow 3.17's UI in its model-training view.
+
+Checked in MLflow 3.17.2's UI bundle and in headless Chromium: the UI picks the
+GenAI or model-training view from a per-browser toggle (sidebar "GenAI | Model
+training", remembered in the browser, default GenAI), not from the experiment's
+``mlflow.experimentKind`` tag; ``?workflowType=machine_learning`` in a link selects
+the training view (and is kept while navigating)."""
 DATASET_CONTEXT_TAG = "mlflow.data.context"
 DATASET_CONTEXTS = {"train": "train", "val": "validation", "test": "test"}
 """Store split -> the MLflow dataset input context it is logged with."""
@@ -154,6 +163,15 @@ def probe(client, uri: str) -> None:
     client.search_experiments(max_results=1)
 
 
+def store_reachable(client, uri: str) -> bool:
+    """Whether one :func:`probe` of the store succeeds (never raises)."""
+    try:
+        probe(client, uri)
+        return True
+    except Exception:
+        return False
+
+
 def connect(root: Path, attempts: int = 3, backoff_s: float = 1.0):
     """Return an ``MlflowClient`` on the project store, after a bounded reachability check.
 
@@ -196,6 +214,15 @@ def get_client(root: Path):
     from mlflow import MlflowClient
 
     return MlflowClient(tracking_uri=tracking_uri(root))
+
+
+def ui_url(base_url: str, experiment_id: str, run_id: str | None = None) -> str:
+    """A link into the MLflow UI at ``base_url`` that opens in the model-training view.
+
+    The experiment's runs list, or one run's page when ``run_id`` is given.
+    """
+    page = f"runs/{run_id}" if run_id else "runs"
+    return f"{base_url.rstrip('/')}/#/experiments/{experiment_id}/{page}?{UI_TRAINING_VIEW}"
 
 
 def ensure_experiment(client, root: Path) -> str:
@@ -433,6 +460,13 @@ def stage_run(stage: str, root: Path, params: Mapping | None = None, data_hash: 
         status = "FINISHED"
     except BaseException as error:
         status = "FAILED" if isinstance(error, Exception) else "KILLED"
+        if isinstance(error, Exception) and not isinstance(error, TrackingUnavailableError) \
+                and not store_reachable(client, key[1]):
+            raise TrackingUnavailableError(
+                f"MLflow tracking store {key[1]} became unreachable during the {stage} stage "
+                f"({type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''}). Start it "
+                "again and rerun the stage (the runs left RUNNING are then ended as KILLED)."
+            ) from error
         raise
     finally:
         with _open_lock:
@@ -697,7 +731,7 @@ def common_model_params(name: str, params, data_hash: str, classes: list[str], i
     Keys: ``model``, ``family`` (svm/network), ``model_kind`` (linear_svm/dense_head),
     ``input`` (final/concat/pixels), ``backbone``, ``weights``, ``mid_layer`` (the tap,
     where the input uses it), ``image_size``, ``resize_mode``, ``data_hash``,
-    ``classes``, ``n_classes``.
+    ``classes``, ``n_classes``; the family builders add ``seed`` and ``n_train``.
     """
     from tlpipe.backbones.common import get_spec
     from tlpipe.models import SVM_MODELS, model_family
@@ -718,30 +752,38 @@ def common_model_params(name: str, params, data_hash: str, classes: list[str], i
 
 def svm_model_params(name: str, summary: Mapping, params, data_hash: str, classes: list[str],
                      image_size: int) -> dict[str, Any]:
-    """Params of an SVM's model run: :func:`common_model_params` plus the C grid, chosen C and search."""
+    """Params of an SVM's model run: :func:`common_model_params` plus ``svm.*`` (C grid, chosen C, search).
+
+    Family-specific keys carry a prefix (``svm.``/``net.``) so the shared keys sort
+    first: MLflow's Compare page plots the first three differing params by name
+    (here ``backbone``, ``family``, ``input``) in its parallel-coordinates plot.
+    """
     grid = params.svm.c_grid
     extra = {
-        "C": summary["best_C"], "C_grid": f"logspace({grid.start:g}, {grid.stop:g}, {grid.num})",
-        "cv_folds": params.svm.cv_folds, "seed": params.svm.seed, "search": summary.get("search", ""),
-        "n_features": summary.get("n_features", ""), "n_train": summary.get("n_train", ""),
+        "svm.C": summary["best_C"], "svm.C_grid": f"logspace({grid.start:g}, {grid.stop:g}, {grid.num})",
+        "svm.cv_folds": params.svm.cv_folds, "svm.search": summary.get("search", ""),
+        "svm.n_features": summary.get("n_features", ""), "seed": params.svm.seed,
+        "n_train": summary.get("n_train", ""),
     }
-    if summary.get("source", "") == "pixels" or name == "svm_pixels":
-        extra["pixel_size"] = params.svm.pixel_size
+    if name == "svm_pixels":
+        extra["svm.pixel_size"] = params.svm.pixel_size
     return {**common_model_params(name, params, data_hash, classes, image_size), **extra}
 
 
 def network_model_params(kind: str, summary: Mapping, params, data_hash: str, classes: list[str],
                          image_size: int) -> dict[str, Any]:
-    """Params of a network's model run: :func:`common_model_params` plus optimizer, schedule, head and augmentation."""
+    """Params of a network's model run: :func:`common_model_params` plus ``net.*`` (optimizer, schedule, head,
+    augmentation); see :func:`svm_model_params` for the prefix."""
     tune = params.finetune
     extra = {
-        "optimizer": tune.optimizer, "learning_rate": tune.learning_rate, "epochs": tune.epochs,
-        "batch_size": tune.batch_size, "head_units": getattr(tune, f"{kind}_units"), "seed": tune.seed,
-        "feature_cache": tune.feature_cache, "cache_copies": tune.cache_copies if tune.feature_cache else 0,
-        "unfreeze_layers": tune.unfreeze_layers, "mode": summary.get("mode", ""),
-        "n_train": summary.get("train_images", ""),
-        **{f"augment.{k}": v for k, v in tune.augment.model_dump().items()},
+        "net.optimizer": tune.optimizer, "net.learning_rate": tune.learning_rate, "net.epochs": tune.epochs,
+        "net.batch_size": tune.batch_size, "net.head_units": getattr(tune, f"{kind}_units"),
+        "net.feature_cache": tune.feature_cache, "net.cache_copies": tune.cache_copies if tune.feature_cache else 0,
+        "net.unfreeze_layers": tune.unfreeze_layers, "net.mode": summary.get("mode", ""),
+        **{f"net.augment.{k}": v for k, v in tune.augment.model_dump().items()},
+        "seed": tune.seed, "n_train": summary.get("train_images", ""),
     }
     if tune.unfreeze_layers:
-        extra.update(unfreeze_epochs=tune.unfreeze_epochs, unfreeze_learning_rate=tune.unfreeze_learning_rate)
+        extra.update({"net.unfreeze_epochs": tune.unfreeze_epochs,
+                      "net.unfreeze_learning_rate": tune.unfreeze_learning_rate})
     return {**common_model_params(kind, params, data_hash, classes, image_size), **extra}

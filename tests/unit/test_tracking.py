@@ -159,6 +159,13 @@ def test_experiment_opens_in_the_training_view_with_artifacts_in_mlartifacts(roo
     assert client.get_experiment(experiment_id).tags[tracking.EXPERIMENT_KIND_TAG] == "genai_development"
 
 
+def test_ui_links_open_the_model_training_view() -> None:
+    assert tracking.ui_url("http://127.0.0.1:5000/", "1") == \
+        "http://127.0.0.1:5000/#/experiments/1/runs?workflowType=machine_learning"
+    assert tracking.ui_url("http://h:5000", "3", "abc") == \
+        "http://h:5000/#/experiments/3/runs/abc?workflowType=machine_learning"
+
+
 def test_http_retries_are_mlflows_own_bounded_settings(root: Path, monkeypatch) -> None:
     from mlflow.environment_variables import MLFLOW_HTTP_REQUEST_MAX_RETRIES, MLFLOW_HTTP_REQUEST_TIMEOUT
 

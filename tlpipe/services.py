@@ -448,18 +448,22 @@ def tracking_status(state_dir: Path) -> dict[str, object]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m tlpipe.services {start,stop,status,restart-mlflow}``."""
+    """``python -m tlpipe.services {start,stop,status,restart-mlflow,binaries}``."""
     parser = argparse.ArgumentParser(prog="python -m tlpipe.services", description=__doc__.splitlines()[0])
-    parser.add_argument("action", choices=("start", "stop", "status", "restart-mlflow"))
+    parser.add_argument("action", choices=("start", "stop", "status", "restart-mlflow", "binaries"),
+                        help="binaries: print the PostgreSQL binaries folder (exit 1 when there is none)")
     parser.add_argument("--state-dir", type=Path, default=None, help="default: <project root>/.tlpipe")
     parser.add_argument("--pg-port", type=int, default=DEFAULT_PG_PORT)
     parser.add_argument("--port", type=int, default=DEFAULT_MLFLOW_PORT, help="MLflow server port")
     args = parser.parse_args(argv)
-    if args.state_dir is None:
-        from tlpipe.paths import find_root
-
-        args.state_dir = find_root() / ".tlpipe"
     try:
+        if args.action == "binaries":
+            print(postgres_bin_dir())
+            return 0
+        if args.state_dir is None:
+            from tlpipe.paths import find_root
+
+            args.state_dir = find_root() / ".tlpipe"
         if args.action == "start":
             endpoints = start_tracking(args.state_dir, args.pg_port, args.port)
             print(f"PostgreSQL on {HOST}:{endpoints.pg_port} ({endpoints.pg_seconds:.1f} s), MLflow server on "

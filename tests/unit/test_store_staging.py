@@ -84,3 +84,51 @@ def test_remove_stale_siblings_reports_what_it_removed(tmp_path: Path) -> None:
     removed = store.remove_stale_siblings(tmp_path / "store")
     assert sorted(p.name for p in removed) == sorted([f".store.tmp-{dead}", f".store.old-{dead}"])
     assert store.remove_stale_siblings(tmp_path / "missing" / "store") == []
+
+
+WRITE_LIMITED_INGEST = """
+import resource, signal, sys
+from pathlib import Path
+from tlpipe.config import DataParams
+from tlpipe.ingest import ingest
+from tlpipe.sources import list_folder
+
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG instead of killing us
+limit = int(sys.argv[3])
+resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+params = DataParams(source=sys.argv[1], image_size=32, max_per_class=None, workers=1)
+try:
+    ingest(list_folder(Path(sys.argv[1])), params, Path(sys.argv[2]))
+except OSError as error:
+    print(f"write failed: {error}")
+    sys.exit(3)
+"""
+
+
+def test_a_write_failure_while_building_keeps_the_published_store(tmp_path: Path) -> None:
+    """The disk fills up (simulated: a per-process file size limit) while ingest builds the next store: the
+    error names the cause, the published store is untouched and no staging folder is left."""
+    from tests.conftest import make_image, make_source
+    from tlpipe.config import DataParams
+    from tlpipe.ingest import ingest
+    from tlpipe.sources import list_folder
+    import numpy as np
+
+    source = make_source(tmp_path / "source", per_class=10)
+    store_dir = tmp_path / "data" / "store"
+    ingest(list_folder(source), DataParams(source=str(source), image_size=32, max_per_class=None, workers=1),
+           store_dir)
+    before = {p.name: p.read_bytes() for p in store_dir.iterdir()}
+    rng = np.random.default_rng(5)
+    for i in range(40):  # the next store is larger than the limit below
+        make_image(source / ("bright" if i % 2 else "dark") / f"more_{i:02d}.png", rng, bright=bool(i % 2))
+    limit = max(len(data) for data in before.values()) + 1024
+
+    result = subprocess.run([sys.executable, "-c", WRITE_LIMITED_INGEST, str(source), str(store_dir), str(limit)],
+                            capture_output=True, text=True, timeout=300,
+                            cwd=Path(__file__).resolve().parents[2])
+
+    assert result.returncode == 3, result.stdout + result.stderr[-3000:]
+    assert "File too large" in result.stdout
+    assert {p.name: p.read_bytes() for p in store_dir.iterdir()} == before
+    assert sorted(p.name for p in store_dir.parent.iterdir()) == ["store"]

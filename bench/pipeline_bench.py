@@ -72,18 +72,18 @@ NOOP_FLOW = "from prefect import flow\nflow(name='noop')(lambda: None)()\n"
 ENSURE_SERVER = "from tlpipe.prefect_server import ensure_server\nprint(ensure_server('.'))\n"
 INGEST_NO_PREFECT = """\
 import time
+from tlpipe import tracking
 from tlpipe.config import load_params
 from tlpipe.paths import project_paths
-from tasks.common import check_tracking
 from tasks.ingest import build_store, list_source_files, log_ingest, write_data_report
 paths = project_paths()
 params = load_params(paths.params)
-check_tracking.fn(paths.root)
-start = time.perf_counter()
-listing = list_source_files.fn(params.data)
-report = build_store.fn(listing, params.data, paths.store)
-artifacts = write_data_report.fn(report, paths.reports("ingest"), paths.metrics / "ingest.json")
-log_ingest.fn(paths.root, params.data, report, artifacts, time.perf_counter() - start)
+with tracking.stage_run("ingest", paths.root, {"data": params.data.model_dump()}) as run_id:
+    start = time.perf_counter()
+    listing = list_source_files.fn(params.data)
+    report = build_store.fn(listing, params.data, paths.store)
+    artifacts = write_data_report.fn(report, paths.reports("ingest"), paths.metrics / "ingest.json")
+    log_ingest.fn(run_id, paths.root, params.data, report, artifacts, time.perf_counter() - start, paths.store)
 """  # the body of flows/ingest.py, with each task's plain function (no Prefect engine, no server)
 INGEST_CORE = """\
 from pathlib import Path
@@ -100,6 +100,7 @@ def load_conftest():
     """``tests/conftest.py`` by path (``tests`` is no package): make_source, TINY_PARAMS, PROJECT_FILES."""
     spec = importlib.util.spec_from_file_location("tlpipe_tests_conftest", REPO_ROOT / "tests" / "conftest.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses in it look their module up there
     spec.loader.exec_module(module)
     return module
 

@@ -44,7 +44,8 @@ def test_pipeline_runs_once_per_project_links_its_stage_runs_and_publishes_artif
         ArtifactFilter, ArtifactFilterFlowRunId, FlowFilter, FlowFilterName, FlowRunFilter, FlowRunFilterTags,
     )
 
-    project = make_project(tmp_path / "linkproj", tiny_source)
+    project = make_project(tmp_path / "linkproj", tiny_source,
+                           {"finetune": {"epochs": 1}, "svm": {"c_grid": {"num": 2}}})  # as small as it gets
     env = {**project_env, "PREFECT_API_URL": prefect_server}
     command = [sys.executable, "-m", "flows.cli", "repro"]
     first = subprocess.Popen(command, cwd=project, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,

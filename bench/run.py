@@ -30,6 +30,7 @@ FIGURES = {
     "5": ("incremental runs", "bench.pipeline_bench"),
     "6": ("end to end", "bench.pipeline_bench"),
     "7": ("dask scale-out", "bench.dask_bench"),
+    "8": ("service start-up", "bench.services_bench"),
 }
 MULTI_FIGURE = {"bench.pipeline_bench"}  # modules that take ``--figures``: one process for all their keys
 ECHO_PREFIXES = ("[bench]", "[synth]", "Traceback", "RuntimeError", "Error")

@@ -225,6 +225,12 @@ def ui_url(base_url: str, experiment_id: str, run_id: str | None = None) -> str:
     return f"{base_url.rstrip('/')}/#/experiments/{experiment_id}/{page}?{UI_TRAINING_VIEW}"
 
 
+def compare_url(base_url: str, experiment_id: str, run_ids: list[str]) -> str:
+    """A link to MLflow's Compare page for these runs (e.g. the five model runs), in the training view."""
+    runs = ",".join(f'"{run_id}"' for run_id in run_ids)
+    return f"{base_url.rstrip('/')}/#/compare-runs?runs=[{runs}]&experiments=[\"{experiment_id}\"]&{UI_TRAINING_VIEW}"
+
+
 def ensure_experiment(client, root: Path) -> str:
     """Get or create the project's experiment (artifacts per :func:`artifact_location`); return its id.
 

@@ -164,6 +164,8 @@ def test_ui_links_open_the_model_training_view() -> None:
         "http://127.0.0.1:5000/#/experiments/1/runs?workflowType=machine_learning"
     assert tracking.ui_url("http://h:5000", "3", "abc") == \
         "http://h:5000/#/experiments/3/runs/abc?workflowType=machine_learning"
+    assert tracking.compare_url("http://h:5000", "1", ["a", "b"]) == \
+        'http://h:5000/#/compare-runs?runs=["a","b"]&experiments=["1"]&workflowType=machine_learning'
 
 
 def test_http_retries_are_mlflows_own_bounded_settings(root: Path, monkeypatch) -> None:

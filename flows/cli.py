@@ -190,17 +190,17 @@ def repro(
 
 @app.command()
 def retrain(
-    force: Annotated[bool, typer.Option(help="rerun even if the source is unchanged")] = False,
+    force: Annotated[bool, typer.Option(help="rerun even if DVC reports nothing stale (rebuilds the store)")] = False,
     root: RootOption = None,
 ) -> None:
-    """Rerun the pipeline if the source data changed; the quality gate picks the champion."""
+    """Rerun the pipeline if DVC reports a stale input (source images, code, params); the gate picks the champion."""
     root = prepare_prefect(root)
     from flows.common import prefect_context
     from flows.retrain import retrain_flow
 
     with prefect_context(root):
         result = retrain_flow(root=str(root), force=force)
-    typer.echo(json.dumps({k: v for k, v in result.items() if k in ("retrained", "reason", "stages_ran", "promotion")},
+    typer.echo(json.dumps({k: v for k, v in result.items() if k in ("retrained", "reason", "stale", "stages_ran", "promotion")},
                           indent=2, default=str))
 
 

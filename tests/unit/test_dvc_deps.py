@@ -15,7 +15,11 @@ under the stage's ``deps:`` in dvc.yaml; it also fails on listed ``.py`` deps th
 from __future__ import annotations
 
 import ast
+import os
 import shlex
+import shutil
+import subprocess
+import sys
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
@@ -204,6 +208,45 @@ def test_stage_deps_list_no_unused_project_module(stage):
 def test_stage_runs_through_the_project_launcher(stage):
     """``bin/python`` picks the project's interpreter whether or not a venv is activated (README commands)."""
     assert shlex.split(STAGES[stage]["cmd"])[0] == "bin/python", STAGES[stage]["cmd"]
+
+
+BARE_PATH = os.pathsep.join(p for p in ("/usr/local/bin", "/usr/bin", "/bin") if Path(p).is_dir())
+
+
+def launcher_copy(tmp_path: Path) -> Path:
+    """A project folder with bin/python and no .venv (like a test copy of the project)."""
+    (tmp_path / "bin").mkdir()
+    shutil.copy2(REPO / "bin" / "python", tmp_path / "bin" / "python")
+    return tmp_path
+
+
+def test_launcher_runs_the_python_of_the_dvc_that_started_it(tmp_path):
+    """No venv on PATH, none in the project: bin/python still finds the interpreter running ``dvc``."""
+    project = launcher_copy(tmp_path)
+    fake_dvc = tmp_path / "tools" / "dvc"  # argv: [<python>, .../dvc, ...] as for `.venv/bin/dvc repro`
+    fake_dvc.parent.mkdir()
+    fake_dvc.write_text("import subprocess, sys\nsys.exit(subprocess.run(['/bin/sh', '-c', "
+                        "'bin/python -c \"import sys; print(sys.executable)\"']).returncode)\n")
+    env = {"PATH": BARE_PATH, "HOME": str(tmp_path)}
+    result = subprocess.run([sys.executable, str(fake_dvc)], cwd=project, env=env, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == sys.executable
+
+
+def test_launcher_without_any_usable_python_says_what_it_tried(tmp_path):
+    project = launcher_copy(tmp_path)
+    env = {"PATH": BARE_PATH, "HOME": str(tmp_path), "TLPIPE_PYTHON": "/nonexistent/python"}
+    for name in ("python3", "python"):
+        found = shutil.which(name, path=BARE_PATH)
+        probe = "import importlib.util as u; print(all(u.find_spec(m) for m in ('prefect', 'mlflow', 'keras')))"
+        if found and subprocess.run([found, "-c", probe], capture_output=True, text=True).stdout.strip() == "True":
+            pytest.skip(f"{found} has the project's requirements")
+    result = subprocess.run(["bin/python", "-c", "print(1)"], cwd=project, env=env, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 127
+    assert "no Python with the project's requirements" in result.stderr and "make setup" in result.stderr
+    assert "/nonexistent/python" in result.stderr and str(project / ".venv" / "bin" / "python") in result.stderr
 
 
 def test_ingest_depends_on_the_source_and_elpv_names_the_locked_package():

@@ -38,6 +38,7 @@ from pathlib import Path
 
 from tlpipe.errors import UserError
 from tlpipe.lock import file_lock
+from tlpipe.paths import tracking_root
 
 MODE_ENV = "TLPIPE_PREFECT_SERVER"
 PORT_ENV = "TLPIPE_PREFECT_PORT"
@@ -62,16 +63,13 @@ class ServerInfo:
 
 
 def main_project_root(root: Path | str) -> Path:
-    """The project a path belongs to; a DVC queued-experiment workspace maps to its project.
+    """The project a path belongs to; a DVC experiment workspace maps to its project.
 
-    DVC runs queued experiments in ``<project>/.dvc/tmp/exps/<tmp>/``; they must
-    report to the project's server, not start one in a folder DVC deletes.
+    DVC runs queued and ``--temp`` experiments in ``<project>/.dvc/tmp/exps/...``; they must
+    report to the project's server, not start one in a folder DVC deletes. Same rule as the
+    tracking store's (:func:`tlpipe.paths.tracking_root`).
     """
-    parts = Path(root).resolve().parts
-    for index in range(len(parts) - 2):
-        if parts[index:index + 3] == (".dvc", "tmp", "exps"):
-            return Path(*parts[:index])
-    return Path(root).resolve()
+    return tracking_root(root)
 
 
 def home(root: Path | str) -> Path:

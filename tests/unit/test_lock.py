@@ -66,5 +66,6 @@ def test_waiting_holder_gets_the_lock_when_it_is_released(tmp_path: Path) -> Non
 def test_queued_experiment_workspaces_belong_to_their_project(tmp_path: Path) -> None:
     workspace = tmp_path / "proj" / ".dvc" / "tmp" / "exps" / "tmpabc123"
     workspace.mkdir(parents=True)
+    (tmp_path / "proj" / "dvc.yaml").write_text("stages: {}\n")
     assert main_project_root(workspace) == (tmp_path / "proj").resolve()
     assert main_project_root(tmp_path / "proj") == (tmp_path / "proj").resolve()

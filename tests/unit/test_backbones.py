@@ -27,6 +27,8 @@ from tlpipe.backbones import (
     list_backbones,
 )
 from tlpipe.backbones import resnet50 as resnet50_module
+from tlpipe.backbones.efficientnet_lite import VARIANTS, assign_state_dict, build_network, get_packaged_pth
+from tlpipe.torch_pickle import load_state_dict
 from tlpipe.imagenet import load_image_for_imagenet
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -62,13 +64,36 @@ def random_pixels(size: int, batch: int = 2, seed: int = 0) -> np.ndarray:
 
 
 def test_specs() -> None:
-    assert list_backbones() == ["efficientnet_lite0", "resnet50"]
+    assert list_backbones() == ["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2", "resnet50"]
     resnet = get_spec("resnet50")
     assert (resnet.final_dim, resnet.mid_layer, resnet.mid_dim, resnet.default_size) == (2048, "conv3_block4_out", 512, 224)
     lite0 = get_spec("efficientnet_lite0")
     assert (lite0.final_dim, lite0.mid_layer, lite0.mid_dim, lite0.has_classifier) == (1280, "block5_expand_relu", 240, True)
-    with pytest.raises(ValueError, match="efficientnet_lite0, resnet50"):
+    with pytest.raises(ValueError, match="efficientnet_lite0, efficientnet_lite1, efficientnet_lite2, resnet50"):
         get_spec("vgg16")
+
+
+@pytest.mark.parametrize("name", sorted(VARIANTS))
+def test_lite_variants_match_their_specs_and_state_dicts(name: str) -> None:
+    """Width/depth multipliers reproduce every tensor shape of the shipped .pth; spec, tap and dims agree."""
+    variant, spec = VARIANTS[name], get_spec(name)
+    assert (spec.default_size, spec.mid_layer, spec.mid_dim, spec.final_dim) == (
+        variant.size, variant.mid_layer, variant.mid_dim, 1280)
+    state = load_state_dict(get_packaged_pth(variant))
+    blocks = {int(key.split(".")[1]) for key in state if key.startswith("_blocks.")}
+    assert len(blocks) == sum(stage[0] for stage in variant.stages)
+    _inputs, net = build_network(variant, 64)
+    assign_state_dict(variant, net, state)  # raises on any missing, extra or mis-shaped tensor
+    mid = net.get_layer(variant.mid_layer)
+    assert isinstance(mid, keras.layers.ReLU) and mid.output.shape[1] == 64 // 8  # stride 8, after an activation
+    assert mid.output.shape[-1] == spec.mid_dim
+
+
+def test_lite_weights_of_another_variant_are_rejected() -> None:
+    lite1, lite2 = VARIANTS["efficientnet_lite1"], VARIANTS["efficientnet_lite2"]
+    _inputs, net = build_network(lite1, 32)
+    with pytest.raises(ValueError, match="EfficientNet-Lite1: .* expects"):
+        assign_state_dict(lite1, net, load_state_dict(get_packaged_pth(lite2)))
 
 
 def test_caffe_preprocessing_matches_keras() -> None:
@@ -155,6 +180,41 @@ def test_lite0_imagenet_dims_cache_and_notop(lite0_top: keras.Model, cache_dir: 
     np.testing.assert_allclose(feats["mid"], top["mid"], atol=1e-5)
     small = build_backbone("efficientnet_lite0", weights=str(cached), image_size=96)
     assert small.predict(coffee_crop[:, :96, :96], verbose=0)["mid"].shape == (1, 240)
+
+
+CAT_CLASSES = {"tiger cat", "tabby", "Egyptian cat"}
+ROCKET_CLASSES = {"missile", "projectile"}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["efficientnet_lite1", "efficientnet_lite2"])
+def test_lite_imagenet_top1_on_real_photos(name: str, cache_dir: Path, tmp_path: Path) -> None:
+    """Converted weights classify skimage's photos at the native size (centre crops, as ImageNet is scored).
+
+    Coffee and the cat are top-1 for every variant. The rocket photo shows the
+    launch gantry too: Lite0 says missile, Lite1 and Lite2 'drilling platform'
+    with missile/projectile in their top 3.
+    """
+    from tlpipe.imagenet import decode_top
+
+    spec = get_spec(name)
+    model = build_backbone(name, weights="imagenet", image_size=spec.default_size, include_top=True)
+    photos = {"coffee": skimage.data.coffee(), "chelsea": skimage.data.chelsea(), "rocket": skimage.data.rocket()}
+    crops = []
+    for photo, pixels in photos.items():
+        Image.fromarray(pixels).save(tmp_path / f"{photo}.jpg", quality=95)
+        crops.append(load_image_for_imagenet(tmp_path / f"{photo}.jpg", spec.default_size))
+    out = model.predict(np.stack(crops).astype(np.float32), verbose=0)
+    assert out["final"].shape == (3, 1280) and out["mid"].shape == (3, spec.mid_dim)
+    coffee, chelsea, rocket = decode_top(out["probs"], 3)
+    assert coffee[0][0] == "espresso" and coffee[0][1] > 0.5
+    assert chelsea[0][0] in CAT_CLASSES
+    assert ROCKET_CLASSES & {label for label, _ in rocket}
+    cached = list((cache_dir / "weights").glob(f"{name}-*.weights.h5"))
+    assert len(cached) == 1
+    again = build_backbone(name, weights="imagenet", image_size=spec.default_size, include_top=True)
+    np.testing.assert_allclose(again.predict(crops[0][None].astype(np.float32), verbose=0)["probs"],
+                               out["probs"][:1], atol=1e-5)
 
 
 def test_backbone_as_submodel_keras_roundtrip(tmp_path: Path) -> None:

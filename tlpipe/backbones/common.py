@@ -27,7 +27,7 @@ class BackboneSpec:
     """Static facts about a backbone.
 
     Attributes:
-        name: Backbone name (``"resnet50"`` or ``"efficientnet_lite0"``).
+        name: Backbone name (``"resnet50"``, ``"efficientnet_lite0"``, ``_lite1`` or ``_lite2``).
         default_size: Native square input size.
         final_dim: Width of the pooled last feature map.
         mid_layer: Keras layer name of the mid-level tap.
@@ -45,6 +45,8 @@ class BackboneSpec:
 
 SPECS: dict[str, BackboneSpec] = {
     "efficientnet_lite0": BackboneSpec("efficientnet_lite0", 224, 1280, "block5_expand_relu", 240, True),
+    "efficientnet_lite1": BackboneSpec("efficientnet_lite1", 240, 1280, "block7_expand_relu", 240, True),
+    "efficientnet_lite2": BackboneSpec("efficientnet_lite2", 260, 1280, "block7_expand_relu", 288, True),
     "resnet50": BackboneSpec("resnet50", 224, 2048, "conv3_block4_out", 512, True),
 }
 
@@ -114,7 +116,7 @@ def require_weights_file(path: str | os.PathLike[str], backbone: str) -> Path:
     """
     file = Path(path).expanduser()
     if not file.is_file():
-        hint = "" if backbone == "efficientnet_lite0" else " " + OFFLINE_HINT
+        hint = "" if backbone.startswith("efficientnet_lite") else " " + OFFLINE_HINT
         raise WeightsUnavailableError(
             f"{backbone} weights file {file.name!r} not found: looked for {file.resolve()} "
             f"(weights may be 'imagenet', a weights file path, or 'none').{hint}"

@@ -38,6 +38,14 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+NATIVE = "native"
+NATIVE_SIZES: dict[str, int] = {"efficientnet_lite0": 224, "efficientnet_lite1": 240, "efficientnet_lite2": 260,
+                                "resnet50": 224}
+"""Native input side per backbone (``tlpipe.backbones.get_spec(name).default_size``; a test keeps them equal).
+In ``params.yaml``, ``data.image_size: native`` (or no value) stores images at this size, so ingest
+reruns when the backbone changes; :class:`Params` resolves it to an int when parsing."""
+
+
 class DataParams(_Section):
     """Params of the ``ingest`` stage."""
 
@@ -69,7 +77,7 @@ class DataParams(_Section):
 class FeaturesParams(_Section):
     """Params of the ``features`` stage."""
 
-    backbone: Literal["efficientnet_lite0", "resnet50"] = "efficientnet_lite0"
+    backbone: Literal["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2", "resnet50"] = "efficientnet_lite0"
     weights: str = Field("imagenet", description="'imagenet', a weights file path, or 'none'")
     batch_size: int = Field(32, ge=1)
     mixed_precision: Literal["auto", "off", "bfloat16", "float16"] = "auto"
@@ -168,6 +176,20 @@ class Params(_Section):
     evaluate: EvaluateParams = EvaluateParams()
     registry: RegistryParams = RegistryParams()
     schedule: ScheduleParams = ScheduleParams()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _native_image_size(cls, raw: object) -> object:
+        """``data.image_size: native`` (or absent): store at the backbone's native input size."""
+        if not isinstance(raw, dict) or not isinstance(raw.get("data", {}), dict):
+            return raw
+        data = dict(raw.get("data") or {})
+        features = raw.get("features") if isinstance(raw.get("features"), dict) else {}
+        backbone = features.get("backbone", FeaturesParams().backbone)
+        if data.get("image_size", NATIVE) == NATIVE and backbone in NATIVE_SIZES:
+            data["image_size"] = NATIVE_SIZES[backbone]
+            return {**raw, "data": data}
+        return raw
 
 
 def _format_errors(error: ValidationError, path: Path) -> str:

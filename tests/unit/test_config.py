@@ -43,7 +43,10 @@ def assert_subset_equal(raw: dict, parsed: dict, prefix: str = "") -> None:
 def test_repo_params_load_and_match_the_yaml() -> None:
     params = load_params(PARAMS_YAML)
     assert isinstance(params, Params)
-    assert_subset_equal(raw_params(), params.model_dump())
+    raw = raw_params()
+    assert raw["data"]["image_size"] == "native"  # parsed as the backbone's input size
+    raw["data"]["image_size"] = 224
+    assert_subset_equal(raw, params.model_dump())
     assert params.data.source == "elpv"
     assert params.data.image_size == 224
     assert params.features.backbone == "efficientnet_lite0"
@@ -52,6 +55,19 @@ def test_repo_params_load_and_match_the_yaml() -> None:
 def test_params_yaml_equals_the_model_defaults() -> None:
     # params.yaml documents the defaults: parsing an empty mapping gives the same object.
     assert load_params(PARAMS_YAML) == parse_params({})
+
+
+@pytest.mark.parametrize(("backbone", "size"), [("efficientnet_lite0", 224), ("efficientnet_lite1", 240),
+                                               ("efficientnet_lite2", 260), ("resnet50", 224)])
+def test_native_image_size_is_the_backbones_input_size(backbone: str, size: int) -> None:
+    from tlpipe.backbones import get_spec
+
+    assert get_spec(backbone).default_size == size
+    assert parse_params({"features": {"backbone": backbone}}).data.image_size == size
+    native = {"data": {"image_size": "native"}, "features": {"backbone": backbone}}
+    assert parse_params(native).data.image_size == size
+    fixed = {"data": {"image_size": 64}, "features": {"backbone": backbone}}
+    assert parse_params(fixed).data.image_size == 64
 
 
 def test_load_params_accepts_str_path() -> None:

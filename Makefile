@@ -56,6 +56,13 @@ exps: setup
 	  --drop '^(?!(Experiment|Created|State|Executor)$$)[^.]*$$|.*/|.*:|^($(shell $(PY) -c \
 	    'from tlpipe.models import MODEL_NAMES; print("|".join(MODEL_NAMES))'))\.'
 
+# The course's accuracy-vs-compute chart on your data: one DVC experiment per backbone (queued), then
+# reports/compare_backbones/backbones.{png,csv}. Options: SOURCE=/abs/path (e.g. hymenoptera), BACKBONES="a b c".
+.PHONY: compare-backbones
+compare-backbones: setup
+	$(BIN)/tlpipe compare-backbones $(foreach b,$(BACKBONES),-b $(b)) \
+	  $(if $(SOURCE),-S data.source=$(abspath $(SOURCE)) -S data.max_per_class=null)
+
 ui: setup
 	$(BIN)/tlpipe ui --host $(HOST) --port $(UI_PORT)
 

@@ -307,6 +307,26 @@ def compare(
     typer.echo(compare_table(load_experiment(first, project), load_experiment(second, project), all_params))
 
 
+@app.command("compare-backbones")
+def compare_backbones(
+    backbone: Annotated[Optional[list[str]], typer.Option(
+        "--backbone", "-b", metavar="NAME",
+        help="backbone to run (repeat; default efficientnet_lite0, _lite1, _lite2)")] = None,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", "-S", metavar="KEY=VALUE",
+                                                      help="param override for every run")] = None,
+    name: Annotated[Optional[str], typer.Option("--name", metavar="PREFIX",
+                                                help="DVC experiment name prefix (default cmp-<UTC time>)")] = None,
+    root: RootOption = None,
+) -> None:
+    """Run the pipeline once per backbone (DVC's experiment queue) and chart test accuracy against compute."""
+    from tlpipe.compare_backbones import DEFAULT_BACKBONES, compare_backbones as run_comparison
+
+    project = prepare_prefect(root)
+    table, csv_path, png_path = run_comparison(project, backbone or DEFAULT_BACKBONES, set_ or [], name)
+    typer.echo(table.to_string(index=False))
+    typer.echo(f"table: {csv_path}\nchart: {png_path}")
+
+
 @app.command()
 def ui(
     host: HostOption = "127.0.0.1",

@@ -14,12 +14,14 @@ Prefect, and undone in :func:`pytest_unconfigure`):
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -44,6 +46,7 @@ def hermetic_env(session_dir: Path) -> dict[str, str]:
         "DVC_NO_ANALYTICS": "1", "TF_CPP_MIN_LOG_LEVEL": "2",
         "TLPIPE_CACHE_DIR": str(session_dir / "tlpipe-cache"), "KERAS_HOME": str(session_dir / "keras"),
         "KERAS_BACKEND": "tensorflow",
+        "TLPIPE_PREFECT_SERVER": "ephemeral",  # a stage run without PREFECT_API_URL never leaves a server behind
         "GIT_CONFIG_GLOBAL": os.devnull, "GIT_CONFIG_NOSYSTEM": "1",
         "GIT_AUTHOR_NAME": "tlpipe tests", "GIT_AUTHOR_EMAIL": "tests@tlpipe.invalid",
         "GIT_COMMITTER_NAME": "tlpipe tests", "GIT_COMMITTER_EMAIL": "tests@tlpipe.invalid",
@@ -176,18 +179,29 @@ def deep_update(base: dict, update: dict) -> dict:
     return merged
 
 
-def make_project(target: Path, source: Path, overrides: dict | None = None) -> Path:
-    """Copy the project's code and pipeline into ``target`` (a git + DVC repo) with tiny params."""
+def copy_project_files(code: Path, target: Path) -> None:
+    """Copy the project's code and pipeline files (:data:`PROJECT_FILES`) from ``code`` into ``target``."""
     target.mkdir(parents=True, exist_ok=True)
     for name in PROJECT_FILES:
-        src = REPO / name
+        src = code / name
+        if not src.exists():
+            continue
         dst = target / name
         dst.parent.mkdir(parents=True, exist_ok=True)
         if src.is_dir():
-            shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__"))
+            shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__"), symlinks=True)
         else:
             shutil.copy2(src, dst)
-    params = yaml.safe_load((REPO / "params.yaml").read_text())
+
+
+def make_project(target: Path, source: Path, overrides: dict | None = None, code: Path = REPO) -> Path:
+    """Copy the project's code and pipeline into ``target`` (a git + DVC repo) with tiny params.
+
+    ``code``: where the code comes from (default: this checkout; a snapshot from :func:`copy_project_files`
+    gives two projects the very same code even while the checkout changes).
+    """
+    copy_project_files(code, target)
+    params = yaml.safe_load((code / "params.yaml").read_text())
     params = deep_update(params, deep_update(TINY_PARAMS, {"data": {"source": str(source)}}))
     params = deep_update(params, overrides or {})
     (target / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
@@ -232,3 +246,143 @@ def project_env(tmp_path: Path, monkeypatch) -> dict:
     for key in ("MLFLOW_TRACKING_URI", "TLPIPE_PARENT_RUN_ID", "TLPIPE_ROOT"):
         monkeypatch.delenv(key, raising=False)
     return env
+
+
+# ---------------------------------------------------------------- one uninterrupted pipeline run, shared
+
+def stage_env(prefect_url: str | None = None) -> dict[str, str]:
+    """Environment for ``dvc repro`` in a project copy: the session's hermetic variables, no tracking or
+    project variables (each project tracks to its own SQLite store), this interpreter first on PATH."""
+    env = {k: v for k, v in os.environ.items() if k not in UNSET_ENV}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    if prefect_url:
+        env["PREFECT_API_URL"] = prefect_url
+    return env
+
+
+def count_flow_runs(since) -> dict[str, int]:
+    """Flow runs per flow name created on the current Prefect server since ``since`` (an aware datetime)."""
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        names = {flow.id: flow.name for flow in client.read_flows()}
+        counts: dict[str, int] = {}
+        for flow_run in client.read_flow_runs(limit=200):
+            if flow_run.created and flow_run.created >= since:
+                name = names.get(flow_run.flow_id, "?")
+                counts[name] = counts.get(name, 0) + 1
+        return counts
+
+
+def dvc_outputs(project: Path) -> list[str]:
+    """Every file of every stage output and metrics file declared in the project's ``dvc.yaml`` (relative paths)."""
+    stages = yaml.safe_load((project / "dvc.yaml").read_text())["stages"]
+    declared = []
+    for stage in stages.values():
+        for entry in [*stage.get("outs", []), *stage.get("metrics", [])]:
+            declared.append(entry if isinstance(entry, str) else next(iter(entry)))
+    files = []
+    for relpath in declared:
+        path = project / relpath
+        files += [str(p.relative_to(project)) for p in sorted(path.rglob("*")) if p.is_file()] if path.is_dir() \
+            else [relpath] if path.exists() else []
+    return sorted(files)
+
+
+VOLATILE = re.compile(r"seconds|per_second|time|run_id|_at$|date", re.IGNORECASE)
+"""JSON keys / CSV columns that legitimately differ between two identical runs: durations, throughput,
+timestamps and MLflow run ids. Everything else of every output must be equal."""
+RUN_ID = re.compile(r"\b[0-9a-f]{32}\b")
+TIMESTAMP = re.compile(r"\b\d{4}-\d{2}-\d{2}[ T]\d{2}:\d{2}(?::\d{2}(?:\.\d+)?)?(?: ?UTC|Z|[+-]\d{2}:?\d{2})?")
+SHARED_OBJECT_ID = re.compile(rb'"shared_object_id": \d+')
+
+
+def stable_digest(path: Path, places: dict[str, str] | None = None) -> str:
+    """SHA-256 of a file's deterministic content.
+
+    Raw bytes, except: JSON without :data:`VOLATILE` keys; CSV without :data:`VOLATILE` columns; a ``.keras``
+    zip by its members but ``metadata.json`` (the save date), with Keras' ``shared_object_id`` (a Python
+    ``id()``) masked in ``config.json``; HTML and Markdown with MLflow run ids and timestamps masked. In text
+    files (JSON, CSV, HTML, Markdown) each ``places`` key (a folder path) is replaced by its value first.
+    """
+    import hashlib
+    import io
+    import json
+    import zipfile
+
+    digest = hashlib.sha256()
+    suffix = path.suffix.lower()
+    text = None
+    if suffix in (".json", ".csv", ".html", ".md"):
+        text = path.read_text()
+        for folder, name in sorted((places or {}).items(), key=lambda item: -len(item[0])):
+            text = text.replace(folder, name)
+    if suffix == ".json":
+        def strip(value):
+            if isinstance(value, dict):
+                return {k: strip(v) for k, v in value.items() if not VOLATILE.search(str(k))}
+            return [strip(v) for v in value] if isinstance(value, list) else value
+
+        digest.update(json.dumps(strip(json.loads(text)), sort_keys=True).encode())
+    elif suffix == ".csv":
+        import pandas as pd
+
+        frame = pd.read_csv(io.StringIO(text))
+        digest.update(frame.drop(columns=[c for c in frame.columns if VOLATILE.search(str(c))]).to_csv().encode())
+    elif suffix == ".keras":
+        with zipfile.ZipFile(path) as archive:
+            for name in sorted(archive.namelist()):
+                if name != "metadata.json":
+                    digest.update(name.encode() + b"\0" + SHARED_OBJECT_ID.sub(b"<id>", archive.read(name)))
+    elif suffix in (".html", ".md"):
+        digest.update(TIMESTAMP.sub("<time>", RUN_ID.sub("<run id>", text)).encode())
+    else:
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def output_digests(project: Path, source: Path) -> dict[str, str]:
+    """``{relpath: stable_digest}`` of every DVC output file of a project reading ``source``.
+
+    The two folders' paths are masked, so projects at different places can be compared.
+    """
+    places = {str(project): "<project>", str(source): "<source>"}
+    return {relpath: stable_digest(project / relpath, places) for relpath in dvc_outputs(project)}
+
+
+@dataclass(frozen=True)
+class PipelineRun:
+    """An uninterrupted ``dvc repro`` of a tiny project, as recorded right after it finished."""
+
+    project: Path
+    source: Path
+    code: Path
+    output: str
+    flow_runs: dict[str, int]
+    digests: dict[str, str]
+
+
+@pytest.fixture(scope="session")
+def pipeline_baseline(tmp_path_factory, prefect_server) -> PipelineRun:
+    """One uninterrupted ``dvc repro`` of a tiny project (``make_source`` seed 0, :data:`TINY_PARAMS`).
+
+    Shared, so the slow full run happens once per session: the e2e test goes on using (and changing) the
+    project; the fault tests compare their reruns with ``digests``, recorded before anyone changed it, and
+    build their projects from ``code``, the snapshot of the code this run used.
+    """
+    from datetime import datetime, timezone
+
+    base = tmp_path_factory.mktemp("baseline")
+    code = base / "code"
+    copy_project_files(REPO, code)
+    source = make_source(base / "source")
+    project = make_project(base / "project", source, code=code)
+    since = datetime.now(timezone.utc)
+    result = subprocess.run([sys.executable, "-m", "dvc", "repro"], cwd=project, env=stage_env(prefect_server),
+                            capture_output=True, text=True, timeout=1800)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-6000:]
+    import time
+
+    time.sleep(1)  # flow runs are created asynchronously on the server
+    return PipelineRun(project, source, code, output, count_flow_runs(since), output_digests(project, source))

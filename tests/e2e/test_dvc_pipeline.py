@@ -5,13 +5,12 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import make_project
+from tests.conftest import count_flow_runs, stage_env
 
 STAGES = ("ingest", "features", "svm", "finetune", "evaluate")
 MODELS = {"svm_features", "svm_concat", "svm_pixels", "frozen", "concat"}
@@ -25,26 +24,12 @@ def run(command: list[str], cwd: Path, env: dict, timeout: int = 1200) -> str:
     return output
 
 
-def count_flow_runs(since: datetime) -> dict[str, int]:
-    """Flow runs per flow name created on the test server since ``since``."""
-    from prefect.client.orchestration import get_client
-
-    with get_client(sync_client=True) as client:
-        names = {flow.id: flow.name for flow in client.read_flows()}
-        counts: dict[str, int] = {}
-        for flow_run in client.read_flow_runs(limit=200):
-            if flow_run.created and flow_run.created >= since:
-                name = names.get(flow_run.flow_id, "?")
-                counts[name] = counts.get(name, 0) + 1
-        return counts
-
-
 @pytest.mark.slow
-def test_dvc_repro_runs_every_stage_once_and_tracks_it(tmp_path, tiny_source, prefect_server, project_env):
-    project = make_project(tmp_path / "project", tiny_source)
-    env = {**project_env, "PREFECT_API_URL": prefect_server}
-    since = datetime.now(timezone.utc)
-    output = run([sys.executable, "-m", "dvc", "repro"], project, env)
+def test_dvc_repro_runs_every_stage_once_and_tracks_it(pipeline_baseline, prefect_server):
+    # the session's one uninterrupted `dvc repro` of a tiny project (tests/conftest.py), shared with the fault
+    # tests; this test goes on changing its project and source
+    project, tiny_source, output = pipeline_baseline.project, pipeline_baseline.source, pipeline_baseline.output
+    env = stage_env(prefect_server)
     for stage in STAGES:
         assert f"Running stage '{stage}'" in output
 
@@ -62,8 +47,7 @@ def test_dvc_repro_runs_every_stage_once_and_tracks_it(tmp_path, tiny_source, pr
     assert promotion["promoted"] is True and promotion["model"] in MODELS
 
     # one Prefect flow run per stage
-    time.sleep(1)
-    counts = count_flow_runs(since)
+    counts = pipeline_baseline.flow_runs
     assert {stage: counts.get(stage, 0) for stage in STAGES} == {stage: 1 for stage in STAGES}
 
     # MLflow: one pipeline run with a child run per stage, all ended; a champion

@@ -1,0 +1,370 @@
+"""Faults lose nothing: every stage killed with SIGKILL half-way, then ``dvc repro`` again; and a tracking server
+that dies in the middle of a stage.
+
+One project goes through a *cascade* of killed runs, so the five faults cost little more than one pipeline run:
+``dvc repro`` #1 is killed inside ingest; #2 reruns ingest and is killed inside features; ... #5 is killed inside
+evaluate; #6 completes. What each kill left behind is recorded by the module fixture; one test per stage checks
+its kill: it hit real work (staging debris or published-but-unrecorded outputs, a RUNNING MLflow run), no process
+the stage started survived it, the next ``dvc repro`` reran that stage and nothing upstream of it, that rerun
+removed the debris, and the killed attempt's MLflow runs ended KILLED or FAILED. The outputs after the cascade
+equal those of an uninterrupted run (``pipeline_baseline``), file by file, apart from durations, timestamps and
+run ids (see ``tests.conftest.stable_digest``).
+
+Real parts only: DVC, the Prefect test server, MLflow on SQLite (and a real ``mlflow server`` for the tracking
+fault), Keras on a tiny source.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psutil
+import pytest
+
+from tests.conftest import make_project, make_source, output_digests, stage_env
+
+pytestmark = pytest.mark.slow
+
+STAGES = ("ingest", "features", "svm", "finetune", "evaluate")
+DEBRIS = re.compile(r"^\..+\.(?:tmp|old)-\d+$")
+"""Names of staging debris: ``.<output>.tmp-<pid>`` and ``.<output>.old-<pid>`` (tlpipe.store)."""
+FINAL_STATES = {"KILLED", "FAILED"}
+
+
+def staging_of(relpath: str) -> Callable[[Path, int], bool]:
+    """Kill point: the stage is building ``relpath`` in its staging folder (``.<name>.tmp-<pid>``)."""
+    def ready(project: Path, pid: int) -> bool:
+        path = project / relpath
+        return (path.parent / f".{path.name}.tmp-{pid}").exists()
+
+    return ready
+
+
+def published(relpath: str) -> Callable[[Path, int], bool]:
+    """Kill point: the stage has published ``relpath`` (which DVC removed before starting it) and is still
+    running, i.e. logging to MLflow: outputs written, but DVC has not recorded them."""
+    return lambda project, pid: (project / relpath).exists()
+
+
+KILL_POINTS: dict[str, tuple[Callable[[Path, int], bool], bool]] = {
+    # stage: (when to kill, whether the stage is then inside a staging folder)
+    "ingest": (staging_of("data/store"), True),       # decoding with a 2-process pool
+    "features": (staging_of("data/features"), True),  # extracting backbone features
+    "svm": (published("models/svm"), False),          # logging the three SVMs to MLflow
+    "finetune": (staging_of("models/finetune"), True),  # training (the fault of issue 11, item 6)
+    "evaluate": (published("metrics/evaluate.json"), False),  # logging, registering, gating
+}
+
+
+@dataclass
+class Kill:
+    """What one killed ``dvc repro`` left behind."""
+
+    stage: str
+    pid: int
+    returncode: int
+    output: str
+    stages_ran: list[str]
+    debris: list[str]
+    children: list[str]
+    survivors: list[str]
+    runs_left_running: list[str]
+    rerun_stages: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Cascade:
+    """The faulted project after its final, completed ``dvc repro``."""
+
+    project: Path
+    source: Path
+    env: dict[str, str]
+    kills: dict[str, Kill]
+    final_output: str
+    final_stages: list[str]
+    seconds: float
+
+
+def stages_ran(output: str) -> list[str]:
+    """Stages a ``dvc repro`` output says it ran, in order."""
+    return re.findall(r"Running stage '([^']+)'", output)
+
+
+def find_stage_process(root: psutil.Process, stage: str) -> psutil.Process | None:
+    """The Python process running ``flows.<stage>`` under ``root``: not a shell wrapper around it, nor one of
+    its own children (a process pool's workers may carry the module name too)."""
+    matches = []
+    try:
+        for process in root.children(recursive=True):
+            try:
+                if process.name().startswith("python") and f"flows.{stage}" in " ".join(process.cmdline()):
+                    matches.append(process)
+            except psutil.Error:
+                continue
+    except psutil.Error:
+        return None
+    pids = {process.pid for process in matches}
+    return next((process for process in matches if process.ppid() not in pids), None)
+
+
+def describe(process: psutil.Process) -> str:
+    try:
+        return f"{process.pid} {' '.join(process.cmdline())[:160]}"
+    except psutil.Error:
+        return str(process.pid)
+
+
+def find_debris(project: Path) -> list[str]:
+    """Staging debris anywhere in the project (DVC's and git's own folders excluded)."""
+    found = []
+    for folder, dirs, files in os.walk(project):
+        dirs[:] = [d for d in dirs if d not in (".dvc", ".git")]
+        found += [str(Path(folder, name).relative_to(project)) for name in [*dirs, *files] if DEBRIS.match(name)]
+    return sorted(found)
+
+
+def runs_by_pid(db: Path, pid: int) -> dict[str, str]:
+    """``{run_id: status}`` of the MLflow runs tagged as owned by process ``pid`` (tlpipe.tracking's tag)."""
+    if not db.exists():
+        return {}
+    with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30) as connection:
+        rows = connection.execute(
+            "SELECT r.run_uuid, r.status FROM runs r JOIN tags t ON t.run_uuid = r.run_uuid "
+            "WHERE t.key = 'tlpipe.pid' AND t.value = ?", (str(pid),)).fetchall()
+    return dict(rows)
+
+
+def run_statuses(db: Path) -> dict[str, str]:
+    """``{run_id: status}`` of every run in an MLflow SQLite store."""
+    with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30) as connection:
+        return dict(connection.execute("SELECT run_uuid, status FROM runs").fetchall())
+
+
+def stage_run_running(db: Path, stage: str) -> bool:
+    """Whether the store holds a RUNNING stage run of ``stage`` (the stage is inside its work)."""
+    with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30) as connection:
+        return bool(connection.execute(
+            "SELECT 1 FROM runs r JOIN tags k ON k.run_uuid = r.run_uuid JOIN tags s ON s.run_uuid = r.run_uuid "
+            "WHERE r.status = 'RUNNING' AND k.key = 'tlpipe.kind' AND k.value = 'stage' "
+            "AND s.key = 'tlpipe.stage' AND s.value = ?", (stage,)).fetchall())
+
+
+def repro(project: Path, env: dict, *args: str, timeout: int = 900) -> subprocess.CompletedProcess:
+    """``dvc repro`` to completion."""
+    return subprocess.run([sys.executable, "-m", "dvc", "repro", *args], cwd=project, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def repro_and_kill(project: Path, env: dict, stage: str, log: Path, timeout: float = 600) -> Kill:
+    """Start ``dvc repro``; SIGKILL the ``stage`` process once it is inside its work (:data:`KILL_POINTS`)."""
+    ready, _ = KILL_POINTS[stage]
+    with open(log, "w") as sink:
+        dvc = subprocess.Popen([sys.executable, "-m", "dvc", "repro"], cwd=project, env=env, stdout=sink,
+                               stderr=subprocess.STDOUT, text=True)
+    root = psutil.Process(dvc.pid)
+    deadline = time.monotonic() + timeout
+    target = None
+    try:
+        while time.monotonic() < deadline and dvc.poll() is None:
+            target = target if target is not None and target.is_running() else find_stage_process(root, stage)
+            if target is not None and ready(project, target.pid):
+                break
+            time.sleep(0.005 if target is not None else 0.05)
+        else:
+            output = log.read_text()
+            pytest.fail(f"{stage}: the stage was never caught inside its work (dvc exit {dvc.poll()}):\n"
+                        f"{output[-4000:]}")
+        children = target.children(recursive=True)
+        target.send_signal(signal.SIGKILL)
+        returncode = dvc.wait(timeout=300)
+    finally:
+        if dvc.poll() is None:
+            dvc.kill()
+            dvc.wait()
+    _, survivors = psutil.wait_procs(children, timeout=20)
+    for process in survivors:  # leave nothing behind, whatever the verdict
+        process.kill()
+    output = log.read_text()
+    return Kill(stage=stage, pid=target.pid, returncode=returncode, output=output, stages_ran=stages_ran(output),
+                debris=find_debris(project), children=[describe(p) for p in children],
+                survivors=[describe(p) for p in survivors],
+                runs_left_running=[run for run, status in runs_by_pid(project / "mlflow.db", target.pid).items()
+                                   if status == "RUNNING"])
+
+
+@pytest.fixture(scope="module")
+def cascade(tmp_path_factory, prefect_server, pipeline_baseline) -> Cascade:
+    """One project, one killed ``dvc repro`` per stage in pipeline order, then a completed one.
+
+    Same code, source (seed 0) and params as ``pipeline_baseline``, except two decode processes, so the
+    ingest kill also leaves a process pool to clean up (the outputs must not depend on the worker count).
+    """
+    base = tmp_path_factory.mktemp("faults")
+    source = make_source(base / "source")
+    project = make_project(base / "project", source, {"data": {"workers": 2}}, code=pipeline_baseline.code)
+    env = stage_env(prefect_server)
+    start = time.monotonic()
+    kills: dict[str, Kill] = {}
+    previous = None
+    for stage in STAGES:
+        kill = repro_and_kill(project, env, stage, base / f"repro-{stage}.log")
+        if previous is not None:
+            previous.rerun_stages = kill.stages_ran
+        kills[stage] = previous = kill
+    final = repro(project, env)
+    assert final.returncode == 0, (final.stdout + final.stderr)[-6000:]
+    previous.rerun_stages = stages_ran(final.stdout + final.stderr)
+    return Cascade(project, source, env, kills, final.stdout + final.stderr, previous.rerun_stages,
+                   time.monotonic() - start)
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_stage_killed_mid_work_loses_nothing(cascade: Cascade, stage: str) -> None:
+    kill = cascade.kills[stage]
+    project = cascade.project
+    _, in_staging = KILL_POINTS[stage]
+
+    # the kill hit real work, and dvc reported the stage failed
+    assert kill.returncode != 0, kill.output[-3000:]
+    assert kill.stages_ran[-1] == stage, kill.stages_ran
+    if in_staging:
+        assert any(f".tmp-{kill.pid}" in path for path in kill.debris), kill.debris
+    assert kill.runs_left_running, f"{stage}: no MLflow run of process {kill.pid} was RUNNING at the kill"
+
+    # no process the stage had started outlived it (pool workers, a temporary Prefect server, ...)
+    assert not kill.survivors, f"{stage}: orphaned after SIGKILL: {kill.survivors}"
+
+    # the next dvc repro reran the killed stage first: nothing upstream of it (already recorded) ran again
+    assert kill.rerun_stages and kill.rerun_stages[0] == stage, kill.rerun_stages
+    assert not set(kill.rerun_stages) & set(STAGES[:STAGES.index(stage)]), kill.rerun_stages
+
+    # the killed attempt's MLflow runs were ended (KILLED by the next stage, or FAILED), none left RUNNING
+    statuses = runs_by_pid(project / "mlflow.db", kill.pid)
+    assert {run: statuses[run] for run in kill.runs_left_running} == \
+        {run: statuses[run] for run in kill.runs_left_running if statuses[run] in FINAL_STATES}, statuses
+    assert "RUNNING" not in statuses.values(), statuses
+
+    # its debris is gone
+    assert not find_debris(project), find_debris(project)
+
+
+def test_outputs_after_the_faults_equal_an_uninterrupted_run(cascade: Cascade, pipeline_baseline) -> None:
+    """Every DVC output and metrics file, after five killed runs and a rerun, equals the uninterrupted run's."""
+    digests = output_digests(cascade.project, cascade.source)
+    assert sorted(digests) == sorted(pipeline_baseline.digests)
+    differing = sorted(path for path, digest in digests.items() if pipeline_baseline.digests[path] != digest)
+    assert not differing, f"outputs differ from the uninterrupted run: {differing}"
+    assert not find_debris(cascade.project)
+    statuses = run_statuses(cascade.project / "mlflow.db")
+    assert "RUNNING" not in statuses.values(), {run: s for run, s in statuses.items() if s == "RUNNING"}
+    status = subprocess.run([sys.executable, "-m", "dvc", "status"], cwd=cascade.project, env=cascade.env,
+                            capture_output=True, text=True, timeout=300)  # and DVC agrees: nothing left to run
+    assert "Data and pipelines are up to date" in status.stdout, status.stdout[-3000:] + status.stderr[-3000:]
+    print(f"\nfault cascade: {cascade.seconds:.0f} s for five killed runs and the final rerun")
+
+
+# ---------------------------------------------------------------- the tracking server dies mid-stage
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start_mlflow_server(folder: Path, port: int) -> subprocess.Popen:
+    """``mlflow server`` on a SQLite store in ``folder`` (one worker); returns once it answers."""
+    import urllib.request
+
+    mlflow_bin = Path(sys.executable).parent / "mlflow"
+    server = subprocess.Popen(
+        [str(mlflow_bin), "server", "--backend-store-uri", f"sqlite:///{folder}/mlflow.db",
+         "--artifacts-destination", str(folder / "mlartifacts"), "--host", "127.0.0.1", "--port", str(port),
+         "--workers", "1"],
+        cwd=folder, stdout=open(folder / f"server-{port}.log", "a"), stderr=subprocess.STDOUT,
+        start_new_session=True)  # its own process group: stopping it stops its workers too
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            pytest.fail(f"mlflow server exited: {(folder / f'server-{port}.log').read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as response:
+                if response.status == 200:
+                    return server
+        except OSError:
+            time.sleep(0.5)
+    stop_server(server)
+    pytest.fail("mlflow server did not become healthy in 180 s")
+
+
+def stop_server(server: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
+    """Stop a server started by :func:`start_mlflow_server` and every process of its group."""
+    try:
+        os.killpg(server.pid, sig)
+    except ProcessLookupError:
+        pass
+    server.wait(timeout=60)
+
+
+def test_tracking_server_dying_mid_stage_fails_clearly_and_rerun_logs_once(cascade: Cascade, tmp_path) -> None:
+    """The evaluate stage logs to an ``mlflow server`` that is killed while the stage runs: the stage fails with
+    one line naming the server; once the server is back, a rerun logs each run and the model version once."""
+    port = free_port()
+    uri = f"http://127.0.0.1:{port}"
+    # MLflow's own retry knobs, small so the dead server is given up on in seconds (users keep theirs)
+    env = {**cascade.env, "MLFLOW_TRACKING_URI": uri, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1",
+           "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+    # a changed evaluate param: `dvc repro` must run evaluate (and only evaluate), now and after the failure
+    params = cascade.project / "params.yaml"
+    params.write_text(params.read_text().replace("grid_images: 4", "grid_images: 2"))
+    server = start_mlflow_server(tmp_path, port)
+    db = tmp_path / "mlflow.db"
+    try:
+        log = tmp_path / "repro-dying-server.log"
+        with open(log, "w") as sink:
+            dvc = subprocess.Popen([sys.executable, "-m", "dvc", "repro"],
+                                   cwd=cascade.project, env=env, stdout=sink, stderr=subprocess.STDOUT, text=True)
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline and dvc.poll() is None:  # the stage run is open on the server
+            if stage_run_running(db, "evaluate"):
+                break
+            time.sleep(0.1)
+        assert dvc.poll() is None, f"evaluate ended before the server was killed:\n{log.read_text()[-3000:]}"
+        stop_server(server)
+        returncode = dvc.wait(timeout=600)
+        output = log.read_text()
+        assert returncode != 0, output[-3000:]
+        errors = [line for line in output.splitlines() if "error" in line.lower() and uri in line]
+        assert errors, f"no error line names {uri}:\n{output[-4000:]}"
+        assert "Traceback" not in output, output[-4000:]
+
+        server = start_mlflow_server(tmp_path, port)
+        rerun = repro(cascade.project, env)
+        assert rerun.returncode == 0, (rerun.stdout + rerun.stderr)[-6000:]
+        assert stages_ran(rerun.stdout + rerun.stderr) == ["evaluate"]
+
+        from mlflow import MlflowClient
+
+        client = MlflowClient(uri)
+        experiment = client.get_experiment_by_name("tlpipe")
+        runs = client.search_runs([experiment.experiment_id], max_results=1000)
+        assert not [r.info.run_id for r in runs if r.info.status == "RUNNING"]
+        finished = [r for r in runs if r.info.status == "FINISHED"]
+        stage_runs = [r for r in finished if r.data.tags.get("tlpipe.kind") == "stage"]
+        assert [r.data.tags.get("tlpipe.stage") for r in stage_runs] == ["evaluate"]
+        keys = [(r.data.tags.get("tlpipe.kind"), r.data.tags.get("tlpipe.model")) for r in finished]
+        assert len(keys) == len(set(keys)), f"a run was logged twice: {sorted(map(str, keys))}"
+        versions = client.search_model_versions("name = 'tlpipe-classifier'")
+        assert len(versions) == 1, [(v.version, v.run_id) for v in versions]
+    finally:
+        stop_server(server)

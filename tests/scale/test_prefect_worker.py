@@ -112,8 +112,11 @@ def deploy_and_run_on_a_worker(tmp_path: Path, tiny_source: Path, prefect_env: d
         flow_run = run_deployment("retrain/tlpipe-retrain", timeout=300, poll_interval=1)
         assert flow_run.state.is_completed(), f"{flow_run.state}\n{tail(log, 60)}"
         with get_client(sync_client=True) as client:
-            logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run.id])))
-            messages = "\n".join(entry.message for entry in logs)
+            deadline, messages = time.monotonic() + 60, ""
+            while "up to date" not in messages and time.monotonic() < deadline:  # logs arrive in batches
+                logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run.id])))
+                messages = "\n".join(entry.message for entry in logs)
+                time.sleep(0.5)
             assert "up to date" in messages, messages
             done = client.read_flow_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run.id])))
             assert done[0].work_pool_name == POOL

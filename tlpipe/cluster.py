@@ -85,7 +85,7 @@ def dask_client(address: str) -> Iterator[tuple[object, ClusterInfo]]:
     if match:
         workers = int(match.group(1))
         cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, host="127.0.0.1",
-                               dashboard_address=None, silence_logs=logging.WARNING)
+                               dashboard_address="127.0.0.1:0", silence_logs=logging.WARNING)  # loopback only
         try:
             with Client(cluster) as client:
                 client.wait_for_workers(workers, timeout=300)

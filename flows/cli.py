@@ -341,6 +341,9 @@ def ui(
     if not os.environ.get("MLFLOW_TRACKING_URI"):
         command += ["--default-artifact-root", (root / "mlartifacts").as_uri()]
     typer.echo(f"MLflow UI on http://{host}:{port} (store {tracking.tracking_uri(root)})")
+    experiment = tracking.connect(root).get_experiment_by_name(tracking.EXPERIMENT)
+    if experiment is not None:  # MLflow 3.17 opens in its GenAI view unless the link asks for training
+        typer.echo(f"open {tracking.ui_url(f'http://{host}:{port}', experiment.experiment_id)}")
     raise typer.Exit(subprocess.call(command))
 
 

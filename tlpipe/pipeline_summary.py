@@ -45,7 +45,9 @@ def mlflow_ui_url() -> str:
 
 def run_url(link: RunLink, base: str | None = None) -> str:
     """The MLflow UI page of a run."""
-    return f"{base or mlflow_ui_url()}/#/experiments/{link.experiment_id}/runs/{link.run_id}"
+    from tlpipe.tracking import ui_url
+
+    return ui_url(base or mlflow_ui_url(), link.experiment_id, link.run_id)
 
 
 def merge_metrics(*files: Mapping[str, object]) -> dict[str, dict]:
@@ -100,6 +102,12 @@ def links_markdown(pipeline: RunLink | None, stages: list[RunLink], models: Mapp
         lines.append(f"- pipeline run: [{pipeline.run_id}]({run_url(pipeline, base)})")
     lines += [f"- stage {link.label}: [{link.run_id}]({run_url(link, base)})" for link in stages]
     lines += [f"- model {name}: [{link.run_id}]({run_url(link, base)})" for name, link in sorted(models.items())]
+    if models:
+        from tlpipe.tracking import compare_url
+
+        first = next(iter(models.values()))
+        url = compare_url(base, first.experiment_id, [link.run_id for link in models.values()])
+        lines += ["", f"[Compare the {len(models)} models in MLflow]({url})"]
     if report is not None and report.is_file():
         lines += ["", f"HTML report: [{report}]({report.resolve().as_uri()}) (`tlpipe report --open`)"]
     return "\n".join(lines)

@@ -17,7 +17,7 @@ def test_comparison_rows_spell_out_short_keys_and_sort_best_first(monkeypatch) -
     assert [row["model"] for row in rows] == ["concat", "frozen"]
     assert rows[1] == {"model": "frozen", "test_accuracy": 0.7, "test_balanced_accuracy": 0.65,
                        "test_f1_macro": 0.6, "test_roc_auc": 0.8}
-    assert rows[0]["mlflow_run"] == "http://ui:5000/#/experiments/7/runs/r1"
+    assert rows[0]["mlflow_run"] == "http://ui:5000/#/experiments/7/runs/r1?workflowType=machine_learning"
 
 
 def test_promotion_markdown_states_the_decision_and_reason() -> None:
@@ -35,6 +35,8 @@ def test_links_and_keys(tmp_path: Path, monkeypatch) -> None:
     report.write_text("<html/>")
     text = links_markdown(RunLink("pipeline", "p", "1"), [RunLink("svm", "s", "1")], {"svm_pixels": RunLink(
         "svm_pixels", "m", "1")}, report)
-    assert "[p](http://tracking:5000/#/experiments/1/runs/p)" in text
+    assert "[p](http://tracking:5000/#/experiments/1/runs/p?workflowType=machine_learning)" in text
+    assert ('[Compare the 1 models in MLflow](http://tracking:5000/#/compare-runs?runs=["m"]&experiments=["1"]'
+            '&workflowType=machine_learning)') in text
     assert "stage svm: [s](" in text and "model svm_pixels: [m](" in text and report.as_uri() in text
     assert artifact_key("My Project_2", "model-comparison") == "my-project-2-model-comparison"

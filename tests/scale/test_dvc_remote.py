@@ -38,7 +38,7 @@ def test_push_then_pull_in_a_fresh_clone_restores_every_output(tmp_path, pipelin
     pushed = run([*DVC, "push"], project, env)
     assert "pushed" in pushed and any(remote.rglob("*"))
     git = ["git"]
-    run([*git, "add", "dvc.lock", ".dvc/config", "metrics"], project, env)
+    run([*git, "add", "dvc.lock", ".dvc/config", "metrics", "params.yaml"], project, env)  # what this run used
     run([*git, "commit", "-qm", "run results"], project, env)
 
     clone = tmp_path / "clone"

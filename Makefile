@@ -36,10 +36,10 @@ run: setup
 	$(BIN)/tlpipe repro
 
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist loadgroup --durations=15
 
 test-fast: setup
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -n 2 --dist loadgroup -m "not slow"
 
 bench: setup
 	$(PY) -m bench.run --quick

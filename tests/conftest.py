@@ -79,6 +79,20 @@ def pytest_unconfigure(config: pytest.Config) -> None:
         shutil.rmtree(config.stash[SESSION_DIR], ignore_errors=True)
 
 
+BASELINE_GROUP = "pipeline-baseline"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Keep the tests that use (and change) the shared tiny pipeline run on one pytest-xdist worker.
+
+    ``make test`` runs two workers with ``--dist loadgroup``: every other test goes to whichever worker is
+    free, while this group shares one ``pipeline_baseline`` (built once, ~2 min) in its recorded order.
+    """
+    for item in items:
+        if "pipeline_baseline" in getattr(item, "fixturenames", ()) or item.path.name == "test_faults.py":
+            item.add_marker(pytest.mark.xdist_group(BASELINE_GROUP))
+
+
 @contextmanager
 def kept_tracking_state() -> Iterator[None]:
     """Restore MLflow's process-wide state on exit: tracking URI, active runs and experiment, and every

@@ -443,17 +443,26 @@ def stage_run(stage: str, root: Path, params: Mapping | None = None, data_hash: 
         with activate_run(joined, client):
             yield joined
         return
-    experiment_id = ensure_experiment(client, root)
-    reap_stale_runs(client, experiment_id)
-    parent = resolve_parent(client, experiment_id, root)
-    tags = {STAGE_TAG: stage, KIND_TAG: "stage", "tlpipe.git_commit": git_commit(root), **process_tags()}
-    if data_hash:
-        tags["tlpipe.data_hash"] = data_hash
-    if parent:
-        tags["mlflow.parentRunId"] = parent
-    flat = flatten("", params or {})
-    tags.update({f"dvc.params.{k}": str(v)[:5000] for k, v in flat.items()})
-    run_id = client.create_run(experiment_id, start_time=started, run_name=stage, tags=tags).info.run_id
+    try:  # the store can go away between the reachability check and here: same clear error as below
+        experiment_id = ensure_experiment(client, root)
+        reap_stale_runs(client, experiment_id)
+        parent = resolve_parent(client, experiment_id, root)
+        tags = {STAGE_TAG: stage, KIND_TAG: "stage", "tlpipe.git_commit": git_commit(root), **process_tags()}
+        if data_hash:
+            tags["tlpipe.data_hash"] = data_hash
+        if parent:
+            tags["mlflow.parentRunId"] = parent
+        flat = flatten("", params or {})
+        tags.update({f"dvc.params.{k}": str(v)[:5000] for k, v in flat.items()})
+        run_id = client.create_run(experiment_id, start_time=started, run_name=stage, tags=tags).info.run_id
+    except Exception as error:
+        if isinstance(error, TrackingUnavailableError) or store_reachable(client, key[1]):
+            raise
+        raise TrackingUnavailableError(
+            f"MLflow tracking store {key[1]} became unreachable while the {stage} stage opened its run "
+            f"({type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''}). Start it "
+            "again and rerun the stage."
+        ) from error
     status = "FAILED"
     with _open_lock:
         _open_stage_runs[key] = run_id

@@ -77,7 +77,7 @@ def test_evaluate_flow_gates_once_reports_after_the_gate_and_publishes_artifacts
     assert rows[0]["test_accuracy"] == accuracies["svm_pixels"]["acc"]
     assert promotion["reason"] in by_key["evalproj-evaluate-promotion"].data
     assert (out / "report.html").resolve().as_uri() in by_key["evalproj-evaluate-report"].data
-    assert f"/runs/{promotion['evaluate_run_id']})" in by_key["evalproj-evaluate-mlflow-runs"].data
+    assert f"/runs/{promotion['evaluate_run_id']}?workflowType=machine_learning)" in by_key["evalproj-evaluate-mlflow-runs"].data
 
     # MLflow: the report is an artifact of the evaluate run; one version per execution
     client = MlflowClient(f"sqlite:///{project}/mlflow.db")

@@ -116,5 +116,5 @@ def test_pipeline_runs_once_per_project_links_its_stage_runs_and_publishes_artif
     experiment = client.get_experiment_by_name("tlpipe")
     [mlflow_pipeline] = client.search_runs([experiment.experiment_id], "tags.`tlpipe.kind` = 'pipeline'")
     links = by_key["linkproj-pipeline-mlflow-runs"].data
-    assert f"/runs/{mlflow_pipeline.info.run_id})" in links
+    assert f"/runs/{mlflow_pipeline.info.run_id}?workflowType=machine_learning)" in links
     assert all(f"- stage {stage}: [" in links for stage in STAGES)

@@ -24,19 +24,15 @@ import keras
 from tlpipe.backbones import efficientnet_lite, resnet50
 from tlpipe.backbones.common import (
     BackboneSpec,
-    FlipImages,
     PixelPreprocessing,
     WeightsUnavailableError,
     get_cache_dir,
     get_spec,
     list_backbones,
-    list_blocks,
-    split_top_blocks,
 )
 
 __all__ = [
     "BackboneSpec",
-    "FlipImages",
     "PixelPreprocessing",
     "WeightsUnavailableError",
     "build_backbone",
@@ -44,8 +40,6 @@ __all__ = [
     "get_cache_dir",
     "get_spec",
     "list_backbones",
-    "list_blocks",
-    "split_top_blocks",
 ]
 
 BUILDERS = {"resnet50": resnet50, **efficientnet_lite.BUILDERS}

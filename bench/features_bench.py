@@ -25,22 +25,22 @@ import numpy as np
 
 from bench.common import OUT_DIR, log, machine, quiet_tf, row, timed, write_json
 
-SIZE = 224
 BATCH = 32
 TARGET_RATIO = 0.9
-FULL = {"efficientnet_lite0": 256, "resnet50": 96}
+# images per backbone; each runs at its native input size (224, 240, 260; resnet50 224)
+FULL = {"efficientnet_lite0": 256, "efficientnet_lite1": 128, "efficientnet_lite2": 128, "resnet50": 96}
 QUICK = {"efficientnet_lite0": 64, "resnet50": 32}
 
 
-def write_images(path: Path, count: int, seed: int = 0) -> Path:
+def write_images(path: Path, count: int, size: int, seed: int = 0) -> Path:
     """Write ``count`` seeded random uint8 images as a store ``.npy`` (as the ingest stage would)."""
     from tlpipe import store
 
     path.parent.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
-    with store.NpyWriter(path, count, (SIZE, SIZE, 3)) as writer:
+    with store.NpyWriter(path, count, (size, size, 3)) as writer:
         for start in range(0, count, BATCH):
-            writer.write(rng.integers(0, 256, size=(min(BATCH, count - start), SIZE, SIZE, 3), dtype=np.uint8))
+            writer.write(rng.integers(0, 256, size=(min(BATCH, count - start), size, size, 3), dtype=np.uint8))
     return path
 
 
@@ -53,12 +53,14 @@ def inner_backbone(extractor):
 
 def bench_backbone(name: str, count: int, reps: int) -> dict[str, Any]:
     """Time ours and the bare predict for one backbone; return seconds and a feature check."""
+    from tlpipe.backbones import get_spec
     from tlpipe.features import build_extractor, extract_split
 
-    images = write_images(OUT_DIR / "features" / f"images_{count}.npy", count)
+    size = get_spec(name).default_size
+    images = write_images(OUT_DIR / "features" / f"images_{count}_{size}.npy", count, size)
     out_dir = OUT_DIR / "features" / f"out_{name}"
     out_dir.mkdir(parents=True, exist_ok=True)
-    extractor = build_extractor(name, None, SIZE, include_top=False)
+    extractor = build_extractor(name, None, size, include_top=False)
     backbone = inner_backbone(extractor)
     x = np.load(images).astype(np.float32)  # the course's preloaded float32 array
     extractor.predict_on_batch(x[:BATCH].astype(np.uint8))  # warm-up: trace our step
@@ -77,7 +79,7 @@ def bench_backbone(name: str, count: int, reps: int) -> dict[str, Any]:
     diff = float(np.max(np.abs(final - np.asarray(predicted["final"], dtype=np.float32))))
     scale = float(np.max(np.abs(final))) or 1.0
     shutil.rmtree(out_dir, ignore_errors=True)
-    return {"images": count, "batch_size": BATCH, "image_size": SIZE, "reps": reps,
+    return {"images": count, "batch_size": BATCH, "image_size": size, "reps": reps,
             "ours_seconds": [round(t, 3) for t in times["ours"]],
             "baseline_seconds": [round(t, 3) for t in times["bare"]],
             "ours_cpu_ms_per_image": round(1000 * statistics.median(times["ours_cpu"]) / count, 2),
@@ -86,7 +88,7 @@ def bench_backbone(name: str, count: int, reps: int) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    """Run figure 2 for both backbones and return (and optionally write) its rows."""
+    """Run figure 2 for each backbone and return (and optionally write) its rows."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--json", type=Path)

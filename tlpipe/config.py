@@ -142,6 +142,21 @@ class FinetuneParams(_Section):
     unfreeze_layers: int = Field(0, ge=0, description="phase 2: unfreeze the top N backbone layers")
     unfreeze_epochs: int = Field(5, ge=0)
     unfreeze_learning_rate: float = Field(1e-5, gt=0.0)
+    finetuned_units: int = Field(0, ge=0, description="finetuned model: hidden units of its head (0: linear head)")
+    finetuned_blocks: int = Field(10, ge=1, description="finetuned model: backbone blocks trained in phase 2 "
+                                  "(at most those above the mid-level tap)")
+    finetuned_copies: int = Field(4, ge=1, description="finetuned model: augmented copies cached below those blocks")
+    finetuned_augment: Literal["flips", "course"] = Field(
+        "flips", description="finetuned model: mirror images only, or the course's augmentation (augment.*)")
+    finetuned_head_epochs: int = Field(4, ge=1, description="finetuned model: phase 1 (head only) epochs")
+    finetuned_epochs: int = Field(10, ge=0, description="finetuned model: phase 2 (head + top blocks) epochs")
+    finetuned_head_learning_rate: float = Field(1e-3, gt=0.0)
+    finetuned_learning_rate: float = Field(1e-4, gt=0.0, description="finetuned model: phase 2 learning rate")
+    finetuned_dropout: float = Field(0.2, ge=0.0, lt=1.0)
+    finetuned_mid: bool = Field(False, description="finetuned model: head reads final + mid-level features")
+    finetuned_vertical_flip: bool = Field(False, description="finetuned model: also flip upside down when augmenting")
+    finetuned_tta: Literal["none", "horizontal", "flips"] = Field(
+        "none", description="finetuned model: average predictions over mirrored copies")
     seed: int = 42
 
 

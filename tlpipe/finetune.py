@@ -1,9 +1,15 @@
-"""Core of the ``finetune`` stages: the course's two transfer-learning models.
+"""Core of the ``finetune`` stages: the course's two transfer-learning models, and the field's next step.
 
-Both models put a small dense head on a frozen pretrained backbone::
+The course's two models put a small dense head on a frozen pretrained backbone::
 
     frozen: uint8 image -> float32 -> augmentation -> backbone -> final -> Dense(relu) -> Dense(softmax)
     concat: uint8 image -> float32 -> augmentation -> backbone -> [final, mid] -> Dense(relu) -> Dense(softmax)
+
+``finetuned`` (:func:`train_finetuned`) is kept apart from them, so the
+course's lesson stays visible: a head trained first, then the backbone's top
+blocks fine-tuned at a low learning rate with BatchNorm in inference mode,
+on activations cached below those blocks, and predictions averaged over
+mirrored copies of the image (test-time augmentation inside the saved model).
 
 The backbone is frozen (``trainable = False``) and called with ``training=False``.
 Note that Keras 3 lets an outer ``training=True`` override that argument of a
@@ -503,14 +509,209 @@ def train_model(kind: str, data: StoreData, backbone: keras.Model, params: Finet
     return model, history
 
 
-def summarize(kind: str, history: pd.DataFrame, cache: FeatureCache | None, backbone_name: str,
+TUNED_KIND = "finetuned"
+TUNE_CACHE_FOLDER = "_tune_cache"
+TTA_FLIPS = {"none": [], "horizontal": [(True, False)], "flips": [(True, False), (False, True), (True, True)]}
+
+
+@dataclass(frozen=True)
+class TuneCache:
+    """Activations below the ``blocks`` fine-tuned blocks: ``copies`` augmented train copies, plain val.
+
+    Files in ``folder``: ``train_cut.npy`` (float16, copy-major like
+    :class:`FeatureCache`), ``train_mid.npy``, ``val_cut.npy``, ``val_mid.npy``.
+    """
+
+    folder: Path
+    copies: int
+    rows: int
+    seconds: float
+    blocks: int
+
+    def train_inputs(self, copy: int) -> list[np.ndarray]:
+        """(cut, mid) of one augmented copy of every training image, memory-mapped."""
+        rows = slice(copy * self.rows, (copy + 1) * self.rows)
+        return [np.load(self.folder / f"train_{k}.npy", mmap_mode="r")[rows] for k in ("cut", "mid")]
+
+    def val_inputs(self) -> list[np.ndarray]:
+        """(cut, mid) of the val images."""
+        return [np.load(self.folder / f"val_{k}.npy") for k in ("cut", "mid")]
+
+
+def augment_batch(augmentation: keras.Sequential, batch: np.ndarray, vertical: bool,
+                  rng: np.random.Generator) -> np.ndarray:
+    """The course's augmentation (``training=True``), plus a random upside-down flip when ``vertical``."""
+    pixels = keras.ops.convert_to_numpy(augmentation(batch.astype("float32"), training=True))
+    if vertical:
+        flip = rng.random(len(pixels)) < 0.5
+        pixels[flip] = pixels[flip, ::-1]
+    return pixels
+
+
+def tune_augment_params(params: FinetuneParams) -> AugmentParams:
+    """The finetuned model's augmentation: the course's (``augment.*``) or mirror images only.
+
+    Measured on ELPV: the course's rotation, shift, shear, zoom and noise (made
+    for photos) cost accuracy on aligned solar-cell images; mirrors are exact.
+    """
+    if params.finetuned_augment == "course":
+        return params.augment
+    return AugmentParams(rotation_degrees=0, width_shift=0, height_shift=0, shear=0, zoom=0, horizontal_flip=True,
+                         noise_stddev=0)
+
+
+def compute_tune_cache(bottom: keras.Model, data: StoreData, folder: Path, params: FinetuneParams,
+                       blocks: int) -> TuneCache:
+    """Run ``finetuned_copies`` augmented copies of the train images and the val images through ``bottom``.
+
+    The activations entering the fine-tuned blocks are stored as float16 (half
+    the disk, well inside their range), the pooled mid-level tap as float32.
+    """
+    start = time.perf_counter()
+    folder.mkdir(parents=True, exist_ok=True)
+    keras.utils.set_random_seed(params.seed)
+    augmentation = build_augmentation(tune_augment_params(params), params.seed)
+    rng = np.random.default_rng(params.seed)
+    cut_shape = tuple(int(d) for d in bottom.output["cut"].shape[1:])
+    mid_dim = int(bottom.output["mid"].shape[-1])
+    rows, copies = len(data.train_labels), params.finetuned_copies
+
+    def writers(split: str, count: int) -> dict[str, store.NpyWriter]:
+        return {"cut": store.NpyWriter(folder / f"{split}_cut.npy", count, cut_shape, "float16"),
+                "mid": store.NpyWriter(folder / f"{split}_mid.npy", count, (mid_dim,), "float32")}
+
+    def write(out: dict[str, store.NpyWriter], pixels: np.ndarray) -> None:
+        outputs = bottom.predict_on_batch(pixels)
+        out["cut"].write(np.asarray(outputs["cut"], dtype=np.float16))
+        out["mid"].write(np.asarray(outputs["mid"], dtype=np.float32))
+
+    train = writers("train", rows * copies)
+    for _ in range(copies):
+        for batch in store.iter_npy_batches(data.train_path, params.batch_size):
+            write(train, augment_batch(augmentation, batch, params.finetuned_vertical_flip, rng))
+    val = writers("val", len(data.val_labels))
+    for batch in store.iter_npy_batches(data.val_path, params.batch_size):
+        write(val, batch.astype("float32"))
+    for writer in [*train.values(), *val.values()]:
+        writer.close()
+    return TuneCache(folder, copies, rows, time.perf_counter() - start, blocks)
+
+
+def build_tuned_head(final_dim: int, mid_dim: int, n_classes: int, params: FinetuneParams) -> keras.Model:
+    """The finetuned model's head: final [+ mid] -> Dropout -> [Dense(units, relu)] -> Dense(softmax).
+
+    Inputs are always ``[final, mid]`` (``mid`` unused unless ``finetuned_mid``).
+    """
+    final, mid = keras.Input((final_dim,), name="final"), keras.Input((mid_dim,), name="mid")
+    x = keras.layers.Concatenate(name="final_mid")([final, mid]) if params.finetuned_mid else final
+    if params.finetuned_dropout:
+        x = keras.layers.Dropout(params.finetuned_dropout, seed=params.seed, name="dropout")(x)
+    if params.finetuned_units:
+        x = keras.layers.Dense(params.finetuned_units, activation="relu", name="hidden")(x)
+    outputs = keras.layers.Dense(n_classes, activation="softmax", name="probs")(x)
+    return keras.Model([final, mid], outputs, name="head")
+
+
+def build_tuned_image_model(backbone: keras.Model, head: keras.Model, image_size: int, tta: str) -> keras.Model:
+    """uint8 image -> float32 -> backbone -> head, averaged over the flipped copies of ``tta``.
+
+    Args:
+        backbone: The (fine-tuned) backbone; frozen here for saving.
+        head: The trained head (``[final, mid]`` -> probabilities).
+        image_size: Side of the square uint8 input.
+        tta: A key of :data:`TTA_FLIPS`: ``none``, ``horizontal`` (average with the
+            mirror image) or ``flips`` (also upside down and both).
+    """
+    from tlpipe.backbones import FlipImages
+
+    backbone.trainable = False
+    inputs = keras.Input((image_size, image_size, 3), dtype="uint8", name="image")
+    pixels = keras.ops.cast(inputs, "float32")
+    views = [pixels] + [FlipImages(h, v, name=f"flip_{'h' if h else ''}{'v' if v else ''}")(pixels)
+                        for h, v in TTA_FLIPS[tta]]
+    probs = []
+    for view in views:
+        features = backbone(view, training=False)
+        probs.append(head([features["final"], features["mid"]]))
+    outputs = probs[0] if len(probs) == 1 else keras.layers.Average(name="tta_mean")(probs)
+    return keras.Model(inputs, outputs, name=f"{TUNED_KIND}_classifier")
+
+
+def train_finetuned(data: StoreData, backbone_name: str, weights: str | None, params: FinetuneParams,
+                    cache_folder: Path, on_epoch: EpochCallback | None = None
+                    ) -> tuple[keras.Model, pd.DataFrame, TuneCache]:
+    """Train the ``finetuned`` model: head first, then the top backbone blocks, on cached activations.
+
+    1. The backbone is split below its last ``finetuned_blocks`` blocks, at
+       most those above the mid-level tap (:func:`tlpipe.backbones.split_top_blocks`;
+       the number used is ``tuned_blocks`` in the metrics);
+       ``finetuned_copies`` augmented copies of the train images
+       (:func:`tune_augment_params`) go through the frozen bottom once
+       (:func:`compute_tune_cache`).
+    2. Phase 1 (``finetuned_head_epochs``): only the head learns (the
+       ``optimizer`` of every network, ``finetuned_head_learning_rate``), on the top's outputs.
+    3. Phase 2 (``finetuned_epochs``): the top blocks learn too, at
+       ``finetuned_learning_rate``; every BatchNormalization layer stays frozen,
+       so it keeps using its ImageNet moving statistics (inference mode).
+    4. The epoch with the best val accuracy (then lower val loss) is kept, and the
+       saved model averages its probabilities over the ``finetuned_tta`` flips.
+
+    Epoch ``e`` trains on augmented copy ``e % copies``, as the feature cache does.
+
+    Returns:
+        The image model, its history (:data:`HISTORY_COLUMNS`) and the cache.
+    """
+    from tlpipe.backbones import split_top_blocks, tunable_blocks
+
+    keras.utils.set_random_seed(params.seed)
+    backbone = build_backbone(backbone_name, weights, data.image_size)
+    backbone.trainable = False
+    blocks = min(params.finetuned_blocks, tunable_blocks(backbone))
+    bottom, top = split_top_blocks(backbone, blocks)
+    cache = compute_tune_cache(bottom, data, cache_folder, params, blocks)
+    if on_epoch is None:
+        print(f"tune cache: {cache.rows} images x {cache.copies} copies in {cache.seconds:.1f}s", flush=True)
+    cut = keras.Input(tuple(int(d) for d in top.input.shape[1:]), name="cut")
+    mid = keras.Input((int(bottom.output["mid"].shape[-1]),), name="mid")
+    head = build_tuned_head(int(top.output.shape[-1]), int(mid.shape[-1]), len(data.classes), params)
+    trainer = keras.Model([cut, mid], head([top(cut, training=False), mid]), name=f"{TUNED_KIND}_trainer")
+    rows = len(data.train_labels)
+
+    def make(epoch: int) -> ArrayBatches:
+        return ArrayBatches(cache.train_inputs(epoch % cache.copies), data.train_labels, params.batch_size,
+                            epoch_order(rows, params.seed, epoch))
+
+    val = ArrayBatches(cache.val_inputs(), data.val_labels, params.batch_size)
+    best, total = BestEpoch(), params.finetuned_head_epochs + params.finetuned_epochs
+    top.trainable = False
+    compile_model(trainer, params, params.finetuned_head_learning_rate)
+    history = fit_epochs(trainer, make, val, range(params.finetuned_head_epochs), 1, TUNED_KIND, total, best,
+                         on_epoch)
+    if params.finetuned_epochs:
+        trainer.set_weights(best.weights)  # phase 2 starts from the best head
+        top.trainable = True
+        for layer in top.layers:
+            if isinstance(layer, keras.layers.BatchNormalization):
+                layer.trainable = False
+        compile_model(trainer, params, params.finetuned_learning_rate)
+        history += fit_epochs(trainer, make, val, range(params.finetuned_head_epochs, total), 2, TUNED_KIND,
+                              total, best, on_epoch)
+    trainer.set_weights(best.weights)
+    model = build_tuned_image_model(backbone, head, data.image_size, params.finetuned_tta)
+    compile_model(model, params, params.finetuned_learning_rate)
+    model.optimizer.build(model.trainable_variables)  # saved with matching (fresh) optimizer state
+    return model, pd.DataFrame(history, columns=list(HISTORY_COLUMNS)), cache
+
+
+def summarize(kind: str, history: pd.DataFrame, cache: FeatureCache | TuneCache | None, backbone_name: str,
               weights: str | None, data: StoreData, seconds: float) -> dict:
     """Build the metrics dict of one model."""
     # same rule as BestEpoch: highest val accuracy, then lowest val loss, then earliest (stable sort)
     best = history.sort_values(["val_accuracy", "val_loss"], ascending=[False, True], kind="stable").iloc[0]
     phase1, phase2 = history[history["phase"] == 1], history[history["phase"] == 2]
     return {
-        "kind": kind, "mode": "feature_cache" if cache else "end_to_end",
+        "kind": kind,
+        "mode": "tune_cache" if isinstance(cache, TuneCache) else "feature_cache" if cache else "end_to_end",
         "backbone": backbone_name, "weights": "none" if weights is None else str(weights),
         "epochs": int(len(history)), "best_epoch": int(best["epoch"]), "best_phase": int(best["phase"]),
         "best_val_accuracy": float(best["val_accuracy"]), "best_val_loss": float(best["val_loss"]),
@@ -519,6 +720,7 @@ def summarize(kind: str, history: pd.DataFrame, cache: FeatureCache | None, back
         "cache_seconds": round(cache.seconds, 3) if cache else 0.0, "cache_copies": cache.copies if cache else 0,
         "train_images": int(len(data.train_labels)), "val_images": int(len(data.val_labels)),
         "classes": list(data.classes),
+        **({"tuned_blocks": cache.blocks} if isinstance(cache, TuneCache) else {}),
     }
 
 
@@ -569,18 +771,27 @@ def train_models(store_dir: Path, out_dir: Path, kinds: Sequence[str], backbone_
     check_weights(backbone_name, weights)
     data = load_store_data(Path(store_dir))
     staging = store.staging_dir(Path(out_dir))
+    course = [kind for kind in kinds if kind != TUNED_KIND]
     try:
         cache = None
-        shared = load_frozen_backbone(backbone_name, weights, data.image_size, params.seed)
-        if params.feature_cache:
+        shared = load_frozen_backbone(backbone_name, weights, data.image_size, params.seed) if course else None
+        if params.feature_cache and course:
             cache = compute_feature_cache(shared, data, staging / CACHE_FOLDER, params)
             if on_epoch is None:
                 print(f"feature cache: {cache.rows} images x {cache.copies} copies in {cache.seconds:.1f}s", flush=True)
         results = {}
         for kind in kinds:
             start = time.perf_counter()
+            if kind == TUNED_KIND:
+                model, history, tune_cache = train_finetuned(data, backbone_name, weights, params,
+                                                             staging / TUNE_CACHE_FOLDER, on_epoch)
+                results[kind] = summarize(kind, history, tune_cache, backbone_name, weights, data,
+                                          time.perf_counter() - start)
+                write_outputs(staging, kind, model, history, results[kind])
+                shutil.rmtree(staging / TUNE_CACHE_FOLDER, ignore_errors=True)
+                continue
             backbone = shared
-            if params.unfreeze_layers and kind != kinds[0]:
+            if params.unfreeze_layers and kind != course[0]:
                 backbone = load_frozen_backbone(backbone_name, weights, data.image_size, params.seed)
             model, history = train_model(kind, data, backbone, params, cache, on_epoch)
             results[kind] = summarize(kind, history, cache, backbone_name, weights, data, time.perf_counter() - start)

@@ -15,8 +15,8 @@ Family = Literal["svm", "network"]
 SVM_MODELS: dict[str, str] = {"svm_features": "final", "svm_concat": "concat", "svm_pixels": "pixels"}
 """SVM model name -> the input it is trained on (pooled final features, final+mid, raw pixels)."""
 
-NETWORK_MODELS: tuple[str, ...] = ("frozen", "concat")
-"""Keras networks of the finetune stage (the course's two)."""
+NETWORK_MODELS: tuple[str, ...] = ("frozen", "concat", "finetuned")
+"""Keras networks of the finetune stage: the course's two, then ``finetuned`` (top blocks fine-tuned, flip TTA)."""
 
 MODEL_NAMES: tuple[str, ...] = (*SVM_MODELS, *NETWORK_MODELS)
 """Every model, in report order."""

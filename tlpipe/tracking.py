@@ -736,7 +736,7 @@ def log_test_metrics(client, experiment_id: str, model_path: Path, metrics: Mapp
 
 # ---------------------------------------------------------------- what a model run records
 
-NETWORK_INPUTS = {"frozen": "final", "concat": "concat"}
+NETWORK_INPUTS = {"frozen": "final", "concat": "concat", "finetuned": "final"}
 """The backbone output each network's head reads (the SVMs': :data:`tlpipe.models.SVM_MODELS`)."""
 
 
@@ -798,6 +798,8 @@ def network_model_params(kind: str, summary: Mapping, params, data_hash: str, cl
         **{f"net.augment.{k}": v for k, v in tune.augment.model_dump().items()},
         "seed": tune.seed, "n_train": summary.get("train_images", ""),
     }
+    if kind == "finetuned":  # its own schedule: head epochs, then the top blocks (tlpipe.finetune.train_finetuned)
+        extra.update({f"net.{key}": value for key, value in tune.model_dump().items() if key.startswith("finetuned_")})
     if tune.unfreeze_layers:
         extra.update({"net.unfreeze_epochs": tune.unfreeze_epochs,
                       "net.unfreeze_learning_rate": tune.unfreeze_learning_rate})

@@ -13,7 +13,7 @@ import pytest
 from tests.conftest import count_flow_runs, stage_env
 
 STAGES = ("ingest", "features", "svm", "finetune", "evaluate")
-MODELS = {"svm_features", "svm_concat", "svm_pixels", "frozen", "concat"}
+MODELS = {"svm_features", "svm_concat", "svm_pixels", "frozen", "concat", "finetuned"}
 
 
 def run(command: list[str], cwd: Path, env: dict, timeout: int = 1200) -> str:

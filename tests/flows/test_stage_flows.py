@@ -95,7 +95,7 @@ def test_finetune_flow_trains_both_networks_and_the_saved_models_reload(project)
     params.write_text(params.read_text().replace("epochs: 2", "epochs: 1"))
     ingest_flow(root=str(project))
     results = finetune_flow(root=str(project))
-    assert set(results) == {"frozen", "concat"}
+    assert set(results) == {"frozen", "concat", "finetuned"}
     images, labels = store.load_split(project / "data" / "store", "val")
     classes = store.load_classes(project / "data" / "store")
     client = MlflowClient(f"sqlite:///{project}/mlflow.db")

@@ -22,7 +22,7 @@ from tests.scale.helpers import run
 from tlpipe import services
 
 STAGES = ("ingest", "features", "svm", "finetune", "evaluate")
-MODELS = {"svm_features", "svm_concat", "svm_pixels", "frozen", "concat"}
+MODELS = {"svm_features", "svm_concat", "svm_pixels", "frozen", "concat", "finetuned"}
 
 
 @pytest.fixture

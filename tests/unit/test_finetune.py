@@ -19,6 +19,7 @@ SIZE = 32
 BACKBONE = "efficientnet_lite0"
 COUNTS = {"train": 12, "val": 4, "test": 2}  # per class
 MODES = {"end_to_end": False, "feature_cache": True}
+COURSE_KINDS = ("frozen", "concat")  # the course's two models; the finetuned model has its own tests below
 
 
 def make_images(label: int, count: int, rng: np.random.Generator) -> np.ndarray:
@@ -108,10 +109,10 @@ def runs(store_dir: Path, weights_file: Path, tmp_path_factory: pytest.TempPathF
         out = tmp_path_factory.mktemp(mode) / "models"
         with pytest.MonkeyPatch.context() as patch:
             patch.setattr(finetune, "write_outputs", capture)
-            metrics = finetune.train_models(store_dir, out, finetune.MODEL_KINDS, BACKBONE, str(weights_file),
+            metrics = finetune.train_models(store_dir, out, COURSE_KINDS, BACKBONE, str(weights_file),
                                             tiny_params(feature_cache=cached),
                                             on_epoch=lambda kind, epoch, logs: epochs.append((kind, epoch, logs)))
-        loaded = {kind: keras.saving.load_model(out / f"{kind}.keras") for kind in finetune.MODEL_KINDS}
+        loaded = {kind: keras.saving.load_model(out / f"{kind}.keras") for kind in COURSE_KINDS}
         results[mode] = {"out": out, "metrics": metrics, "models": models, "loaded": loaded, "epochs": epochs}
     yield results
 
@@ -133,7 +134,7 @@ def predict(model: keras.Model, inputs: object) -> np.ndarray:
 @pytest.mark.parametrize("mode", MODES)
 def test_outputs_and_metrics(runs: dict, mode: str) -> None:
     run = runs[mode]
-    for kind in finetune.MODEL_KINDS:
+    for kind in COURSE_KINDS:
         for suffix in (".keras", "_history.csv", "_curves.png", "_metrics.json"):
             assert (run["out"] / f"{kind}{suffix}").is_file()
         history = pd.read_csv(run["out"] / f"{kind}_history.csv")
@@ -150,7 +151,7 @@ def test_outputs_and_metrics(runs: dict, mode: str) -> None:
 
 
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("kind", finetune.MODEL_KINDS)
+@pytest.mark.parametrize("kind", COURSE_KINDS)
 def test_saved_model_predicts_like_in_memory(runs: dict, store_dir: Path, mode: str, kind: str) -> None:
     images, _ = store.load_split(store_dir, "test")
     loaded = runs[mode]["loaded"][kind]
@@ -162,7 +163,7 @@ def test_saved_model_predicts_like_in_memory(runs: dict, store_dir: Path, mode: 
 
 
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("kind", finetune.MODEL_KINDS)
+@pytest.mark.parametrize("kind", COURSE_KINDS)
 def test_saved_model_holds_best_epoch(runs: dict, store_dir: Path, mode: str, kind: str) -> None:
     """The saved model scores the best epoch's val accuracy and loss on the val images."""
     images, labels = store.load_split(store_dir, "val")
@@ -188,7 +189,7 @@ def test_best_epoch_breaks_accuracy_ties_on_val_loss_then_earliest() -> None:
 def test_backbone_and_batchnorm_stats_unchanged(runs: dict, weights_file: Path, mode: str) -> None:
     reference = build_backbone(BACKBONE, str(weights_file), SIZE)
     assert any("moving_mean" in w.path for w in reference.weights)
-    for kind in finetune.MODEL_KINDS:
+    for kind in COURSE_KINDS:
         loaded = runs[mode]["loaded"][kind]
         assert not backbone_of(loaded).trainable
         for got, want in zip(all_weights(backbone_of(loaded)), all_weights(reference), strict=True):
@@ -209,7 +210,7 @@ def test_same_seed_same_history(runs: dict, store_dir: Path, weights_file: Path,
         np.testing.assert_array_equal(got, ref)
 
 
-@pytest.mark.parametrize("kind", finetune.MODEL_KINDS)
+@pytest.mark.parametrize("kind", COURSE_KINDS)
 def test_cached_head_equals_full_model_on_val(cache: tuple, kind: str) -> None:
     data, backbone, features = cache
     params = tiny_params()
@@ -289,3 +290,120 @@ def test_bad_kinds_rejected(store_dir: Path, tmp_path: Path) -> None:
         with pytest.raises(ValueError, match="kinds"):
             finetune.train_models(store_dir, tmp_path / "out", kinds, BACKBONE, None, tiny_params())
     assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------- the finetuned model (beyond the course)
+
+def tuned_params(**changes: object) -> FinetuneParams:
+    """Tiny params of the finetuned model: 2 head epochs, 2 epochs on the top 2 blocks."""
+    base = {"batch_size": 8, "finetuned_copies": 2, "finetuned_head_epochs": 2, "finetuned_epochs": 2,
+            "finetuned_blocks": 2, "finetuned_head_learning_rate": 3e-3, "finetuned_learning_rate": 1e-3}
+    return FinetuneParams(**{**base, **changes})
+
+
+@pytest.fixture(scope="module")
+def tuned(store_dir: Path, weights_file: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """The finetuned model trained alone (flip TTA on), its metrics, epochs and the saved file."""
+    out, epochs = tmp_path_factory.mktemp("tuned") / "models", []
+    metrics = finetune.train_models(store_dir, out, [finetune.TUNED_KIND], BACKBONE, str(weights_file),
+                                    tuned_params(finetuned_tta="flips", finetuned_mid=True, finetuned_units=8,
+                                                 finetuned_vertical_flip=True),
+                                    on_epoch=lambda kind, epoch, logs: epochs.append((kind, epoch, logs["phase"])))
+    return {"out": out, "metrics": metrics[finetune.TUNED_KIND], "epochs": epochs,
+            "model": keras.saving.load_model(out / f"{finetune.TUNED_KIND}.keras")}
+
+
+def test_tuned_model_outputs_history_and_best_epoch(tuned: dict, store_dir: Path) -> None:
+    kind = finetune.TUNED_KIND
+    for suffix in (".keras", "_history.csv", "_curves.png", "_metrics.json"):
+        assert (tuned["out"] / f"{kind}{suffix}").is_file()
+    assert not (tuned["out"] / finetune.TUNE_CACHE_FOLDER).exists()
+    history = pd.read_csv(tuned["out"] / f"{kind}_history.csv")
+    assert history["phase"].tolist() == [1, 1, 2, 2] and history["epoch"].tolist() == [1, 2, 3, 4]
+    assert tuned["epochs"] == [(kind, 1, 1), (kind, 2, 1), (kind, 3, 2), (kind, 4, 2)]
+    metrics = tuned["metrics"]
+    assert metrics["mode"] == "tune_cache" and metrics["cache_copies"] == 2 and metrics["cache_seconds"] > 0
+    assert metrics["tuned_blocks"] == 2
+    images, labels = store.load_split(store_dir, "val")
+    np.testing.assert_allclose(predict(tuned["model"], images).sum(axis=1), 1.0, rtol=1e-5)
+    # the best epoch is chosen without TTA: the same network without the flipped views scores it
+    plain = finetune.build_tuned_image_model(backbone_of(tuned["model"]), tuned["model"].get_layer("head"), SIZE,
+                                             "none")
+    probs = predict(plain, images)
+    assert (probs.argmax(axis=1) == labels).mean() == pytest.approx(metrics["best_val_accuracy"])
+    loss = -np.log(probs[np.arange(len(labels)), labels]).mean()
+    assert loss == pytest.approx(metrics["best_val_loss"], rel=1e-3)
+
+
+def test_tuned_model_averages_flipped_views(tuned: dict, store_dir: Path) -> None:
+    """TTA is inside the saved model: flipping the input only reorders the views it averages."""
+    model = tuned["model"]
+    assert [layer.name for layer in model.layers if isinstance(layer, tlpipe.backbones.FlipImages)] == [
+        "flip_h", "flip_v", "flip_hv"]
+    images, _ = store.load_split(store_dir, "test")
+    np.testing.assert_allclose(predict(model, images[:, :, ::-1]), predict(model, images), rtol=1e-4, atol=1e-6)
+
+
+def changed_layers(backbone: keras.Model, reference: keras.Model) -> set[str]:
+    """Block names (``block14``, ``head``...) whose weights differ; BatchNorm must not have changed at all."""
+    changed = set()
+    for got, want in zip(backbone.weights, reference.weights, strict=True):
+        if "moving_" in want.path or "/gamma" in want.path or "/beta" in want.path:
+            np.testing.assert_array_equal(np.array(got), np.array(want))  # BatchNorm frozen
+        elif not np.array_equal(np.array(got), np.array(want)):
+            changed.add(want.path.split("/")[0].split("_")[0])
+    return changed
+
+
+def test_tuned_model_changes_only_top_blocks_and_keeps_batchnorm(tuned: dict, weights_file: Path) -> None:
+    reference = build_backbone(BACKBONE, str(weights_file), SIZE)
+    changed = changed_layers(backbone_of(tuned["model"]), reference)
+    if tuned["metrics"]["best_phase"] == 2:
+        assert changed and changed <= {"block14", "block15", "head"}, changed  # the top 2 blocks and the head conv
+    else:  # the best epoch was a head-only one: the backbone is the pretrained one
+        assert changed == set()
+
+
+def test_phase2_trains_the_top_blocks_only(store_dir: Path, weights_file: Path, tmp_path: Path) -> None:
+    """Forcing phase 2 to win (no head epochs to speak of, a large step): top kernels move, nothing else."""
+    params = tuned_params(finetuned_head_epochs=1, finetuned_head_learning_rate=1e-6, finetuned_epochs=2,
+                          finetuned_learning_rate=3e-3, finetuned_tta="none")
+    data = finetune.load_store_data(store_dir)
+    model, history, _ = finetune.train_finetuned(data, BACKBONE, str(weights_file), params, tmp_path / "cache",
+                                                 on_epoch=lambda *a: None)
+    assert history["phase"].tolist() == [1, 2, 2]
+    changed = changed_layers(backbone_of(model), build_backbone(BACKBONE, str(weights_file), SIZE))
+    best_phase = int(history.sort_values(["val_accuracy", "val_loss"], ascending=[False, True]).iloc[0]["phase"])
+    assert best_phase == 2 and changed and changed <= {"block14", "block15", "head"}, (best_phase, changed)
+
+
+def test_tuned_cache_reproduces_the_backbone(store_dir: Path, weights_file: Path, tmp_path: Path) -> None:
+    """Bottom + top on the cached activations give the backbone's own features (float16 cache)."""
+    data = finetune.load_store_data(store_dir)
+    backbone = build_backbone(BACKBONE, str(weights_file), SIZE)
+    bottom, top = tlpipe.backbones.split_top_blocks(backbone, 2)
+    cache = finetune.compute_tune_cache(bottom, data, tmp_path / "cache", tuned_params(), 2)
+    cut, mid = cache.val_inputs()
+    assert cut.dtype == np.float16 and cache.train_inputs(1)[0].shape == (cache.rows, *cut.shape[1:])
+    want = backbone.predict(np.load(data.val_path).astype("float32"), verbose=0)
+    np.testing.assert_allclose(mid, want["mid"], rtol=1e-5, atol=1e-6)
+    got = top.predict(cut.astype("float32"), verbose=0)
+    np.testing.assert_allclose(got, want["final"], rtol=2e-2, atol=1e-3 * np.abs(want["final"]).max())
+    assert tlpipe.backbones.tunable_blocks(backbone) == 10  # Lite0: blocks 6..15, above the tap in block 5
+    with pytest.raises(ValueError, match="blocks to fine-tune must be 1..10"):
+        tlpipe.backbones.split_top_blocks(backbone, 11)
+
+
+def test_tuned_blocks_are_capped_at_the_tunable_ones(store_dir: Path, weights_file: Path, tmp_path: Path) -> None:
+    params = tuned_params(finetuned_blocks=99, finetuned_head_epochs=1, finetuned_epochs=0, finetuned_copies=1)
+    model, history, cache = finetune.train_finetuned(finetune.load_store_data(store_dir), BACKBONE,
+                                                     str(weights_file), params, tmp_path / "cache",
+                                                     on_epoch=lambda *a: None)
+    assert cache.blocks == 10 and history["phase"].tolist() == [1]
+
+
+def test_tune_augmentation_mirrors_only_unless_course() -> None:
+    flips = finetune.build_augmentation(finetune.tune_augment_params(tuned_params()), seed=0)
+    assert [layer.name for layer in flips.layers] == ["flip"]
+    course = finetune.tune_augment_params(tuned_params(finetuned_augment="course"))
+    assert course == tuned_params().augment

@@ -24,15 +24,20 @@ import keras
 from tlpipe.backbones import efficientnet_lite, resnet50
 from tlpipe.backbones.common import (
     BackboneSpec,
+    FlipImages,
     PixelPreprocessing,
     WeightsUnavailableError,
     get_cache_dir,
     get_spec,
     list_backbones,
+    list_blocks,
+    split_top_blocks,
+    tunable_blocks,
 )
 
 __all__ = [
     "BackboneSpec",
+    "FlipImages",
     "PixelPreprocessing",
     "WeightsUnavailableError",
     "build_backbone",
@@ -40,6 +45,9 @@ __all__ = [
     "get_cache_dir",
     "get_spec",
     "list_backbones",
+    "list_blocks",
+    "split_top_blocks",
+    "tunable_blocks",
 ]
 
 BUILDERS = {"resnet50": resnet50, **efficientnet_lite.BUILDERS}

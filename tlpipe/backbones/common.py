@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from tlpipe.errors import UserError
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -223,6 +224,107 @@ class PixelPreprocessing(keras.layers.Layer):
             Config dict.
         """
         return {**super().get_config(), "mean": self.mean, "scale": self.scale, "bgr": self.bgr}
+
+
+@keras.saving.register_keras_serializable(package="tlpipe")
+class FlipImages(keras.layers.Layer):
+    """Flip images (B, H, W, C) left-right and/or upside down, in training and inference alike.
+
+    Used for test-time augmentation inside saved models (averaging a classifier's
+    outputs over flipped copies); registered as ``tlpipe>FlipImages``.
+
+    Args:
+        horizontal: Flip left-right.
+        vertical: Flip upside down.
+        **kwargs: Standard layer arguments.
+    """
+
+    def __init__(self, horizontal: bool = True, vertical: bool = False, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.horizontal = bool(horizontal)
+        self.vertical = bool(vertical)
+
+    def call(self, inputs: Any) -> Any:
+        """Return the flipped images."""
+        x = inputs
+        if self.horizontal:
+            x = ops.flip(x, axis=2)
+        if self.vertical:
+            x = ops.flip(x, axis=1)
+        return x
+
+    def compute_output_shape(self, input_shape: tuple[int | None, ...]) -> tuple[int | None, ...]:
+        """Return the input shape."""
+        return input_shape
+
+    def get_config(self) -> dict[str, Any]:
+        """Return the layer config for serialisation."""
+        return {**super().get_config(), "horizontal": self.horizontal, "vertical": self.vertical}
+
+
+BLOCK_END = re.compile(r"^(?:(block\d+)_(?:out|project_bn)|(conv\d+_block\d+)_out)$")
+
+
+def list_blocks(model: keras.Model) -> list[tuple[str, keras.KerasTensor]]:
+    """The backbone's blocks in order, each with the tensor that ends it.
+
+    EfficientNet-Lite: ``block{i}`` ends at ``block{i}_out`` (residual add) or
+    ``block{i}_project_bn``; ResNet50: ``conv{s}_block{b}`` at ``conv{s}_block{b}_out``.
+
+    Args:
+        model: A feature model from :func:`tlpipe.backbones.build_backbone`.
+
+    Returns:
+        ``[(block name, output tensor), ...]`` from input to output.
+    """
+    ends: dict[str, keras.KerasTensor] = {}
+    for layer in model.layers:
+        match = BLOCK_END.match(layer.name)
+        if match:
+            ends[match.group(1) or match.group(2)] = layer.output  # a residual add follows project_bn
+    return list(ends.items())
+
+
+def tunable_blocks(model: keras.Model) -> int:
+    """How many top blocks can be split off: those that end above the mid-level tap, less one.
+
+    Lite0 10, Lite1 12, Lite2 13, ResNet50 8 (the cut stays at or above the tap,
+    so the bottom still computes it).
+    """
+    found = list_blocks(model)
+    names = [layer.name for layer in model.layers]
+    mid_pool = model.output["mid"]._keras_history.operation.name
+    mid_source = model.get_layer(mid_pool).input._keras_history.operation.name
+    above = [name for name, tensor in found
+             if names.index(tensor._keras_history.operation.name) > names.index(mid_source)]
+    return len(above) - 1
+
+
+def split_top_blocks(model: keras.Model, blocks: int) -> tuple[keras.Model, keras.Model]:
+    """Split a feature model below its last ``blocks`` blocks, sharing the layers.
+
+    Args:
+        model: A feature model from :func:`tlpipe.backbones.build_backbone`.
+        blocks: How many blocks (with everything after them) go to the top.
+
+    Returns:
+        ``bottom``: raw pixels -> ``{"cut": activations entering the top,
+        "mid": pooled mid-level tap}``; ``top``: cut activations -> pooled final
+        features. ``top(bottom(x)["cut"])`` equals ``model(x)["final"]``; training
+        the top trains the model's own layers.
+
+    Raises:
+        ValueError: If ``blocks`` is not in 1 .. the number of blocks above the mid-level tap.
+    """
+    found = list_blocks(model)
+    allowed = tunable_blocks(model)
+    if not 1 <= blocks <= allowed:
+        raise ValueError(f"blocks to fine-tune must be 1..{allowed} for {model.name} "
+                         f"(its blocks above the mid-level tap), got {blocks}")
+    cut = found[len(found) - blocks - 1][1]
+    bottom = keras.Model(model.input, {"cut": cut, "mid": model.output["mid"]}, name=f"{model.name}_bottom")
+    top = keras.Model(cut, model.output["final"], name=f"{model.name}_top")
+    return bottom, top
 
 
 def build_feature_model(

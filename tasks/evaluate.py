@@ -130,7 +130,7 @@ def write_report(paths: ProjectPaths, result: dict, promotion: dict, evaluation:
     facts = [("Registered model", promotion["registered_model"]), ("Data hash", data_hash[:16]),
              ("MLflow evaluate run", evaluation["run_id"])]
     links = [*runs, ("Report folder", str(out_dir)),
-             ("DVC", "dvc metrics show metrics/evaluate.json · make exps · dvc plots show")]
+             ("DVC", "dvc metrics show · make exps · dvc plots show")]
     data = evaluate.build_report(out_dir, result, promotion, paths.features, facts, links)
     path = out_dir / "report.html"
     from tlpipe.report import write_report as write_html

@@ -12,7 +12,8 @@ then, per backbone x model, the test accuracy from that experiment's
   layers (the convention of the EfficientNet and ResNet papers, where
   EfficientNet-B0 is 0.39 "GFLOPs" and ResNet50 4.1), and
 * speed: images per second of the features stage on this machine
-  (``metrics/features.json`` of the same experiment).
+  (``metrics/features.json`` of the same experiment: a DVC-cached output, read
+  through DVC at the experiment's commit).
 
 The raw-pixel SVM uses no backbone; it is drawn as a horizontal reference line.
 Outputs: ``backbones.csv`` (one row per backbone x model) and ``backbones.png``
@@ -176,6 +177,21 @@ def queue_and_run(root: Path, backbones: Sequence[str], overrides: Sequence[str]
     return names
 
 
+def read_output(root: Path, commit: str, path: str) -> str | None:
+    """A file of the experiment at ``commit``: from git (metrics, params), else from the DVC cache
+    (stage outputs such as ``metrics/features.json``, named by hash in that commit's ``dvc.lock``)."""
+    text = read_at(root, commit, path)
+    if text is not None:
+        return text
+    import dvc.api
+    from dvc.exceptions import DvcException
+
+    try:
+        return dvc.api.read(path, repo=str(root), rev=commit)
+    except (DvcException, OSError):
+        return None
+
+
 def read_run(root: Path, backbone: str, name: str) -> BackboneRun:
     """What one finished experiment measured (read from its commit).
 
@@ -185,7 +201,7 @@ def read_run(root: Path, backbone: str, name: str) -> BackboneRun:
     commit = experiment_refs(root).get(name)
     if commit is None:
         raise ComparisonError(f"DVC experiment {name!r} ({backbone}) did not finish: see `dvc queue logs {name}`")
-    texts = {path: read_at(root, commit, path) for path in (EVALUATE_METRICS, FEATURES_METRICS, "params.yaml")}
+    texts = {path: read_output(root, commit, path) for path in (EVALUATE_METRICS, FEATURES_METRICS, "params.yaml")}
     missing = [path for path, text in texts.items() if text is None]
     if missing:
         raise ComparisonError(f"DVC experiment {name!r} has no {', '.join(missing)}")

@@ -124,7 +124,7 @@ def dvc_metrics(metrics: dict[str, dict]) -> tuple[dict, dict]:
 
     Returns:
         ``(accuracies, details)``: ``{model: {"acc": ...}}`` for
-        ``metrics/evaluate.json`` (five columns in ``dvc metrics show``) and
+        ``metrics/evaluate.json`` (one column per model in ``dvc metrics show``) and
         ``{model: {"bal_acc", "f1", "auc"}}`` for ``metrics/evaluate_detail.json``
         (``auc`` left out where undefined). Per-class numbers stay in the
         report folder's ``metrics.json``.

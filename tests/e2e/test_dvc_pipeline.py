@@ -73,6 +73,15 @@ def test_dvc_repro_runs_every_stage_once_and_tracks_it(pipeline_baseline, prefec
     assert "Running stage" not in output
     assert sum(count_flow_runs(since).values()) == 0
 
+    # `dvc metrics show`: one row of test accuracies, one column per model, readable in 160 columns;
+    # the other stages' numbers stay one command away
+    shown = run([sys.executable, "-m", "dvc", "metrics", "show"], project, env)
+    lines = [line for line in shown.splitlines() if line.strip()]
+    assert lines[0].split() == ["Path", *sorted(f"{model}.acc" for model in MODELS)], shown
+    assert len(lines) == 2 and max(map(len, lines)) <= 160, shown
+    svm = run([sys.executable, "-m", "dvc", "metrics", "show", "metrics/svm.json"], project, env)
+    assert "svm_pixels.cv_accuracy" in svm
+
     # the champion predicts a test image as the evaluate stage recorded it
     predictions = (project / "reports" / "evaluate" / "predictions.csv").read_text().splitlines()
     header, first = predictions[0].split(","), predictions[1].split(",")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 from pathlib import Path
 
 import keras
@@ -58,13 +59,17 @@ def test_build_table_one_row_per_backbone_and_model(tmp_path: Path) -> None:
     assert not list((tmp_path / "out").glob(".*"))  # written atomically, no temp files left
 
 
-def commit_experiment(repo: Path, name: str, backbone: str, accuracy: float) -> None:
-    """Commit an experiment's params and metrics and point ``refs/exps/.../<name>`` at it, as DVC does."""
+def commit_experiment(repo: Path, name: str, backbone: str, accuracy: float, speed: float = 12.5) -> None:
+    """Commit an experiment's params and metrics and point ``refs/exps/.../<name>`` at it, as DVC does:
+    ``metrics/evaluate.json`` in git, ``metrics/features.json`` in the DVC cache (a cached stage output)."""
     (repo / "params.yaml").write_text(yaml.safe_dump({"data": {"image_size": "native"},
                                                       "features": {"backbone": backbone}}))
     (repo / "metrics").mkdir(exist_ok=True)
     (repo / "metrics" / "evaluate.json").write_text(json.dumps({"svm_features": {"acc": accuracy}}))
-    (repo / "metrics" / "features.json").write_text(json.dumps({"images_per_second": 12.5}))
+    (repo / "metrics" / "features.json").write_text(json.dumps({"images_per_second": speed}))
+    if not (repo / ".dvc").is_dir():
+        subprocess.run([sys.executable, "-m", "dvc", "init", "-q"], cwd=repo, check=True)
+    subprocess.run([sys.executable, "-m", "dvc", "add", "-q", "metrics/features.json"], cwd=repo, check=True)
     subprocess.run([*GIT, "add", "-A"], cwd=repo, check=True)
     subprocess.run([*GIT, "commit", "-qm", name], cwd=repo, check=True)
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True).stdout.strip()
@@ -74,8 +79,11 @@ def commit_experiment(repo: Path, name: str, backbone: str, accuracy: float) -> 
 def test_read_run_from_an_experiment_commit(tmp_path: Path) -> None:
     subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
     commit_experiment(tmp_path, "cmp-efficientnet-lite1", "efficientnet_lite1", 0.93)
-    run = cb.read_run(tmp_path, "efficientnet_lite1", "cmp-efficientnet-lite1")
+    commit_experiment(tmp_path, "cmp-efficientnet-lite0", "efficientnet_lite0", 0.91, speed=30.0)
+    run = cb.read_run(tmp_path, "efficientnet_lite1", "cmp-efficientnet-lite1")  # not the workspace's file
     assert run == cb.BackboneRun("efficientnet_lite1", "cmp-efficientnet-lite1", 240, 12.5, {"svm_features": 0.93})
+    assert not subprocess.run(["git", "ls-files", "metrics/features.json"], cwd=tmp_path, capture_output=True,
+                              text=True).stdout  # read from the DVC cache at the experiment's commit
     with pytest.raises(cb.ComparisonError, match="did not finish"):
         cb.read_run(tmp_path, "efficientnet_lite2", "cmp-efficientnet-lite2")
 

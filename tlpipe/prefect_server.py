@@ -153,7 +153,10 @@ def start_server(root: Path | str, port: int | None = None, timeout: float = STA
     port = choose_port(port or int(os.environ.get(PORT_ENV, DEFAULT_PORT)))
     url = f"http://{HOST}:{port}/api"
     env = {key: value for key, value in os.environ.items() if key != "PREFECT_API_URL"}
-    env.update({"PREFECT_HOME": str(folder), "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1"})
+    env.update({"PREFECT_HOME": str(folder), "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1",
+                # the UI asks /ui-settings which API to call; Prefect builds that from these, not from --port,
+                # so on a port other than 4200 the UI would show whichever server holds 4200
+                "PREFECT_SERVER_API_HOST": HOST, "PREFECT_SERVER_API_PORT": str(port), "PREFECT_UI_API_URL": url})
     log_path = folder / "server.log"
     start = time.monotonic()
     with open(log_path, "ab") as log, open(os.devnull, "rb") as devnull:

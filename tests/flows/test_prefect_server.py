@@ -53,6 +53,11 @@ def test_stages_start_one_project_server_and_report_user_errors_in_one_line(tmp_
         assert len(urls) == 1 and prefect_server.is_healthy(urls.pop())
         assert len(server_processes(home)) == 1
         info = json.loads((home / "server.json").read_text())
+        # its UI calls its own API (on a free port, not Prefect's default 4200, where another server may be)
+        import urllib.request
+
+        with urllib.request.urlopen(info["url"].removesuffix("/api") + "/ui-settings", timeout=30) as response:
+            assert json.loads(response.read())["api_url"] == info["url"]
 
         # a params typo under plain `dvc repro`: the stage prints one line, reports to the same server
         params = project / "params.yaml"

@@ -151,8 +151,11 @@ def comparison_rows(result: dict, evaluation: dict) -> list[dict]:
     links = {name: run_link(evaluation, name, run_id) for name, run_id in evaluation["model_runs"].items()}
     rows = rows_of(result["metrics"], links)
     for row in rows:
+        run = row.pop("mlflow_run", None)
         row["selection_score"] = result["selection"].get(row["model"])
         row["candidate"] = "yes" if row["model"] == result["candidate"] else ""
+        if run is not None:
+            row["mlflow_run"] = run  # last: a long URL, the columns that matter stay in view
     return rows
 
 
@@ -165,7 +168,7 @@ def publish_artifacts(root: Path, result: dict, promotion: dict, report_path: st
     Returns:
         ``{artifact key: artifact id}``.
     """
-    from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
+    from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
     from tlpipe import pipeline_summary as summary
     from tlpipe.prefect_server import main_project_root
@@ -181,11 +184,11 @@ def publish_artifacts(root: Path, result: dict, promotion: dict, report_path: st
             description=f"Test metrics per model of {project}, best first; candidate = the model put forward to "
                         "the champion gate (by CV or validation accuracy, never test accuracy)"),
         key["promotion"]: create_markdown_artifact(
-            summary.promotion_markdown(promotion) + f"\n\nReport: [{report}]({report.resolve().as_uri()})\n",
+            summary.promotion_markdown(promotion) + "\n\n" + summary.report_markdown(report),
             key=key["promotion"], description=str(promotion.get("reason", ""))[:500]),
-        key["report"]: create_link_artifact(
-            report.resolve().as_uri(), link_text=f"evaluation report: {report}", key=key["report"],
-            description="Self-contained HTML page (open the file; `tlpipe report` prints its path)"),
+        key["report"]: create_markdown_artifact(
+            "## Evaluation report\n\n" + summary.report_markdown(report), key=key["report"],
+            description="Self-contained HTML page: open the file (`tlpipe report --open`)"),
         key["mlflow-runs"]: create_markdown_artifact(
             summary.links_markdown(None, [run_link(evaluation, "evaluate", evaluation["run_id"])], models, report),
             key=key["mlflow-runs"], description=f"MLflow runs of this {project} evaluation and of each model"),

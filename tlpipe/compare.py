@@ -38,6 +38,7 @@ class ExperimentSummary:
     label: str
     accuracies: dict[str, float] = field(default_factory=dict)
     params: dict[str, str] = field(default_factory=dict)
+    source: str = "dvc"  # dvc | mlflow
 
 
 def flatten(value: object, prefix: str = "") -> dict[str, str]:
@@ -86,6 +87,17 @@ def read_at(root: Path, commit: str | None, path: str) -> str | None:
     return shown.stdout if shown.returncode == 0 else None
 
 
+def resolved_params(raw: dict) -> dict:
+    """params.yaml as the stages saw it (``image_size: native`` as the backbone's size, defaults filled),
+    or as written when it does not parse (an old or foreign experiment)."""
+    from tlpipe.config import parse_params
+
+    try:
+        return parse_params(raw).model_dump(mode="json")
+    except (UserError, ValueError, TypeError):
+        return raw
+
+
 def load_dvc_experiment(ref: str, root: Path) -> ExperimentSummary:
     """An experiment from a DVC experiment name, a git revision, or ``workspace``."""
     if ref == WORKSPACE:
@@ -104,7 +116,7 @@ def load_dvc_experiment(ref: str, root: Path) -> ExperimentSummary:
             commit, label = parsed.stdout.strip(), f"{ref} (git {parsed.stdout.strip()[:7]})"
     params_text = read_at(root, commit, "params.yaml")
     metrics_text = read_at(root, commit, METRICS_FILE)
-    params = flatten(yaml.safe_load(params_text) or {}) if params_text else {}
+    params = flatten(resolved_params(yaml.safe_load(params_text) or {})) if params_text else {}
     accuracies = accuracies_from_metrics(json.loads(metrics_text)) if metrics_text else {}
     return ExperimentSummary(ref, label, accuracies, params)
 
@@ -129,12 +141,23 @@ def load_mlflow_run(run_id: str, root: Path) -> ExperimentSummary:
         params.update(child.data.params)
     params.update(run.data.params)
     kind = run.data.tags.get(tracking.KIND_TAG, "run")
-    return ExperimentSummary(run_id, f"{run_id[:8]} (MLflow {kind} run)", accuracies, params)
+    return ExperimentSummary(run_id, f"{run_id[:8]} (MLflow {kind} run)", accuracies, params, "mlflow")
 
 
 def load_experiment(ref: str, root: Path) -> ExperimentSummary:
     """An experiment by DVC name, git revision, ``workspace`` or MLflow run id."""
     return load_mlflow_run(ref, root) if RUN_ID.match(ref) else load_dvc_experiment(ref, Path(root))
+
+
+def canonical(value: str | None) -> str | None:
+    """A param value as text that compares equal however it was written: ``10``, ``10.0`` and ``1e1`` alike."""
+    if value is None:
+        return None
+    try:
+        number = float(value)
+    except ValueError:
+        return value
+    return str(int(number)) if number.is_integer() and abs(number) < 1e15 else repr(number)
 
 
 def render_table(header: list[str], rows: list[list[str]]) -> list[str]:
@@ -158,8 +181,10 @@ def compare_table(a: ExperimentSummary, b: ExperimentSummary, all_params: bool =
         rows.append([model, fmt(first), fmt(second), delta])
     lines += render_table(["model", "test accuracy A", "test accuracy B", "B - A"], rows) if rows else [
         "no test accuracies recorded in either (did the evaluate stage run?)"]
-    keys = sorted(set(a.params) | set(b.params))
-    differing = [key for key in keys if a.params.get(key) != b.params.get(key)]
+    # a DVC experiment has every key of params.yaml, an MLflow run the keys its stages logged (no schedule.*):
+    # across the two kinds, only keys both have can differ
+    keys = sorted(set(a.params) | set(b.params) if a.source == b.source else set(a.params) & set(b.params))
+    differing = [key for key in keys if canonical(a.params.get(key)) != canonical(b.params.get(key))]
     shown = keys if all_params else differing
     lines.append("")
     if shown:

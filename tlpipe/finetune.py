@@ -549,15 +549,8 @@ def augment_batch(augmentation: keras.Sequential, batch: np.ndarray, vertical: b
 
 
 def tune_augment_params(params: FinetuneParams) -> AugmentParams:
-    """The finetuned model's augmentation: the course's (``augment.*``) or mirror images only.
-
-    Measured on ELPV: the course's rotation, shift, shear, zoom and noise (made
-    for photos) cost accuracy on aligned solar-cell images; mirrors are exact.
-    """
-    if params.finetuned_augment == "course":
-        return params.augment
-    return AugmentParams(rotation_degrees=0, width_shift=0, height_shift=0, shear=0, zoom=0, horizontal_flip=True,
-                         noise_stddev=0)
+    """The finetuned model's augmentation (:meth:`tlpipe.config.FinetuneParams.finetuned_augmentation`)."""
+    return params.finetuned_augmentation()
 
 
 def compute_tune_cache(bottom: keras.Model, data: StoreData, folder: Path, params: FinetuneParams,

@@ -78,7 +78,7 @@ def comparison_rows(metrics: Mapping[str, object], model_runs: Mapping[str, RunL
         if model_runs and model in model_runs:
             row["mlflow_run"] = run_url(model_runs[model])
         rows.append(row)
-    return sorted(rows, key=lambda row: -float(row.get("test_accuracy", float("-inf"))))
+    return sorted(rows, key=lambda row: (-float(row.get("test_accuracy", float("-inf"))), row["model"]))
 
 
 def promotion_markdown(promotion: Mapping[str, object]) -> str:
@@ -109,8 +109,14 @@ def links_markdown(pipeline: RunLink | None, stages: list[RunLink], models: Mapp
         url = compare_url(base, first.experiment_id, [link.run_id for link in models.values()])
         lines += ["", f"[Compare the {len(models)} models in MLflow]({url})"]
     if report is not None and report.is_file():
-        lines += ["", f"HTML report: [{report}]({report.resolve().as_uri()}) (`tlpipe report --open`)"]
+        lines += ["", report_markdown(report)]
     return "\n".join(lines)
+
+
+def report_markdown(report: Path) -> str:
+    """Where the HTML report is, as text to copy: Prefect's UI does not open ``file://`` links."""
+    return (f"HTML report: `{report.resolve()}`  \nOpen it with `.venv/bin/tlpipe report --open`, or paste "
+            f"`{report.resolve().as_uri()}` into the browser's address bar.")
 
 
 def find_runs(client, pipeline_run_id: str) -> tuple[RunLink | None, list[RunLink], dict[str, RunLink]]:

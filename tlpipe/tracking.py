@@ -790,16 +790,28 @@ def network_model_params(kind: str, summary: Mapping, params, data_hash: str, cl
     """Params of a network's model run: :func:`common_model_params` plus ``net.*`` (optimizer, schedule, head,
     augmentation); see :func:`svm_model_params` for the prefix."""
     tune = params.finetune
+    if kind == "finetuned":  # its own schedule (tlpipe.finetune.train_finetuned): the shared keys say what it used
+        augment = tune.finetuned_augmentation()
+        schedule = {"net.learning_rate": tune.finetuned_head_learning_rate,
+                    "net.epochs": tune.finetuned_head_epochs + tune.finetuned_epochs,
+                    "net.head_units": tune.finetuned_units, "net.feature_cache": True,
+                    "net.cache_copies": tune.finetuned_copies,
+                    "net.unfreeze_layers": summary.get("tuned_blocks", tune.finetuned_blocks)}
+    else:
+        augment = tune.augment
+        schedule = {"net.learning_rate": tune.learning_rate, "net.epochs": tune.epochs,
+                    "net.head_units": getattr(tune, f"{kind}_units"), "net.feature_cache": tune.feature_cache,
+                    "net.cache_copies": tune.cache_copies if tune.feature_cache else 0,
+                    "net.unfreeze_layers": tune.unfreeze_layers}
     extra = {
-        "net.optimizer": tune.optimizer, "net.learning_rate": tune.learning_rate, "net.epochs": tune.epochs,
-        "net.batch_size": tune.batch_size, "net.head_units": getattr(tune, f"{kind}_units"),
-        "net.feature_cache": tune.feature_cache, "net.cache_copies": tune.cache_copies if tune.feature_cache else 0,
-        "net.unfreeze_layers": tune.unfreeze_layers, "net.mode": summary.get("mode", ""),
-        **{f"net.augment.{k}": v for k, v in tune.augment.model_dump().items()},
+        "net.optimizer": tune.optimizer, **schedule, "net.batch_size": tune.batch_size,
+        "net.mode": summary.get("mode", ""),
+        **{f"net.augment.{k}": v for k, v in augment.model_dump().items()},
         "seed": tune.seed, "n_train": summary.get("train_images", ""),
     }
-    if kind == "finetuned":  # its own schedule: head epochs, then the top blocks (tlpipe.finetune.train_finetuned)
+    if kind == "finetuned":
         extra.update({f"net.{key}": value for key, value in tune.model_dump().items() if key.startswith("finetuned_")})
+        return {**common_model_params(kind, params, data_hash, classes, image_size), **extra}
     if tune.unfreeze_layers:
         extra.update({"net.unfreeze_epochs": tune.unfreeze_epochs,
                       "net.unfreeze_learning_rate": tune.unfreeze_learning_rate})

@@ -75,6 +75,7 @@ def test_evaluate_flow_gates_once_reports_after_the_gate_and_publishes_artifacts
     rows = json.loads(table) if isinstance(table, str) else table
     assert [(row["model"], row["candidate"]) for row in rows] == [("svm_pixels", "yes")]
     assert rows[0]["test_accuracy"] == accuracies["svm_pixels"]["acc"]
+    assert list(rows[0])[-2:] in (["selection_score", "candidate"], ["candidate", "mlflow_run"])  # URL last
     assert promotion["reason"] in by_key["evalproj-evaluate-promotion"].data
     assert (out / "report.html").resolve().as_uri() in by_key["evalproj-evaluate-report"].data
     assert f"/runs/{promotion['evaluate_run_id']}?workflowType=machine_learning)" in by_key["evalproj-evaluate-mlflow-runs"].data

@@ -120,7 +120,13 @@ def test_five_model_runs_hold_params_training_and_test_metrics(store, pipeline):
         else:
             assert run.data.tags["mlflow.parentRunId"] == stage_ids["finetune"]
             assert params["family"] == "network" and params["net.optimizer"] == "rmsprop"
-            assert params["net.epochs"] == "3"
+            assert params["net.epochs"] == "3"  # frozen, concat: epochs 3; finetuned: 2 head + 1 tuning epochs
+            if name == "finetuned":  # the shared keys hold what it used, not the course models' settings
+                assert params["net.learning_rate"] == params["net.finetuned_head_learning_rate"] == "0.001"
+                assert params["net.augment.zoom"] == "0.0" and params["net.augment.horizontal_flip"] == "True"
+                assert params["net.unfreeze_layers"] == "2" and params["net.finetuned_blocks"] == "2"
+            else:
+                assert params["net.augment.zoom"] == "0.1" and params["net.unfreeze_layers"] == "0"
             assert {"net.learning_rate", "net.batch_size", "net.head_units", "net.augment.zoom"} <= set(params)
             assert metrics["best_val_accuracy"] == metrics["validation_score"]
     assert by_name["svm_concat"].data.params["mid_layer"] == by_name["concat"].data.params["mid_layer"] \

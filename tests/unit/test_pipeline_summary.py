@@ -39,4 +39,5 @@ def test_links_and_keys(tmp_path: Path, monkeypatch) -> None:
     assert ('[Compare the 1 models in MLflow](http://tracking:5000/#/compare-runs?runs=["m"]&experiments=["1"]'
             '&workflowType=machine_learning)') in text
     assert "stage svm: [s](" in text and "model svm_pixels: [m](" in text and report.as_uri() in text
+    assert f"]({report.as_uri()})" not in text  # as text to copy: Prefect's UI does not open file:// links
     assert artifact_key("My Project_2", "model-comparison") == "my-project-2-model-comparison"

@@ -155,9 +155,16 @@ class FinetuneParams(_Section):
     finetuned_dropout: float = Field(0.2, ge=0.0, lt=1.0)
     finetuned_mid: bool = Field(False, description="finetuned model: head reads final + mid-level features")
     finetuned_vertical_flip: bool = Field(False, description="finetuned model: also flip upside down when augmenting")
-    finetuned_tta: Literal["none", "horizontal", "flips"] = Field(
-        "none", description="finetuned model: average predictions over mirrored copies")
+    finetuned_tta: Literal["auto", "none", "horizontal", "flips"] = Field(
+        "auto", description="finetuned model: average predictions over mirrored copies (auto: the training flips)")
     seed: int = 42
+
+    def finetuned_tta_flips(self) -> str:
+        """The finetuned model's test-time flips: ``auto`` averages over the flips it was trained with
+        (left-right; also upside down with ``finetuned_vertical_flip``)."""
+        if self.finetuned_tta != "auto":
+            return self.finetuned_tta
+        return "flips" if self.finetuned_vertical_flip else "horizontal"
 
     def finetuned_augmentation(self) -> AugmentParams:
         """The finetuned model's augmentation: the course's (``augment.*``) or mirror images only.

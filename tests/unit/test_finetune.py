@@ -183,6 +183,12 @@ def test_best_epoch_breaks_accuracy_ties_on_val_loss_then_earliest() -> None:
         best.update(model, {"epoch": epoch, "phase": 1, "val_accuracy": accuracy, "val_loss": loss})
     assert (best.epoch, best.val_accuracy, best.val_loss) == (3, 0.7, 0.4)
     assert best.weights[0][0, 0] == 3.0
+    # the finetuned model monitors val loss (ties: higher accuracy, then earliest)
+    by_loss = finetune.BestEpoch(monitor="val_loss")
+    for epoch, (accuracy, loss) in enumerate([(1.0, 0.3), (0.9, 0.2), (0.95, 0.2), (0.97, 0.2)], start=1):
+        model.layers[0].kernel.assign([[float(epoch)]])
+        by_loss.update(model, {"epoch": epoch, "phase": 1, "val_accuracy": accuracy, "val_loss": loss})
+    assert (by_loss.epoch, by_loss.val_accuracy, by_loss.val_loss) == (4, 0.97, 0.2)
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -366,14 +372,14 @@ def test_tuned_model_changes_only_top_blocks_and_keeps_batchnorm(tuned: dict, we
 
 def test_phase2_trains_the_top_blocks_only(store_dir: Path, weights_file: Path, tmp_path: Path) -> None:
     """Forcing phase 2 to win (no head epochs to speak of, a large step): top kernels move, nothing else."""
-    params = tuned_params(finetuned_head_epochs=1, finetuned_head_learning_rate=1e-6, finetuned_epochs=2,
-                          finetuned_learning_rate=3e-3, finetuned_tta="none")
+    params = tuned_params(finetuned_head_epochs=1, finetuned_head_learning_rate=1e-6, finetuned_epochs=3,
+                          finetuned_learning_rate=1e-3, finetuned_tta="none")
     data = finetune.load_store_data(store_dir)
     model, history, _ = finetune.train_finetuned(data, BACKBONE, str(weights_file), params, tmp_path / "cache",
                                                  on_epoch=lambda *a: None)
-    assert history["phase"].tolist() == [1, 2, 2]
+    assert history["phase"].tolist() == [1, 2, 2, 2]
     changed = changed_layers(backbone_of(model), build_backbone(BACKBONE, str(weights_file), SIZE))
-    best_phase = int(history.sort_values(["val_accuracy", "val_loss"], ascending=[False, True]).iloc[0]["phase"])
+    best_phase = int(history.sort_values(["val_loss", "val_accuracy"], ascending=[True, False]).iloc[0]["phase"])
     assert best_phase == 2 and changed and changed <= {"block14", "block15", "head"}, (best_phase, changed)
 
 
@@ -407,3 +413,10 @@ def test_tune_augmentation_mirrors_only_unless_course() -> None:
     assert [layer.name for layer in flips.layers] == ["flip"]
     course = finetune.tune_augment_params(tuned_params(finetuned_augment="course"))
     assert course == tuned_params().augment
+
+
+def test_auto_tta_averages_over_the_training_flips() -> None:
+    assert tuned_params(finetuned_tta="auto").finetuned_tta_flips() == "horizontal"
+    assert tuned_params(finetuned_tta="auto", finetuned_vertical_flip=True).finetuned_tta_flips() == "flips"
+    assert tuned_params(finetuned_tta="none", finetuned_vertical_flip=True).finetuned_tta_flips() == "none"
+    assert [flips for flips in finetune.TTA_FLIPS["flips"]] == [(True, False), (False, True), (True, True)]

@@ -53,7 +53,7 @@ class DataParams(_Section):
     classes: list[str] | None = Field(None, description="keep only these classes")
     elpv_label: Literal["defect", "type"] = "defect"
     elpv_threshold: float = Field(0.5, ge=0.0, le=1.0)
-    max_per_class: int | None = Field(200, ge=1)
+    max_per_class: int | None = Field(400, ge=1)
     test_fraction: float = Field(0.2, gt=0.0, lt=1.0)
     val_fraction: float = Field(0.1, gt=0.0, lt=1.0)
     seed: int = 42

@@ -18,6 +18,7 @@ import pytest
 
 from tests.conftest import make_project
 from tlpipe.lock import pipeline_lock_path
+from tlpipe.models import MODEL_NAMES
 
 STAGES = {"ingest", "features", "svm", "finetune", "evaluate"}
 
@@ -101,7 +102,7 @@ def test_pipeline_runs_once_per_project_links_its_stage_runs_and_publishes_artif
     assert table.type == "table"
     rows = json.loads(table.data) if isinstance(table.data, str) else table.data
     metrics = json.loads((project / "metrics" / "evaluate.json").read_text())
-    assert {row["model"] for row in rows} == set(metrics) and len(rows) == 5
+    assert {row["model"] for row in rows} == set(metrics) == set(MODEL_NAMES) and len(rows) == len(MODEL_NAMES)
     for row in rows:
         recorded = metrics[row["model"]]
         assert row["test_accuracy"] == pytest.approx(recorded.get("acc", recorded.get("accuracy")), abs=1e-4)

@@ -150,7 +150,7 @@ def test_evaluate_reports_existing_models_only(evaluated: tuple[Path, dict]) -> 
     out, result = evaluated
     found = ["svm_features", "svm_pixels", "frozen"]
     assert list(result["metrics"]) == found
-    assert set(result["skipped"]) == {"svm_concat", "concat"}
+    assert set(result["skipped"]) == {"svm_concat", "concat", "finetuned"}
     assert set(result["metrics"]) | set(result["skipped"]) == set(MODEL_NAMES)
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics == result["metrics"]

@@ -556,11 +556,6 @@ def augment_batch(augmentation: keras.Sequential, batch: np.ndarray, vertical: b
     return pixels
 
 
-def tune_augment_params(params: FinetuneParams) -> AugmentParams:
-    """The finetuned model's augmentation (:meth:`tlpipe.config.FinetuneParams.finetuned_augmentation`)."""
-    return params.finetuned_augmentation()
-
-
 def compute_tune_cache(bottom: keras.Model, data: StoreData, folder: Path, params: FinetuneParams,
                        blocks: int) -> TuneCache:
     """Run ``finetuned_copies`` augmented copies of the train images and the val images through ``bottom``.
@@ -571,7 +566,7 @@ def compute_tune_cache(bottom: keras.Model, data: StoreData, folder: Path, param
     start = time.perf_counter()
     folder.mkdir(parents=True, exist_ok=True)
     keras.utils.set_random_seed(params.seed)
-    augmentation = build_augmentation(tune_augment_params(params), params.seed)
+    augmentation = build_augmentation(params.finetuned_augmentation(), params.seed)
     rng = np.random.default_rng(params.seed)
     cut_shape = tuple(int(d) for d in bottom.output["cut"].shape[1:])
     mid_dim = int(bottom.output["mid"].shape[-1])
@@ -647,7 +642,7 @@ def train_finetuned(data: StoreData, backbone_name: str, weights: str | None, pa
        most those above the mid-level tap (:func:`tlpipe.backbones.split_top_blocks`;
        the number used is ``tuned_blocks`` in the metrics);
        ``finetuned_copies`` augmented copies of the train images
-       (:func:`tune_augment_params`) go through the frozen bottom once
+       (:meth:`~tlpipe.config.FinetuneParams.finetuned_augmentation`) go through the frozen bottom once
        (:func:`compute_tune_cache`).
     2. Phase 1 (``finetuned_head_epochs``): only the head learns (the
        ``optimizer`` of every network, ``finetuned_head_learning_rate``), on the top's outputs.

@@ -409,9 +409,9 @@ def test_tuned_blocks_are_capped_at_the_tunable_ones(store_dir: Path, weights_fi
 
 
 def test_tune_augmentation_mirrors_only_unless_course() -> None:
-    flips = finetune.build_augmentation(finetune.tune_augment_params(tuned_params()), seed=0)
+    flips = finetune.build_augmentation(tuned_params().finetuned_augmentation(), seed=0)
     assert [layer.name for layer in flips.layers] == ["flip"]
-    course = finetune.tune_augment_params(tuned_params(finetuned_augment="course"))
+    course = tuned_params(finetuned_augment="course").finetuned_augmentation()
     assert course == tuned_params().augment
 
 

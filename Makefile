@@ -57,11 +57,12 @@ exps: setup
 	    'from tlpipe.models import MODEL_NAMES; print("|".join(MODEL_NAMES))'))\.'
 
 # The course's accuracy-vs-compute chart on your data: one DVC experiment per backbone (queued), then
-# reports/compare_backbones/backbones.{png,csv}. Options: SOURCE=/abs/path (e.g. hymenoptera), BACKBONES="a b c".
+# reports/compare_backbones/backbones.{png,csv}. Options: SOURCE=/abs/path (e.g. hymenoptera), BACKBONES="a b c",
+# SET="key=value ..." (params for every run, e.g. SET="data.image_size=fixres data.resize_mode=center_crop").
 .PHONY: compare-backbones
 compare-backbones: setup
 	$(BIN)/tlpipe compare-backbones $(foreach b,$(BACKBONES),-b $(b)) \
-	  $(if $(SOURCE),-S data.source=$(abspath $(SOURCE)) -S data.max_per_class=null)
+	  $(if $(SOURCE),-S data.source=$(abspath $(SOURCE)) -S data.max_per_class=null) $(foreach s,$(SET),-S $(s))
 
 ui: setup
 	$(BIN)/tlpipe ui --host $(HOST) --port $(UI_PORT)

@@ -39,11 +39,23 @@ class _Section(BaseModel):
 
 
 NATIVE = "native"
+FIXRES = "fixres"
+FIXRES_SCALE = 1.3
 NATIVE_SIZES: dict[str, int] = {"efficientnet_lite0": 224, "efficientnet_lite1": 240, "efficientnet_lite2": 260,
                                 "resnet50": 224}
 """Native input side per backbone (``tlpipe.backbones.get_spec(name).default_size``; a test keeps them equal).
 In ``params.yaml``, ``data.image_size: native`` (or no value) stores images at this size, so ingest
 reruns when the backbone changes; :class:`Params` resolves it to an int when parsing."""
+
+
+def fixres_size(native: int) -> int:
+    """A higher test-time input side for a backbone trained at ``native``: 1.3x, to a multiple of 4.
+
+    FixRes (Touvron et al., NeurIPS 2019): ImageNet training crops (random-resized crops) make objects
+    look larger than a plain resize at the same side does at test time, so a pretrained network sees
+    objects at their training scale when the test input is larger (Lite0 292, Lite1 312, Lite2 340).
+    """
+    return int(native * FIXRES_SCALE / 4 + 0.5) * 4
 
 
 class DataParams(_Section):
@@ -65,6 +77,14 @@ class DataParams(_Section):
     workers: int = Field(0, ge=0, description="decode processes; 0 = all cores")
     dask: str | None = Field(None, description=DASK_HELP)
     _dask_address = field_validator("dask")(lambda cls, value: check_dask_address(value))
+
+    @field_validator("image_size", mode="before")
+    @classmethod
+    def _image_size_word(cls, value: object) -> object:
+        if isinstance(value, str) and not value.strip().isdigit():
+            raise ValueError(f"'{value}' is not a size: use {NATIVE} (the backbone's input size), "
+                             f"{FIXRES} (1.3x it, FixRes) or a side in pixels")
+        return value
 
     @field_validator("classes")
     @classmethod
@@ -213,14 +233,17 @@ class Params(_Section):
     @model_validator(mode="before")
     @classmethod
     def _native_image_size(cls, raw: object) -> object:
-        """``data.image_size: native`` (or absent): store at the backbone's native input size."""
+        """``data.image_size: native`` (or absent): store at the backbone's native input size;
+        ``fixres``: at :func:`fixres_size` of it."""
         if not isinstance(raw, dict) or not isinstance(raw.get("data", {}), dict):
             return raw
         data = dict(raw.get("data") or {})
         features = raw.get("features") if isinstance(raw.get("features"), dict) else {}
         backbone = features.get("backbone", FeaturesParams().backbone)
-        if data.get("image_size", NATIVE) == NATIVE and backbone in NATIVE_SIZES:
-            data["image_size"] = NATIVE_SIZES[backbone]
+        size = data.get("image_size", NATIVE)
+        if size in (NATIVE, FIXRES) and backbone in NATIVE_SIZES:
+            native = NATIVE_SIZES[backbone]
+            data["image_size"] = native if size == NATIVE else fixres_size(native)
             return {**raw, "data": data}
         return raw
 

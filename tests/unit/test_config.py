@@ -10,7 +10,7 @@ import pydantic
 import pytest
 import yaml
 
-from tlpipe.config import CGrid, ConfigError, DataParams, Params, load_params, parse_params
+from tlpipe.config import NATIVE_SIZES, CGrid, ConfigError, DataParams, Params, load_params, parse_params
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 PARAMS_YAML = REPO_ROOT / "params.yaml"
@@ -68,6 +68,20 @@ def test_native_image_size_is_the_backbones_input_size(backbone: str, size: int)
     assert parse_params(native).data.image_size == size
     fixed = {"data": {"image_size": 64}, "features": {"backbone": backbone}}
     assert parse_params(fixed).data.image_size == 64
+
+
+@pytest.mark.parametrize(("backbone", "size"), [("efficientnet_lite0", 292), ("efficientnet_lite1", 312),
+                                               ("efficientnet_lite2", 340), ("resnet50", 292)])
+def test_fixres_image_size_is_1_3x_native_to_a_multiple_of_4(backbone: str, size: int) -> None:
+    params = parse_params({"data": {"image_size": "fixres"}, "features": {"backbone": backbone}})
+    assert params.data.image_size == size
+    assert size % 4 == 0 and abs(size - 1.3 * NATIVE_SIZES[backbone]) <= 2
+
+
+def test_image_size_word_other_than_native_or_fixres_is_rejected_with_the_choices(tmp_path) -> None:
+    path = write_yaml(tmp_path / "params.yaml", {"data": {"image_size": "large"}})
+    with pytest.raises(ConfigError, match=r"data.image_size: .*'large' is not a size: use native .* fixres"):
+        load_params(path)
 
 
 def test_load_params_accepts_str_path() -> None:

@@ -107,6 +107,7 @@ def register_and_gate(paths: ProjectPaths, params: Params, result: dict, evaluat
         execution_id=evaluation["run_id"])
     get_logger().info(decision.reason)
     return {**decision.to_dict(), "selection_scores": result["selection"],
+            "selection_bounds": result.get("selection_bounds", {}),
             "registered_model": params.registry.model_name, "evaluate_run_id": evaluation["run_id"]}
 
 

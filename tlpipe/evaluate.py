@@ -29,6 +29,7 @@ the argmax of its softmax.
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from datetime import datetime, timezone
 from pathlib import Path
@@ -55,6 +56,10 @@ METRIC_KEYS = {"accuracy": "acc", "balanced_accuracy": "bal_acc", "f1_macro": "f
 """Test metric -> its short key in ``metrics/evaluate*.json`` (what ``dvc metrics show`` prints)."""
 SELECTION_METRIC = {"svm": "CV accuracy", "network": "best validation accuracy"}
 """What each model family is selected by (never test accuracy)."""
+SELECTION_SPLIT = {"svm": "train", "network": "val"}
+"""The split each family's selection accuracy is measured on (CV folds cover all of train)."""
+WILSON_Z = 1.96
+"""95 % two-sided: the candidate is ranked by the lower end of this Wilson interval."""
 GATE_OUTPUTS = ("promotion.json", "report.html")
 """Files the evaluate tasks write into ``out_dir`` after the gate."""
 
@@ -232,15 +237,42 @@ def selection_scores(svm_dir: Path | None, finetune_dir: Path | None, models: li
     return scores
 
 
-def choose_candidate(scores: dict[str, float], metrics: dict[str, dict]) -> str:
-    """The model put forward to the gate: the best selection score (never test accuracy).
+def wilson_lower(accuracy: float, n: int, z: float = WILSON_Z) -> float:
+    """The lower end of the Wilson score interval of an accuracy measured on ``n`` images (0 when n is 0)."""
+    if n <= 0:
+        return 0.0
+    p = min(max(float(accuracy), 0.0), 1.0)
+    centre = p + z * z / (2 * n)
+    margin = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return (centre - margin) / (1 + z * z / n)
 
-    Ties go to the first in :data:`MODEL_NAMES` order. Without any selection
-    score (models trained outside the pipeline) the best on test is taken.
+
+def selection_bounds(scores: dict[str, float], split_sizes: dict[str, int]) -> dict[str, float]:
+    """Each score's :func:`wilson_lower` bound, ``n`` = the size of the split it was measured on.
+
+    Args:
+        scores: :func:`selection_scores`.
+        split_sizes: Images per split (``train``, ``val``).
+    """
+    return {name: round(wilson_lower(score, split_sizes.get(SELECTION_SPLIT[model_family(name)], 0)), DIGITS)
+            for name, score in scores.items()}
+
+
+def choose_candidate(scores: dict[str, float], metrics: dict[str, dict],
+                     split_sizes: dict[str, int] | None = None) -> str:
+    """The model put forward to the gate, by its selection accuracy (never test accuracy).
+
+    With ``split_sizes`` the models are ranked by the lower end of the 95 % Wilson interval of
+    that accuracy (:func:`selection_bounds`), so a network's accuracy on a small validation split
+    (1.0 on 24 images: bound 0.86) does not outrank an SVM's CV accuracy over a larger train split
+    (0.96 on 221 images: bound 0.93); on equal sizes the order is the plain scores' order. Ties go
+    to the first in :data:`MODEL_NAMES` order. Without any selection score (models trained outside
+    the pipeline) the best on test is taken.
     """
     from tlpipe.registry import select_best
 
-    ordered = {name: scores[name] for name in MODEL_NAMES if name in scores and name in metrics}
+    ranked = selection_bounds(scores, split_sizes) if split_sizes is not None else scores
+    ordered = {name: ranked[name] for name in MODEL_NAMES if name in ranked and name in metrics}
     return select_best(ordered) if ordered else choose_best(metrics)
 
 
@@ -435,7 +467,8 @@ def evaluate_models(store_dir: Path, features_dir: Path, svm_dir: Path | None, f
         check_predictions(name, y_pred, proba, len(y_true), len(classes))
     metrics = {name: compute_metrics(y_true, y_pred, proba, classes) for name, (y_pred, proba) in predictions.items()}
     scores = selection_scores(svm_dir, finetune_dir, list(metrics))
-    best, candidate = choose_best(metrics), choose_candidate(scores, metrics)
+    sizes = {split: len(store.split_labels(store_dir, split)) for split in ("train", "val")}
+    best, candidate = choose_best(metrics), choose_candidate(scores, metrics, sizes)
     out_dir.mkdir(parents=True, exist_ok=True)
     remove_stale(out_dir, list(metrics))
     write_outputs(out_dir, metrics, predictions, load_test_rows(store_dir), classes, scores)
@@ -445,7 +478,15 @@ def evaluate_models(store_dir: Path, features_dir: Path, svm_dir: Path | None, f
     return {"metrics": metrics, "skipped": skipped,
             "best": {"model": best, "accuracy": metrics[best]["accuracy"],
                      "balanced_accuracy": metrics[best]["balanced_accuracy"]},
-            "selection": scores, "candidate": candidate, "classes": list(classes), "test_images": int(len(y_true))}
+            "selection": scores, "selection_bounds": selection_bounds(scores, sizes), "selection_sizes": sizes,
+            "candidate": candidate, "classes": list(classes), "test_images": int(len(y_true))}
+
+
+def describe_sizes(sizes: dict[str, int] | None) -> str:
+    """' (CV over N train images, validation on M)' for the report, or '' when unknown."""
+    if not sizes:
+        return ""
+    return f" (CV over {sizes.get('train', '?')} train images, validation on {sizes.get('val', '?')})"
 
 
 def read_png(path: Path) -> bytes | None:
@@ -490,7 +531,9 @@ def build_report(out_dir: Path, result: dict, decision: dict | None, features_di
             notes["imagenet"] = f"First {len(shown)} of {len(frame)} test images (all in imagenet_top1.md)."
     notes["comparison"] = (f"{result.get('test_images', '?')} test images. The highlighted row is the model put "
                            "forward to the champion gate: chosen by CV accuracy (SVMs) or best validation accuracy "
-                           "(networks), never by test accuracy.")
+                           "(networks), never by test accuracy, ranked by the lower end of its 95 % Wilson "
+                           "interval, so an accuracy measured on few images counts for less"
+                           f"{describe_sizes(result.get('selection_sizes'))}.")
     notes["predictions"] = "Each image is titled 'predicted (true: class)'; mistakes come first, in red with a ✗."
     now = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     header = [("Generated", now), ("Classes", ", ".join(result.get("classes", []))), *(facts or [])]

@@ -18,6 +18,7 @@ from tlpipe.config import CGrid, EvaluateParams, SvmParams
 from tlpipe.evaluate import (
     MODEL_NAMES,
     NoModelsError,
+    choose_candidate,
     choose_grid_rows,
     compute_metrics,
     curves_frame,
@@ -25,6 +26,8 @@ from tlpipe.evaluate import (
     evaluate_models,
     predict_keras,
     read_test_accuracies,
+    selection_bounds,
+    wilson_lower,
 )
 from tlpipe.svm import train_svms
 
@@ -128,6 +131,29 @@ def test_compute_metrics_multiclass() -> None:
     assert np.asarray(metrics["confusion_matrix"]).shape == (3, 3)
     assert sum(c["support"] for c in metrics["per_class"].values()) == len(y_true)
     assert isinstance(metrics["accuracy"], float)
+
+
+def test_wilson_lower_bound_by_hand() -> None:
+    # p = 0.5, n = 100, z = 1.96: (0.5 + 0.019208 - 1.96 * sqrt(0.0025 + 0.00009604)) / 1.038416
+    assert wilson_lower(0.5, 100) == pytest.approx(0.403830, abs=1e-6)
+    assert wilson_lower(1.0, 24) == pytest.approx(0.862, abs=1e-3)
+    assert wilson_lower(0.9, 0) == 0.0
+    assert wilson_lower(0.9, 1000) > wilson_lower(0.9, 100) > wilson_lower(0.9, 10)
+
+
+def test_candidate_ranks_by_the_lower_bound_so_a_few_validation_images_count_for_less() -> None:
+    # hymenoptera, Lite0: finetuned hit 1.0 on 24 val images, the feature SVM 0.96 CV over 221 train images
+    scores = {"svm_features": 0.96, "frozen": 0.9583, "finetuned": 1.0}
+    metrics = {name: {"accuracy": 0.9, "balanced_accuracy": 0.9} for name in scores}
+    assert choose_candidate(scores, metrics) == "finetuned"  # the plain scores
+    sizes = {"train": 221, "val": 24}
+    bounds = selection_bounds(scores, sizes)
+    assert bounds["finetuned"] == pytest.approx(0.862, abs=1e-3) and bounds["svm_features"] > 0.92
+    assert choose_candidate(scores, metrics, sizes) == "svm_features"
+    # the same sizes keep the plain order; ties still go to the first in MODEL_NAMES order
+    assert choose_candidate(scores, metrics, {"train": 100, "val": 100}) == "finetuned"
+    tied = {"frozen": 0.9, "svm_concat": 0.9}
+    assert choose_candidate(tied, {name: metrics["frozen"] for name in tied}, {"train": 50, "val": 50}) == "svm_concat"
 
 
 def test_choose_grid_rows_puts_mistakes_first() -> None:

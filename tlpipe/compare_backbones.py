@@ -338,6 +338,9 @@ def compare_backbones(root: Path, backbones: Sequence[str] = DEFAULT_BACKBONES, 
     table = build_table(runs, gflops)
     source = next((item.split("=", 1)[1] for item in overrides if item.startswith("data.source=")), None)
     title = f"Backbones on {Path(source).name if source else 'the default data'}: test accuracy vs compute"
+    settings = [item for item in overrides if not item.startswith(("data.source=", "data.max_per_class="))]
+    if settings:
+        title += f" ({', '.join(settings)})"
     csv_path, png_path = write_report(table, root / REPORT_FOLDER, title)
     if log:
         log_report(root, table, csv_path, png_path, {"backbones": ",".join(backbones),

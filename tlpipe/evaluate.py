@@ -467,7 +467,8 @@ def evaluate_models(store_dir: Path, features_dir: Path, svm_dir: Path | None, f
         check_predictions(name, y_pred, proba, len(y_true), len(classes))
     metrics = {name: compute_metrics(y_true, y_pred, proba, classes) for name, (y_pred, proba) in predictions.items()}
     scores = selection_scores(svm_dir, finetune_dir, list(metrics))
-    sizes = {split: len(store.split_labels(store_dir, split)) for split in ("train", "val")}
+    counts = store.load_manifest(store_dir)["split"].value_counts()
+    sizes = {split: int(counts.get(split, 0)) for split in ("train", "val")}
     best, candidate = choose_best(metrics), choose_candidate(scores, metrics, sizes)
     out_dir.mkdir(parents=True, exist_ok=True)
     remove_stale(out_dir, list(metrics))

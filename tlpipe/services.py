@@ -116,8 +116,11 @@ class StateDir:
 # ---------------------------------------------------------------- PostgreSQL
 
 
-def postgres_bin_dir() -> Path:
-    """The folder holding ``initdb``, ``pg_ctl`` and ``postgres`` (see module docstring for the order)."""
+def postgres_bin_dir(user: str | None = None) -> Path:
+    """The folder holding ``initdb``, ``pg_ctl`` and ``postgres`` (see module docstring for the order).
+
+    With ``user`` (the server user), folders that user cannot reach are skipped, e.g. a virtual
+    environment inside a private (mode 0700) folder: the next candidate is taken."""
     candidates: list[Path] = []
     if os.environ.get(PG_BIN_ENV):
         candidates.append(Path(os.environ[PG_BIN_ENV]))
@@ -129,9 +132,16 @@ def postgres_bin_dir() -> Path:
     candidates.extend(debian)
     if on_path := shutil.which("pg_ctl"):
         candidates.append(Path(on_path).parent)
-    for folder in candidates:
-        if all((folder / tool).is_file() for tool in ("initdb", "pg_ctl", "postgres")):
+    found = [folder for folder in candidates
+             if all((folder / tool).is_file() for tool in ("initdb", "pg_ctl", "postgres"))]
+    for folder in found:
+        if unreachable_parent(folder, user) is None:
             return folder
+    if found:
+        parent = unreachable_parent(found[0], user)
+        raise ServiceError(
+            f"user '{user}' cannot enter {parent}, so it cannot run PostgreSQL from {found[0]}: clone the project "
+            f"where that user can reach it, install Debian's postgresql, or set {PG_BIN_ENV}")
     raise ServiceError(
         "no PostgreSQL server binaries found: run `make setup` (installs the pgserver wheel), "
         f"install Debian's postgresql (`apt-get install -y postgresql`), or set {PG_BIN_ENV} to the folder "
@@ -150,15 +160,23 @@ def server_user() -> str | None:
     return name
 
 
-def check_reachable(folder: Path, user: str | None) -> None:
-    """Fail when ``user`` cannot traverse every parent of ``folder`` (PostgreSQL would fail obscurely)."""
+def unreachable_parent(folder: Path, user: str | None) -> Path | None:
+    """The first existing folder on ``folder``'s path that ``user`` cannot enter, or None."""
     if user is None:
-        return
+        return None
     for parent in [folder.resolve(), *folder.resolve().parents]:
         if parent.exists() and not parent.stat().st_mode & 0o001 and parent.stat().st_uid != pwd.getpwnam(user).pw_uid:
-            raise ServiceError(
-                f"user '{user}' cannot enter {parent} (mode {oct(parent.stat().st_mode & 0o777)}), so PostgreSQL "
-                f"cannot use {folder}: choose a state folder it can reach (--state-dir), or another {PG_USER_ENV}")
+            return parent
+    return None
+
+
+def check_reachable(folder: Path, user: str | None) -> None:
+    """Fail when ``user`` cannot traverse every parent of ``folder`` (PostgreSQL would fail obscurely)."""
+    parent = unreachable_parent(folder, user)
+    if parent is not None:
+        raise ServiceError(
+            f"user '{user}' cannot enter {parent} (mode {oct(parent.stat().st_mode & 0o777)}), so PostgreSQL "
+            f"cannot use {folder}: choose a state folder it can reach (--state-dir), or another {PG_USER_ENV}")
 
 
 def _as_server_user(command: list[str], user: str | None, **kwargs) -> subprocess.CompletedProcess:
@@ -212,7 +230,7 @@ def postgres_running(state: StateDir, bin_dir: Path | None = None) -> bool:
     """Whether the cluster's postmaster runs (``pg_ctl status``)."""
     if not (state.pg_data / "PG_VERSION").is_file():
         return False
-    bin_dir = bin_dir or postgres_bin_dir()
+    bin_dir = bin_dir or postgres_bin_dir(server_user())
     return _as_server_user([str(bin_dir / "pg_ctl"), "-D", str(state.pg_data), "status"], server_user(),
                            timeout=60).returncode == 0
 
@@ -224,7 +242,8 @@ def start_postgres(state: StateDir, port: int = DEFAULT_PG_PORT, timeout_s: int 
         Seconds until the server accepted connections and the database existed.
     """
     start = time.perf_counter()
-    bin_dir, user = postgres_bin_dir(), server_user()
+    user = server_user()
+    bin_dir = postgres_bin_dir(user)
     init_cluster(state, bin_dir, user)
     if not postgres_running(state, bin_dir):
         if not port_free(port):
@@ -267,7 +286,7 @@ def stop_postgres(state: StateDir, timeout_s: int = 60) -> bool:
     """Stop the cluster (fast shutdown); return whether it was running."""
     if not (state.pg_data / "PG_VERSION").is_file():
         return False
-    bin_dir = postgres_bin_dir()
+    bin_dir = postgres_bin_dir(server_user())
     if not postgres_running(state, bin_dir):
         return False
     result = _as_server_user([str(bin_dir / "pg_ctl"), "-D", str(state.pg_data), "-m", "fast", "-w",

@@ -235,3 +235,4 @@ def test_section_not_a_mapping(tmp_path: Path) -> None:
     path = write_yaml(tmp_path / "params.yaml", {"data": [1, 2]})
     with pytest.raises(ConfigError, match=r"\bdata\b"):
         load_params(path)
+

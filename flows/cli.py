@@ -179,13 +179,24 @@ def repro(
     from flows.common import prefect_context
     from flows.pipeline import pipeline_flow
 
-    with prefect_context(root):
-        result = pipeline_flow(root=str(root), overrides=list(set_ or []), experiment=exp)
-    typer.echo(json.dumps({"stages_ran": result["stages_ran"], "promotion": result["promotion"].get("reason")},
-                          indent=2))
-    for model, values in result["metrics"].items():
-        accuracy = next((values[k] for k in ("acc", "accuracy") if k in values), float("nan"))
-        typer.echo(f"{model:14s} test accuracy {accuracy:.4f}")
+    try:
+        with prefect_context(root):
+            result = pipeline_flow(root=str(root), overrides=list(set_ or []), experiment=exp)
+        typer.echo(json.dumps({"stages_ran": result["stages_ran"], "promotion": result["promotion"].get("reason")},
+                              indent=2))
+        for model, values in result["metrics"].items():
+            accuracy = next((values[k] for k in ("acc", "accuracy") if k in values), float("nan"))
+            typer.echo(f"{model:14s} test accuracy {accuracy:.4f}")
+    finally:
+        tell_prefect_server_lifetime(root)
+
+
+def tell_prefect_server_lifetime(root: Path) -> None:
+    """Say (stderr) that the project's Prefect server stays up: where, until when, how to stop it."""
+    from tlpipe.prefect_watchdog import lifetime_note
+
+    if note := lifetime_note(root):
+        typer.echo(note, err=True)
 
 
 @app.command()
@@ -344,7 +355,12 @@ def ui(
     experiment = tracking.connect(root).get_experiment_by_name(tracking.EXPERIMENT)
     if experiment is not None:  # MLflow 3.17 opens in its GenAI view unless the link asks for training
         typer.echo(f"open {tracking.ui_url(f'http://{host}:{port}', experiment.experiment_id)}")
-    raise typer.Exit(subprocess.call(command))
+    from tlpipe.process_group import guarded_group, signals_raise
+
+    # the server and its workers in a process group of their own, stopped on SIGTERM, SIGHUP, Ctrl-C or exit
+    with signals_raise(), guarded_group(command, "the MLflow server") as server:
+        code = server.wait()
+    raise typer.Exit(code)
 
 
 @app.command("serve-model")

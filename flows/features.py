@@ -5,7 +5,7 @@ from __future__ import annotations
 from prefect import flow
 
 from tlpipe import store, tracking
-from tlpipe.config import load_params
+from tlpipe.config import load_stage_params
 from tlpipe.ingest import hash_manifest
 from tlpipe.paths import project_paths
 from tasks.features import check_backbone_weights, extract, log_features, write_metrics
@@ -19,7 +19,7 @@ def features_flow(root: str | None = None) -> dict:
         root: Project root (default: found from the working directory).
     """
     paths = project_paths(root)
-    params = load_params(paths.params)
+    params = load_stage_params(paths.params, paths.selection)
     data_hash = hash_manifest(store.load_manifest(paths.store))
     # the stage run spans the work; opening it checks the store first (fails fast when unreachable)
     with tracking.stage_run("features", paths.root, {"features": params.features.model_dump()}, data_hash) as run_id:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from prefect import flow
 
 from tlpipe import store, tracking
-from tlpipe.config import load_params
+from tlpipe.config import load_stage_params
 from tlpipe.ingest import hash_manifest
 from tlpipe.models import NETWORK_MODELS
 from tlpipe.paths import project_paths
@@ -22,7 +22,7 @@ def finetune_flow(root: str | None = None, kinds: list[str] | None = None) -> di
         kinds: Which networks (default both).
     """
     paths = project_paths(root)
-    params = load_params(paths.params)
+    params = load_stage_params(paths.params, paths.selection)
     data_hash = hash_manifest(store.load_manifest(paths.store))
     stage_params = {"finetune": params.finetune.model_dump(), "data": {"resize_mode": params.data.resize_mode},
                     "features": {"backbone": params.features.backbone, "weights": params.features.weights}}

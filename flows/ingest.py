@@ -7,7 +7,7 @@ import time
 from prefect import flow
 
 from tlpipe import tracking
-from tlpipe.config import load_params
+from tlpipe.config import load_stage_params
 from tlpipe.paths import project_paths
 from tasks.ingest import build_store, list_source_files, log_ingest, write_data_report
 
@@ -20,7 +20,7 @@ def ingest_flow(root: str | None = None) -> dict:
         root: Project root (default: found from the working directory).
     """
     paths = project_paths(root)
-    params = load_params(paths.params)
+    params = load_stage_params(paths.params, paths.selection)
     # the stage run spans the work; opening it checks the store first (fails fast when unreachable)
     with tracking.stage_run("ingest", paths.root, {"data": params.data.model_dump()}) as run_id:
         start = time.perf_counter()

@@ -42,8 +42,9 @@ def run_pipeline(paths: ProjectPaths, overrides: list[str], experiment: bool, fo
     from prefect.runtime import flow_run
 
     tags = tag_pipeline_run([*stage_tags(paths.root), f"pipeline:{flow_run.id}"])
-    parent = open_pipeline_run(paths.root, overrides)
-    env = {tracking.PARENT_ENV: parent, "TLPIPE_ROOT": str(paths.root), TAGS_ENV: ",".join(tags)}
+    parent, experiment = open_pipeline_run(paths.root, overrides)
+    env = {tracking.PARENT_ENV: parent, tracking.EXPERIMENT_ENV: experiment, "TLPIPE_ROOT": str(paths.root),
+           TAGS_ENV: ",".join(tags)}
     if api_url := current_prefect_api_url():
         env["PREFECT_API_URL"] = api_url  # stage flows report to this flow's Prefect server
     status, stages = "FAILED", []

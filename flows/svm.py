@@ -5,7 +5,7 @@ from __future__ import annotations
 from prefect import flow
 
 from tlpipe import store, tracking
-from tlpipe.config import load_params
+from tlpipe.config import load_stage_params
 from tlpipe.ingest import hash_manifest
 from tlpipe.paths import project_paths
 from tasks.svm import log_svms, train, write_metrics
@@ -19,7 +19,7 @@ def svm_flow(root: str | None = None) -> dict:
         root: Project root (default: found from the working directory).
     """
     paths = project_paths(root)
-    params = load_params(paths.params)
+    params = load_stage_params(paths.params, paths.selection)
     data_hash = hash_manifest(store.load_manifest(paths.store))
     stage_params = {"svm": params.svm.model_dump(), "data": {"resize_mode": params.data.resize_mode},
                     "features": {"backbone": params.features.backbone, "weights": params.features.weights}}

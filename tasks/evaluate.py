@@ -13,9 +13,10 @@ from pathlib import Path
 
 from prefect import task
 
-from tlpipe import evaluate, registry, store, tracking
-from tlpipe.config import Params
-from tlpipe.models import model_file
+from tlpipe import ensemble, evaluate, registry, selection, store, tracking
+from tlpipe.config import Params, resolve_task
+from tlpipe.formats import format_score, round_score
+from tlpipe.models import ENSEMBLE_MODEL, model_file
 from tlpipe.paths import ProjectPaths
 from tasks.common import get_logger, log_image_model
 
@@ -29,9 +30,11 @@ def evaluate_all(paths: ProjectPaths, params: Params) -> dict:
     """Every existing model on the held-out test split; writes reports/evaluate."""
     result = evaluate.evaluate_models(paths.store, paths.features, paths.svm_models, paths.finetune_models,
                                       paths.reports("evaluate"), params.evaluate, params.svm.pixel_size)
+    result["dataset"] = evaluate.describe_dataset(paths.store, params.data)
     logger = get_logger()
     for name, values in result["metrics"].items():
-        logger.info("%-14s test accuracy %.4f  balanced %.4f", name, values["accuracy"], values["balanced_accuracy"])
+        logger.info("%-14s test accuracy %s  balanced %s", name, format_score(values["accuracy"]),
+                    format_score(values["balanced_accuracy"]))
     for name, reason in result["skipped"].items():
         logger.warning("not evaluated: %s (%s)", name, reason)
     return result
@@ -46,11 +49,18 @@ def write_metrics(result: dict, metrics_dir: Path) -> dict:
     return accuracies
 
 
+def model_path(paths: ProjectPaths, name: str) -> Path:
+    """A model's file: a trained model's ``.joblib``/``.keras``, or the kept ensemble's ``ensemble.json``."""
+    if name == ENSEMBLE_MODEL:
+        return ensemble.spec_path(paths.reports("evaluate"))
+    return model_file(paths.svm_models, paths.finetune_models, name)
+
+
 def find_model_runs(client, experiment_id: str, paths: ProjectPaths, models: list[str]) -> dict[str, dict]:
     """The MLflow run that logged each model file (matched by the file's hash): run id and pyfunc URI."""
     found = {}
     for name in models:
-        ref = tracking.find_model_run(client, experiment_id, model_file(paths.svm_models, paths.finetune_models, name))
+        ref = tracking.find_model_run(client, experiment_id, model_path(paths, name))
         if ref is not None:
             found[name] = {"run_id": ref.run_id, "pyfunc_uri": ref.model_uri}
     return found
@@ -71,8 +81,11 @@ def log_evaluation(paths: ProjectPaths, params: Params, result: dict, data_hash:
     experiment_id = tracking.ensure_experiment(client, paths.root)
     stage_params = {"evaluate": params.evaluate.model_dump(), "registry": params.registry.model_dump()}
     with tracking.stage_run("evaluate", paths.root, stage_params, data_hash, client=client) as run_id:
+        log_ensemble_tries(client, run_id, result.get("ensemble"))
+        if ENSEMBLE_MODEL in result["metrics"]:  # its own model run first, so its test metrics land on it below
+            log_ensemble(client, experiment_id, run_id, paths, params, result, data_hash)
         for name, values in result["metrics"].items():  # onto each model's own run and logged model
-            tracking.log_test_metrics(client, experiment_id, model_file(paths.svm_models, paths.finetune_models, name),
+            tracking.log_test_metrics(client, experiment_id, model_path(paths, name),
                                       values, paths.store, params.data.source)
         mlflow.log_artifacts(str(out_dir), "evaluate")
         candidate = result["candidate"]
@@ -86,6 +99,52 @@ def log_evaluation(paths: ProjectPaths, params: Params, result: dict, data_hash:
             "model_runs": {name: found["run_id"] for name, found in model_runs.items()}}
 
 
+def log_ensemble_tries(client, stage_run_id: str, plan: dict | None) -> None:
+    """Every ensemble try on the evaluate stage run: ``ensemble_val_accuracy``, ``_val_log_loss``,
+    ``_val_bound``, ``_test_accuracy`` and ``_kept`` at step k (the number of members)."""
+    for entry in (plan or {}).get("tries", []):
+        values = {f"ensemble_{key}": entry.get(key) for key in
+                  ("val_accuracy", "val_log_loss", "val_bound", "test_accuracy")}
+        tracking.log_metrics(client, stage_run_id, {**values, "ensemble_kept": float(entry["kept"])}, step=entry["k"])
+
+
+def log_ensemble(client, experiment_id: str, stage_run_id: str, paths: ProjectPaths, params: Params, result: dict,
+                 data_hash: str) -> str:
+    """The kept ensemble's own model run under the evaluate stage run, with its logged pyfunc; returns the URI.
+
+    The run records the members and temperatures (params), the validation scores it
+    was kept by, ``ensemble.json`` and ``ensemble.csv`` (under ``selection/``), and one
+    logged model holding every member (:func:`tlpipe.pyfunc.log_ensemble_classifier`).
+    A run that already logged this very ``ensemble.json`` (same members, member files
+    and temperatures, matched by hash) is reused, so a retry logs nothing twice.
+    """
+    import mlflow
+
+    from tlpipe.pyfunc import log_ensemble_classifier
+
+    spec = ensemble.spec_path(paths.reports("evaluate"))
+    logged = tracking.find_model_run(client, experiment_id, spec)
+    if logged is not None and logged.model_uri:
+        return logged.model_uri
+    plan, sha = result["ensemble"], tracking.file_sha256(spec)
+    members = {name: model_file(paths.svm_models, paths.finetune_models, name) for name in plan["members"]}
+    with tracking.model_run(ENSEMBLE_MODEL, stage_run_id, {"tlpipe.data_hash": data_hash,
+                                                           "tlpipe.family": "ensemble"}, client) as run_id:
+        tracking.log_params(client, run_id, ensemble.run_params(plan, result["classes"], data_hash))
+        val = tracking.log_datasets(client, run_id, paths.store, params.data.source, ("val",))["val"]
+        scores = {key: plan[key] for key in ("val_accuracy", "val_log_loss", "val_bound")}
+        tracking.log_metrics(client, run_id, {**scores, "validation_score": plan["val_accuracy"]}, dataset=val)
+        for path in (spec, spec.with_name(ensemble.TRIES_FILE)):
+            client.log_artifact(run_id, str(path), "selection")
+        info = log_ensemble_classifier(ENSEMBLE_MODEL, members, plan["temperatures"], paths.store, paths.features,
+                                       params, model_type="ensemble",
+                                       tags={tracking.MODEL_TAG: ENSEMBLE_MODEL, tracking.MODEL_SHA_TAG: sha})
+        mlflow.set_tags({tracking.MODEL_SHA_TAG: sha, tracking.PYFUNC_URI_TAG: info.model_uri,
+                         tracking.MODEL_ID_TAG: info.model_id})
+    get_logger().info("ensemble (%s): logged to MLflow run %s", " + ".join(plan["members"]), run_id)
+    return info.model_uri
+
+
 @task(name="register-and-gate", retries=0, timeout_seconds=1800)
 def register_and_gate(paths: ProjectPaths, params: Params, result: dict, evaluation: dict, data_hash: str) -> dict:
     """Register the candidate once and apply the champion gate; never retried, idempotent per execution.
@@ -96,19 +155,22 @@ def register_and_gate(paths: ProjectPaths, params: Params, result: dict, evaluat
     here, so nothing after the registration can fail and trigger a repeat.
     """
     candidate = result["candidate"]
+    data_task = resolve_task(params, paths.root)
+    model_name = data_task.model_name
     client = tracking.connect(paths.root)
     images, labels = store.load_split(paths.store, "test")
     score = result["selection"].get(candidate)
     decision = registry.register_and_gate(
-        client, params.registry.model_name, candidate, evaluation["model_uri"],
+        client, model_name, candidate, evaluation["model_uri"],
         result["metrics"][candidate]["accuracy"], images, labels, result["classes"],
         params.registry.min_improvement,
-        {"tlpipe.data_hash": data_hash, "selection_score": "none" if score is None else f"{score:.4f}"},
+        {"tlpipe.data_hash": data_hash, "selection_score": "none" if score is None else format_score(score),
+         tracking.TASK_TAG: data_task.name},
         execution_id=evaluation["run_id"])
     get_logger().info(decision.reason)
     return {**decision.to_dict(), "selection_scores": result["selection"],
             "selection_bounds": result.get("selection_bounds", {}),
-            "registered_model": params.registry.model_name, "evaluate_run_id": evaluation["run_id"]}
+            "registered_model": model_name, "evaluate_run_id": evaluation["run_id"]}
 
 
 def run_link(evaluation: dict, label: str, run_id: str):
@@ -132,7 +194,10 @@ def write_report(paths: ProjectPaths, result: dict, promotion: dict, evaluation:
              ("MLflow evaluate run", evaluation["run_id"])]
     links = [*runs, ("Report folder", str(out_dir)),
              ("DVC", "dvc metrics show · make exps · dvc plots show")]
-    data = evaluate.build_report(out_dir, result, promotion, paths.features, facts, links)
+    section = selection.report_section(paths.reports("select"))
+    data = evaluate.build_report(out_dir, result, promotion, paths.features, facts, links,
+                                 sections=[section] if section else None)
+    data = ensemble.add_report_section(data, result)
     path = out_dir / "report.html"
     from tlpipe.report import write_report as write_html
 
@@ -153,7 +218,8 @@ def comparison_rows(result: dict, evaluation: dict) -> list[dict]:
     rows = rows_of(result["metrics"], links)
     for row in rows:
         run = row.pop("mlflow_run", None)
-        row["selection_score"] = result["selection"].get(row["model"])
+        score = result["selection"].get(row["model"])
+        row["selection_score"] = None if score is None else round_score(score)
         row["candidate"] = "yes" if row["model"] == result["candidate"] else ""
         if run is not None:
             row["mlflow_run"] = run  # last: a long URL, the columns that matter stay in view

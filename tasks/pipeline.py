@@ -13,7 +13,8 @@ from prefect import task
 
 from tlpipe import tracking
 from tlpipe.errors import UserError
-from tasks.common import get_logger
+from tlpipe.process_group import guarded_group
+from tasks.common import get_logger, retry_unless_user_error
 
 STAGE_LINE = re.compile(r"Running stage '([^']+)'")
 ERROR_LINE = re.compile(r"(^tlpipe [\w-]+: error: |^ERROR: )")
@@ -24,13 +25,20 @@ class StageFailedError(UserError, RuntimeError):
 
 
 def current_prefect_api_url() -> str | None:
-    """URL of the Prefect API this flow talks to (also the ephemeral server's), if any."""
+    """URL of the Prefect API this flow talks to (also the ephemeral server's), if any.
+
+    None (with a warning) when Prefect cannot say: the stages then choose their own server.
+    """
     try:
         from prefect.client.orchestration import get_client
 
         with get_client(sync_client=True) as client:
             return str(client.api_url).rstrip("/")
-    except Exception:
+    except Exception as error:
+        get_logger().warning(
+            "could not read this flow's Prefect API URL (%s: %s); the stages will report to the server they "
+            "find themselves ($PREFECT_API_URL, else the project's), so their flow runs may not appear beside "
+            "this one", type(error).__name__, error)
         return None
 
 
@@ -45,24 +53,48 @@ def dvc_command(overrides: list[str], experiment: bool, force_stages: list[str])
     return commands
 
 
-@task(name="open-pipeline-run", retries=2, retry_delay_seconds=[2, 8], timeout_seconds=120)
-def open_pipeline_run(root: Path, overrides: list[str]) -> str:
-    """Create the MLflow pipeline (parent) run that every stage run attaches to."""
+@task(name="open-pipeline-run", retries=2, retry_delay_seconds=[2, 8], timeout_seconds=120,
+      retry_condition_fn=retry_unless_user_error)
+def open_pipeline_run(root: Path, overrides: list[str]) -> tuple[str, str]:
+    """Create the MLflow pipeline (parent) run that every stage run attaches to, in the experiment of the
+    task the run is for (``params.yaml`` with ``overrides``); return its id and that experiment's name."""
     client = tracking.connect(root)
-    experiment_id = tracking.ensure_experiment(client, root)
+    experiment = tracking.experiment_name(root, overrides)
+    experiment_id = tracking.ensure_experiment(client, root, experiment)
     tags = {"tlpipe.overrides": " ".join(overrides)} if overrides else {}
-    return tracking.create_pipeline_run(client, experiment_id, root, tags)
+    return tracking.create_pipeline_run(client, experiment_id, root, tags), experiment
 
 
 @task(name="close-pipeline-run", retries=2, retry_delay_seconds=[2, 8], timeout_seconds=120)
 def close_pipeline_run(root: Path, run_id: str, status: str, stages: list[str], metrics: dict) -> None:
-    """Record what ran and the resulting test accuracies on the pipeline run, then end it."""
+    """Record what ran, the data set's splits (the runs table's Dataset column) and the resulting test
+    accuracies on the pipeline run, then end it."""
     client = tracking.connect(root)
     client.set_tag(run_id, "tlpipe.stages_ran", ",".join(stages) or "none")
+    log_store_splits(client, root, run_id)
     for model, values in metrics.items():
         if isinstance(values, dict) and isinstance(values.get("acc"), (int, float)):  # metrics/evaluate.json
             client.log_metric(run_id, f"{model}.test_accuracy", float(values["acc"]))
     client.set_terminated(run_id, status)
+
+
+def log_store_splits(client, root: Path, run_id: str) -> None:
+    """Log the project store's splits as dataset inputs of the pipeline run, when there is a store.
+
+    Never raises (it runs while the pipeline run is closed, maybe after a failure): a problem is a warning.
+    """
+    from tlpipe import store
+    from tlpipe.config import load_params
+    from tlpipe.paths import project_paths
+
+    store_dir = project_paths(root).store
+    if not (store_dir / store.MANIFEST).is_file():
+        return
+    try:
+        source = load_params(Path(root) / "params.yaml").data.source
+        tracking.log_datasets(client, run_id, store_dir, source, store.SPLITS)
+    except Exception as error:  # noqa: BLE001 - the pipeline's own outcome matters more
+        get_logger().warning("could not log the data set on the pipeline run: %s: %s", type(error).__name__, error)
 
 
 @task(name="run-dvc", timeout_seconds=6 * 3600)
@@ -80,17 +112,20 @@ def run_dvc(root: Path, overrides: list[str], experiment: bool, force_stages: li
     env = {**os.environ, **env, "PATH": path}
     for command in dvc_command(overrides, experiment, force_stages):
         logger.info("$ %s", " ".join(command[2:]))
-        process = subprocess.Popen(command, cwd=root, env=env, stdout=subprocess.PIPE,
-                                   stderr=subprocess.STDOUT, text=True, bufsize=1)
-        tail: list[str] = []
-        for line in process.stdout:
-            sys.stdout.write(line)
-            tail = (tail + [line.rstrip()])[-40:]
-            if match := STAGE_LINE.search(line):
-                ran.append(match.group(1))
-                logger.info("stage %s started", match.group(1))
-        if process.wait() != 0:
-            raise StageFailedError(failure_message(command[2:], process.returncode, ran, tail))
+        # its own process group, stopped (with the stage processes) however this task ends; a watchdog
+        # stops it if this process is SIGKILLed (tlpipe.process_group). The pipeline lock outlives it.
+        with guarded_group(command, "dvc", cwd=root, env=env, stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, text=True, bufsize=1) as process:
+            tail: list[str] = []
+            for line in process.stdout:
+                sys.stdout.write(line)
+                tail = (tail + [line.rstrip()])[-40:]
+                if match := STAGE_LINE.search(line):
+                    ran.append(match.group(1))
+                    logger.info("stage %s started", match.group(1))
+            code = process.wait()
+        if code != 0:
+            raise StageFailedError(failure_message(command[2:], code, ran, tail))
     return list(dict.fromkeys(ran))
 
 

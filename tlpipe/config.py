@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from tlpipe.errors import UserError
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -38,6 +39,7 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+AUTO = "auto"
 NATIVE = "native"
 FIXRES = "fixres"
 FIXRES_SCALE = 1.3
@@ -48,6 +50,11 @@ In ``params.yaml``, ``data.image_size: native`` (or no value) stores images at t
 reruns when the backbone changes; :class:`Params` resolves it to an int when parsing."""
 
 
+def scaled_size(native: int, scale: float) -> int:
+    """``native`` times ``scale``, to a multiple of 4 (the side the select stage tries for a scale)."""
+    return int(native * scale / 4 + 0.5) * 4
+
+
 def fixres_size(native: int) -> int:
     """A higher test-time input side for a backbone trained at ``native``: 1.3x, to a multiple of 4.
 
@@ -55,7 +62,7 @@ def fixres_size(native: int) -> int:
     look larger than a plain resize at the same side does at test time, so a pretrained network sees
     objects at their training scale when the test input is larger (Lite0 292, Lite1 312, Lite2 340).
     """
-    return int(native * FIXRES_SCALE / 4 + 0.5) * 4
+    return scaled_size(native, FIXRES_SCALE)
 
 
 class DataParams(_Section):
@@ -69,7 +76,8 @@ class DataParams(_Section):
     test_fraction: float = Field(0.2, gt=0.0, lt=1.0)
     val_fraction: float = Field(0.1, gt=0.0, lt=1.0)
     seed: int = 42
-    image_size: int = Field(224, ge=16, le=1024)
+    image_size: int | Literal["auto", "native", "fixres"] = Field(
+        AUTO, description="auto (the select stage chooses), native, fixres or a side in pixels")
     resize_mode: Literal["stretch", "center_crop"] = "stretch"
     min_side: int = Field(32, ge=1)
     max_pixels: int = Field(89_478_485, ge=1)
@@ -81,9 +89,18 @@ class DataParams(_Section):
     @field_validator("image_size", mode="before")
     @classmethod
     def _image_size_word(cls, value: object) -> object:
-        if isinstance(value, str) and not value.strip().isdigit():
-            raise ValueError(f"'{value}' is not a size: use {NATIVE} (the backbone's input size), "
-                             f"{FIXRES} (1.3x it, FixRes) or a side in pixels")
+        if isinstance(value, str) and value.strip().isdigit():
+            return int(value)
+        if isinstance(value, str) and value not in (AUTO, NATIVE, FIXRES):
+            raise ValueError(f"'{value}' is not a size: use {AUTO} (chosen by the select stage), {NATIVE} (the "
+                             f"backbone's input size), {FIXRES} (1.3x it, FixRes) or a side in pixels")
+        return value
+
+    @field_validator("image_size")
+    @classmethod
+    def _side_range(cls, value: int | str) -> int | str:
+        if isinstance(value, int) and not 16 <= value <= 1024:
+            raise ValueError(f"a side of {value} pixels is outside 16..1024")
         return value
 
     @field_validator("classes")
@@ -97,7 +114,8 @@ class DataParams(_Section):
 class FeaturesParams(_Section):
     """Params of the ``features`` stage."""
 
-    backbone: Literal["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2", "resnet50"] = "efficientnet_lite0"
+    backbone: Literal["auto", "efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2", "resnet50"] = Field(
+        AUTO, description="auto (the select stage chooses by CV on train) or a backbone")
     weights: str = Field("imagenet", description="'imagenet', a weights file path, or 'none'")
     batch_size: int = Field(32, ge=1)
     mixed_precision: Literal["auto", "off", "bfloat16", "float16"] = "auto"
@@ -131,6 +149,32 @@ class SvmParams(_Section):
     n_jobs: int = -1
     pixel_size: int = Field(224, ge=4, description="side of the raw-pixel baseline images")
     seed: int = 42
+
+
+class SelectParams(_Section):
+    """Params of the ``select`` stage: the candidates and the budget of the race between them."""
+
+    backbones: list[Literal["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2", "resnet50"]] = Field(
+        ["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"], min_length=1,
+        description="backbones tried when features.backbone is auto")
+    scales: list[float] = Field([1.0, 1.3, 1.5], min_length=1,
+                                description="sides tried when data.image_size is auto: native side x scale")
+    max_gflops: float = Field(1.5, gt=0.0, description="drop candidates costing more per image (GFLOPs)")
+    budget: float = Field(3.0, gt=0.0, description="compute of the race, in features stages (Lite0, native)")
+    eta: int = Field(3, ge=2, description="successive halving: keep the best 1/eta each round")
+    c_grid: CGrid = CGrid()
+    cv_folds: int = Field(5, ge=2)
+    min_images: int = Field(40, ge=4, description="smallest subset a round may use")
+    batch_size: int = Field(32, ge=1)
+    n_jobs: int = -1
+    seed: int = 42
+
+    @field_validator("scales")
+    @classmethod
+    def _positive_scales(cls, value: list[float]) -> list[float]:
+        if any(scale <= 0 for scale in value):
+            raise ValueError("scales must be > 0")
+        return value
 
 
 class AugmentParams(_Section):
@@ -204,11 +248,28 @@ class EvaluateParams(_Section):
     grid_images: int = Field(16, ge=1)
 
 
-class RegistryParams(_Section):
-    """Where and how the best model is registered."""
+REGISTRY_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+"""A task or registered model name: it appears in ``models:/NAME@ALIAS`` URIs and experiment names."""
 
-    model_name: str = Field("tlpipe-classifier", min_length=1)
+
+class RegistryParams(_Section):
+    """Which task the pipeline's runs and models belong to, and how the best model is registered.
+
+    ``auto`` names the task after the data set (:func:`resolve_task`); the MLflow experiment
+    is the task's name, and so is the registered model unless ``model_name`` names one.
+    """
+
+    task: str = Field(AUTO, description="auto: named after the data set (source and class set), or a name")
+    model_name: str = Field(AUTO, description="auto: the task's name, or a registered model name")
     min_improvement: float = Field(0.0, ge=0.0)
+
+    @field_validator("task", "model_name")
+    @classmethod
+    def _registry_name(cls, value: str) -> str:
+        if value != AUTO and not REGISTRY_NAME.match(value):
+            raise ValueError(f"'{value}' is not a name: use auto, or letters, digits, '.', '_' and '-' "
+                             "(at most 100, starting with a letter or digit)")
+        return value
 
 
 class ScheduleParams(_Section):
@@ -224,6 +285,7 @@ class Params(_Section):
 
     data: DataParams = DataParams()
     features: FeaturesParams = FeaturesParams()
+    select: SelectParams = SelectParams()
     svm: SvmParams = SvmParams()
     finetune: FinetuneParams = FinetuneParams()
     evaluate: EvaluateParams = EvaluateParams()
@@ -233,14 +295,15 @@ class Params(_Section):
     @model_validator(mode="before")
     @classmethod
     def _native_image_size(cls, raw: object) -> object:
-        """``data.image_size: native`` (or absent): store at the backbone's native input size;
-        ``fixres``: at :func:`fixres_size` of it."""
+        """With a pinned backbone, ``data.image_size: native`` stores at its native input size and
+        ``fixres`` at :func:`fixres_size` of it; with ``features.backbone: auto`` the word stays
+        until :func:`resolve_choice` applies the select stage's choice."""
         if not isinstance(raw, dict) or not isinstance(raw.get("data", {}), dict):
             return raw
         data = dict(raw.get("data") or {})
         features = raw.get("features") if isinstance(raw.get("features"), dict) else {}
         backbone = features.get("backbone", FeaturesParams().backbone)
-        size = data.get("image_size", NATIVE)
+        size = data.get("image_size", AUTO)
         if size in (NATIVE, FIXRES) and backbone in NATIVE_SIZES:
             native = NATIVE_SIZES[backbone]
             data["image_size"] = native if size == NATIVE else fixres_size(native)
@@ -292,3 +355,148 @@ def load_params(path: Path | str = "params.yaml") -> Params:
     if raw is not None and not isinstance(raw, dict):
         raise ConfigError(f"{path} must hold a mapping at top level")
     return parse_params(raw, path)
+
+
+def needs_selection(params: Params) -> bool:
+    """Whether the backbone or the input side is left to the select stage (or a word for a chosen backbone)."""
+    return params.features.backbone == AUTO or not isinstance(params.data.image_size, int)
+
+
+def resolve_choice(params: Params, selection: dict | None) -> Params:
+    """The params with the select stage's choice applied: a concrete backbone and an int side.
+
+    A value pinned in ``params.yaml`` wins over the selection (the select stage writes the
+    pinned value itself, so they agree); ``native``/``fixres`` are resolved for the backbone.
+
+    Raises:
+        ConfigError: When a value is ``auto`` and there is no selection.
+    """
+    if not needs_selection(params):
+        return params
+    if params.features.backbone == AUTO or params.data.image_size == AUTO:
+        if not selection:
+            raise ConfigError("features.backbone or data.image_size is 'auto' and the select stage has not run: "
+                              "run `tlpipe repro` (or `dvc repro select`), or pin both in params.yaml")
+    backbone = params.features.backbone if params.features.backbone != AUTO else str(selection["backbone"])
+    size = params.data.image_size
+    if size == AUTO:
+        size = int(selection["image_size"])
+    elif size in (NATIVE, FIXRES):
+        size = NATIVE_SIZES[backbone] if size == NATIVE else fixres_size(NATIVE_SIZES[backbone])
+    return params.model_copy(update={
+        "features": params.features.model_copy(update={"backbone": backbone}),
+        "data": params.data.model_copy(update={"image_size": int(size)}),
+    })
+
+
+def read_selection(path: Path | str) -> dict | None:
+    """The select stage's choice (``data/selection.json``), or None when it has not run."""
+    import json
+
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as error:
+        raise ConfigError(f"{path} is unreadable ({error}): run `dvc repro select` again") from None
+
+
+def load_stage_params(params_path: Path | str, selection_path: Path | str) -> Params:
+    """``params.yaml`` parsed, with the select stage's choice applied (what every stage after it reads)."""
+    params = load_params(params_path)
+    return resolve_choice(params, read_selection(selection_path) if needs_selection(params) else None)
+
+
+# ---------------------------------------------------------------- the task
+
+@dataclass(frozen=True)
+class Task:
+    """What the pipeline's MLflow runs and registered models are filed under.
+
+    ``name`` is the MLflow experiment; ``model_name`` the registered model whose
+    ``@champion`` answers ``tlpipe predict``; ``classes`` the source's class set
+    (None when ``registry.task`` names the task: the source is then not listed).
+    """
+
+    name: str
+    model_name: str
+    classes: list[str] | None = None
+
+
+def resolve_task(params: Params, root: Path | str | None = None) -> Task:
+    """The task of ``params``: each data set (source and class set) is its own task, unless named.
+
+    ``registry.task: auto`` derives the name from the source (:func:`tlpipe.sources.name_source_task`:
+    ``elpv-defect``, ``elpv-type``, ``hymenoptera-ants-bees``); a folder source that is gone
+    (e.g. a clone on another machine) is named from the project store's classes instead.
+    ``registry.model_name: auto`` is the task's name.
+
+    Args:
+        params: The parsed params.
+        root: The project (a relative folder source is taken from it; default: the working directory).
+
+    Raises:
+        ConfigError: When the source can be neither listed nor replaced by the store's classes.
+    """
+    from tlpipe.sources import SourceError, folder_task, name_source_task, source_folder
+
+    registry, data = params.registry, params.data
+    if registry.task != AUTO:
+        return Task(registry.task, registry.task if registry.model_name == AUTO else registry.model_name)
+    try:
+        found = name_source_task(data.source, data.classes, data.elpv_label, data.elpv_threshold,
+                                 Path(root) if root is not None else None)
+    except SourceError as error:
+        stored = Path(root or ".") / "data" / "store" / "classes.json"
+        if data.source == "elpv" or not stored.is_file():
+            raise ConfigError(f"cannot name the task of data.source ({error}): set registry.task in "
+                              "params.yaml") from None
+        import json
+
+        found = folder_task(source_folder(data.source, Path(root or ".")), json.loads(stored.read_text()))
+    return Task(found.name, found.name if registry.model_name == AUTO else registry.model_name, found.classes)
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """``params.yaml``'s mapping with ``dvc exp run -S key=value`` overrides applied (values read as YAML).
+
+    ``params.yaml:key=value`` and Hydra's ``+key=value`` mean the same; ``~key`` removes a key;
+    overrides of other files are left to DVC.
+    """
+    result = json_copy(raw or {})
+    for item in overrides:
+        key, _, value = item.partition("=")
+        file, colon, path = key.rpartition(":")
+        if colon and file != "params.yaml":
+            continue
+        remove = path.startswith("~")
+        parts = path.lstrip("+~").split(".")
+        node = result
+        for part in parts[:-1]:
+            if not isinstance(node.get(part), dict):
+                node[part] = {}
+            node = node[part]
+        if remove:
+            node.pop(parts[-1], None)
+        else:
+            node[parts[-1]] = yaml.safe_load(value) if value.strip() else None
+    return result
+
+
+def json_copy(value: object) -> object:
+    """A deep copy of plain YAML data (mappings, lists, scalars)."""
+    if isinstance(value, dict):
+        return {key: json_copy(inner) for key, inner in value.items()}
+    return [json_copy(inner) for inner in value] if isinstance(value, list) else value
+
+
+def load_task(root: Path | str, overrides: list[str] | None = None) -> Task:
+    """The task of the project at ``root`` (its ``params.yaml``, with ``-S`` overrides applied)."""
+    path = Path(root) / "params.yaml"
+    if not overrides:
+        return resolve_task(load_params(path), root)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"params file not found: {path}") from None
+    return resolve_task(parse_params(apply_overrides(raw, overrides), path), root)

@@ -13,10 +13,13 @@ Outputs in ``out_dir`` (a plain folder, each file written atomically):
 * ``confusion.csv`` (model, actual, predicted; DVC's confusion plot) and
   ``confusion_<model>.png`` (counts in every cell);
 * ``comparison.png``; ``grid.png`` (test images as the gate's candidate model
-  classifies them, mistakes first and marked in red);
+  classifies them: mistakes from every true class, marked in red, then some
+  correct ones; :func:`choose_grid_rows`);
 * ``curves.csv`` and ``curves.png`` (training curves of the networks, best
   epoch marked), when the finetune folder has histories;
-* ``imagenet_top1.md``, when the features folder has ``imagenet_top1.csv``.
+* ``imagenet_top1.md``, when the features folder has ``imagenet_top1.csv``;
+* ``ensemble.csv`` (every ensemble try) and, when one is kept, ``ensemble.json``
+  (:mod:`tlpipe.ensemble`; the kept ``ensemble`` is then in every table above).
 
 The evaluate tasks add ``promotion.json`` and ``report.html`` after the gate.
 
@@ -31,6 +34,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -46,22 +50,29 @@ from sklearn.metrics import (
 )
 
 from tlpipe import plots, report, store
-from tlpipe.config import EvaluateParams
+from tlpipe.config import DataParams, EvaluateParams
 from tlpipe.errors import UserError
-from tlpipe.models import MODEL_NAMES, SVM_MODELS, model_family, model_file
+from tlpipe.formats import SCORE_DIGITS, format_score
+from tlpipe.models import MODEL_NAMES, REPORTED_MODELS, SVM_MODELS, model_family, model_file
+from tlpipe.sources import ELPV
 from tlpipe.svm import load_inputs
 
-DIGITS = 4
+DIGITS = SCORE_DIGITS
 METRIC_KEYS = {"accuracy": "acc", "balanced_accuracy": "bal_acc", "f1_macro": "f1", "roc_auc": "auc"}
 """Test metric -> its short key in ``metrics/evaluate*.json`` (what ``dvc metrics show`` prints)."""
-SELECTION_METRIC = {"svm": "CV accuracy", "network": "best validation accuracy"}
+SELECTION_METRIC = {"svm": "CV accuracy", "network": "best validation accuracy",
+                    "ensemble": "validation accuracy (calibrated average)"}
 """What each model family is selected by (never test accuracy)."""
-SELECTION_SPLIT = {"svm": "train", "network": "val"}
+SELECTION_SPLIT = {"svm": "train", "network": "val", "ensemble": "val"}
 """The split each family's selection accuracy is measured on (CV folds cover all of train)."""
 WILSON_Z = 1.96
 """95 % two-sided: the candidate is ranked by the lower end of this Wilson interval."""
 GATE_OUTPUTS = ("promotion.json", "report.html")
 """Files the evaluate tasks write into ``out_dir`` after the gate."""
+GRID_SEED = 0
+"""Seed of which test images the prediction grid shows (:func:`choose_grid_rows`)."""
+GRID_CORRECT_SHARE = 0.25
+"""Share of the prediction grid kept for correctly classified images."""
 
 
 class NoModelsError(UserError, FileNotFoundError):
@@ -194,11 +205,11 @@ def find_models(svm_dir: Path | None, finetune_dir: Path | None) -> tuple[dict[s
 
 
 def predict_model(name: str, path: Path, store_dir: Path, features_dir: Path,
-                  pixel_size: int) -> tuple[np.ndarray, np.ndarray | None]:
-    """Predict the test split with one model, whatever its family."""
+                  pixel_size: int, split: str = "test") -> tuple[np.ndarray, np.ndarray | None]:
+    """Predict one split (default: test) with one trained model, whatever its family."""
     if model_family(name) == "network":
-        return predict_keras(path, store_dir, "test")
-    X = load_inputs(store_dir, features_dir, "test", SVM_MODELS[name], pixel_size)
+        return predict_keras(path, store_dir, split)
+    X = load_inputs(store_dir, features_dir, split, SVM_MODELS[name], pixel_size)
     return predict_svm(path, X)
 
 
@@ -214,7 +225,7 @@ def check_predictions(name: str, y_pred: np.ndarray, proba: np.ndarray | None, r
 def choose_best(metrics: dict[str, dict]) -> str:
     """The best model on the test split: highest accuracy, then balanced accuracy, then first in order."""
     return max(metrics, key=lambda m: (metrics[m]["accuracy"], metrics[m]["balanced_accuracy"],
-                                       -MODEL_NAMES.index(m)))
+                                       -REPORTED_MODELS.index(m)))
 
 
 def selection_scores(svm_dir: Path | None, finetune_dir: Path | None, models: list[str]) -> dict[str, float]:
@@ -272,7 +283,7 @@ def choose_candidate(scores: dict[str, float], metrics: dict[str, dict],
     from tlpipe.registry import select_best
 
     ranked = selection_bounds(scores, split_sizes) if split_sizes is not None else scores
-    ordered = {name: ranked[name] for name in MODEL_NAMES if name in ranked and name in metrics}
+    ordered = {name: ranked[name] for name in REPORTED_MODELS if name in ranked and name in metrics}
     return select_best(ordered) if ordered else choose_best(metrics)
 
 
@@ -280,6 +291,50 @@ def load_test_rows(store_dir: Path) -> pd.DataFrame:
     """The manifest rows of the test split, in row order."""
     manifest = store.load_manifest(store_dir)
     return manifest[manifest["split"] == "test"].sort_values("index").reset_index(drop=True)
+
+
+def count_images(manifest: pd.DataFrame, classes: list[str]) -> list[dict]:
+    """Images per class and split: one row per class in label order, then an 'all classes' row.
+
+    Each row: ``class``, one count per split of :data:`tlpipe.store.SPLITS`, ``total``.
+    """
+    rows = []
+    for name in [*classes, None]:
+        part = manifest if name is None else manifest[manifest["class_name"] == name]
+        splits = {split: int((part["split"] == split).sum()) for split in store.SPLITS}
+        rows.append({"class": "all classes" if name is None else name, **splits, "total": int(len(part))})
+    return rows
+
+
+def package_version(name: str) -> str:
+    """An installed distribution's version, or 'not installed'."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return "not installed"
+
+
+def name_source(data: DataParams) -> tuple[str, str]:
+    """The data set's name and source as the report shows them, from the ``data`` params.
+
+    ELPV: ``elpv (defect labels, defect probability >= 0.5)`` or ``elpv (module-type labels)``, from
+    the elpv-dataset package and its version; a folder: the folder's name, from its path as given.
+    """
+    if data.source == ELPV:
+        labels = (f"defect labels, defect probability >= {data.elpv_threshold:g}" if data.elpv_label == "defect"
+                  else "module-type labels")
+        return f"elpv ({labels})", f"Python package elpv-dataset {package_version('elpv-dataset')}"
+    folder = Path(data.source).expanduser()
+    return folder.name or str(folder), f"image folder {folder}"
+
+
+def describe_dataset(store_dir: Path, data: DataParams) -> dict:
+    """What the report's data-set section shows: name, source, task (when named) and images per class and split."""
+    name, source = name_source(data)
+    counts = count_images(store.load_manifest(store_dir), store.load_classes(store_dir))
+    return {"name": name, "source": source, "task": None, "counts": counts}
 
 
 def build_predictions(rows: pd.DataFrame, predictions: dict[str, tuple], classes: list[str]) -> pd.DataFrame:
@@ -345,29 +400,103 @@ def write_imagenet_table(features_dir: Path, out_dir: Path) -> bool:
              "| index | image | true class | ImageNet top-1 | probability |",
              "|---:|---|---|---|---:|"]
     for row in frame.itertuples(index=False):
-        cells = [row.index, row.relpath, row.class_name, row.imagenet_top1, f"{row.imagenet_probability:.4f}"]
+        cells = [row.index, row.relpath, row.class_name, row.imagenet_top1, format_score(row.imagenet_probability)]
         lines.append("| " + " | ".join(escape_markdown(c) for c in cells) + " |")
     store.write_atomic(out_dir / "imagenet_top1.md", "\n".join(lines) + "\n")
     return True
 
 
-def choose_grid_rows(y_true: np.ndarray, y_pred: np.ndarray, count: int) -> np.ndarray:
-    """Row indices for the image grid: mistakes first, then correct ones, each in row order."""
-    wrong = np.flatnonzero(y_true != y_pred)
-    right = np.flatnonzero(y_true == y_pred)
-    return np.concatenate([wrong, right])[:count]
+@dataclass(frozen=True)
+class GridSample:
+    """The test images a prediction grid shows, out of how many.
+
+    ``mistakes`` and ``correct`` are row indices into the test split, each sorted by (true class, row).
+    """
+
+    mistakes: tuple[int, ...]
+    correct: tuple[int, ...]
+    total_mistakes: int
+    total_correct: int
+    mistakes_per_class: dict[int, tuple[int, int]]
+    """``{true class: (mistakes shown, mistakes in all)}`` for every class with at least one mistake."""
+
+    @property
+    def rows(self) -> tuple[int, ...]:
+        """Rows in grid order: the mistakes, then the correct images."""
+        return self.mistakes + self.correct
+
+
+def spread_over_classes(rows: np.ndarray, labels: np.ndarray, count: int,
+                        rng: np.random.Generator) -> tuple[int, ...]:
+    """Up to ``count`` of ``rows``, taken in turn from each class (label order), each class's rows in a seeded order.
+
+    Returns the chosen rows sorted by (label, row), so a grid shows them class by class.
+    """
+    queues = [list(rng.permutation(rows[labels[rows] == label])) for label in np.unique(labels[rows])]
+    chosen: list[int] = []
+    while len(chosen) < count and any(queues):
+        for queue in queues:
+            if queue and len(chosen) < count:
+                chosen.append(int(queue.pop(0)))
+    return tuple(sorted(chosen, key=lambda row: (labels[row], row)))
+
+
+def choose_grid_rows(y_true: np.ndarray, y_pred: np.ndarray, count: int, seed: int = GRID_SEED,
+                     correct_share: float = GRID_CORRECT_SHARE) -> GridSample:
+    """Which test images the prediction grid shows: mistakes spread over every true class, and some correct ones.
+
+    ``int(count * correct_share)`` places go to correct images (fewer when there are fewer), the rest
+    to mistakes taken in turn from each true class, so every class with mistakes appears while there
+    are at least as many places as such classes; places left over go to the other kind. The same
+    seed gives the same images.
+
+    Args:
+        y_true: True labels of the test split.
+        y_pred: The model's predicted labels.
+        count: Places in the grid.
+        seed: Seed of the order within each class.
+        correct_share: Share of the places kept for correct images.
+    """
+    y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
+    wrong, right = np.flatnonzero(y_true != y_pred), np.flatnonzero(y_true == y_pred)
+    n_wrong = min(len(wrong), count - min(len(right), int(count * correct_share)))
+    rng = np.random.default_rng(seed)
+    mistakes = spread_over_classes(wrong, y_true, n_wrong, rng)
+    correct = spread_over_classes(right, y_true, min(len(right), count - n_wrong), rng)
+    shown = y_true[list(mistakes)] if mistakes else np.array([], dtype=int)
+    per_class = {int(label): (int(np.sum(shown == label)), int(np.sum(y_true[wrong] == label)))
+                 for label in np.unique(y_true[wrong])}
+    return GridSample(mistakes, correct, len(wrong), len(right), per_class)
+
+
+def describe_grid(sample: GridSample, classes: list[str]) -> str:
+    """What a grid shows, in words: '12 of 30 mistakes, from every class with mistakes (a: 6 of 18, ...), and ...'."""
+    correct = (f"{len(sample.correct)} of {sample.total_correct} correct images" if sample.total_correct
+               else "no correct images (the model has none)")
+    if not sample.total_mistakes:
+        return f"no mistakes; {correct}"
+    per_class = ", ".join(f"{classes[label]}: {shown} of {total}"
+                          for label, (shown, total) in sample.mistakes_per_class.items() if shown)
+    covered = sum(1 for shown, _ in sample.mistakes_per_class.values() if shown)
+    which = ("every class with mistakes" if covered == len(sample.mistakes_per_class)
+             else f"{covered} of {len(sample.mistakes_per_class)} classes with mistakes")
+    return f"{len(sample.mistakes)} of {sample.total_mistakes} mistakes, from {which} ({per_class}), and {correct}"
 
 
 def write_grid(store_dir: Path, out_dir: Path, model: str, y_true: np.ndarray, y_pred: np.ndarray,
-               classes: list[str], count: int) -> None:
-    """Draw ``grid.png``: test images as ``model`` classifies them, titled 'predicted (true)', mistakes in red."""
-    rows = choose_grid_rows(y_true, y_pred, count)
+               classes: list[str], count: int) -> str:
+    """Draw ``grid.png``: test images as ``model`` classifies them (:func:`choose_grid_rows`); return its caption.
+
+    Each image is titled with its true and predicted class; mistakes come first, in red with a ✗ and a red frame.
+    """
+    sample = choose_grid_rows(y_true, y_pred, count)
+    rows = np.asarray(sample.rows, dtype=np.int64)
     images = store.read_rows(store.split_path(store_dir, "test"), rows)
-    titles = [f"{classes[y_pred[i]]} (true: {classes[y_true[i]]})" for i in rows]
-    wrong = int(np.sum(y_true != y_pred))
-    plots.plot_image_grid(images, titles, [bool(y_pred[i] != y_true[i]) for i in rows],
-                          out_dir / "grid.png",
-                          title=f"{model}: {wrong} of {len(y_true)} test images wrong (red), mistakes first")
+    titles = [f"true: {classes[y_true[i]]}\npredicted: {classes[y_pred[i]]}" for i in rows]
+    caption = describe_grid(sample, classes)
+    plots.plot_image_grid(images, titles, [bool(y_pred[i] != y_true[i]) for i in rows], out_dir / "grid.png",
+                          title=f"{model} on {len(y_true)} test images: {caption}")
+    return caption
 
 
 def read_histories(finetune_dir: Path | None) -> tuple[dict[str, pd.DataFrame], dict[str, int]]:
@@ -422,7 +551,7 @@ def write_outputs(out_dir: Path, metrics: dict[str, dict], predictions: dict[str
     store.write_csv(out_dir / "confusion.csv", pd.concat(confusion, ignore_index=True))
     for model in predictions:
         plots.plot_confusion(np.asarray(metrics[model]["confusion_matrix"]), classes,
-                             f"{model}: test accuracy {metrics[model]['accuracy']:.3f}",
+                             f"{model}: test accuracy {format_score(metrics[model]['accuracy'])}",
                              out_dir / f"confusion_{model}.png")
     comparison = build_comparison(metrics, scores)
     store.write_csv(out_dir / "comparison.csv", comparison)
@@ -449,7 +578,10 @@ def evaluate_models(store_dir: Path, features_dir: Path, svm_dir: Path | None, f
         ``{"metrics": {model: metrics}, "skipped": {model: reason},
         "best": {"model", "accuracy", "balanced_accuracy"}`` (best on test),
         ``"selection": {model: score}``, ``"candidate"`` (the model the gate
-        considers, chosen by selection score), ``"classes"``, ``"test_images"``}.
+        considers, chosen by selection score), ``"classes"``, ``"test_images"``,
+        ``"grid": {"model", "caption"}`` (what ``grid.png`` shows, :func:`describe_grid`),
+        ``"ensemble"`` (every ensemble try and the keep decision, :func:`tlpipe.ensemble.add_ensemble`;
+        when kept, ``ensemble`` is in ``metrics`` and ``selection`` like any model)}.
 
     Raises:
         NoModelsError: When no model file exists.
@@ -469,18 +601,24 @@ def evaluate_models(store_dir: Path, features_dir: Path, svm_dir: Path | None, f
     scores = selection_scores(svm_dir, finetune_dir, list(metrics))
     counts = store.load_manifest(store_dir)["split"].value_counts()
     sizes = {split: int(counts.get(split, 0)) for split in ("train", "val")}
+    from tlpipe import ensemble  # built on this module's predictions and bounds (it imports them)
+
+    tried = ensemble.add_ensemble(found, store_dir, features_dir, pixel_size, predictions, metrics, scores, sizes,
+                                  y_true, classes)
     best, candidate = choose_best(metrics), choose_candidate(scores, metrics, sizes)
     out_dir.mkdir(parents=True, exist_ok=True)
     remove_stale(out_dir, list(metrics))
     write_outputs(out_dir, metrics, predictions, load_test_rows(store_dir), classes, scores)
-    write_grid(store_dir, out_dir, candidate, y_true, predictions[candidate][0], classes, params.grid_images)
+    ensemble.write_outputs(out_dir, tried, classes)
+    grid = write_grid(store_dir, out_dir, candidate, y_true, predictions[candidate][0], classes, params.grid_images)
     write_curves(finetune_dir, out_dir)
     write_imagenet_table(features_dir, out_dir)
     return {"metrics": metrics, "skipped": skipped,
             "best": {"model": best, "accuracy": metrics[best]["accuracy"],
                      "balanced_accuracy": metrics[best]["balanced_accuracy"]},
             "selection": scores, "selection_bounds": selection_bounds(scores, sizes), "selection_sizes": sizes,
-            "candidate": candidate, "classes": list(classes), "test_images": int(len(y_true))}
+            "candidate": candidate, "classes": list(classes), "test_images": int(len(y_true)),
+            "grid": {"model": candidate, "caption": grid}, "ensemble": tried}
 
 
 def describe_sizes(sizes: dict[str, int] | None) -> str:
@@ -495,10 +633,23 @@ def read_png(path: Path) -> bytes | None:
     return Path(path).read_bytes() if Path(path).is_file() else None
 
 
+def dataset_section(dataset: dict | None) -> report.DataSet | None:
+    """The report's data-set section from :func:`describe_dataset`'s dict (None: no section)."""
+    if not dataset:
+        return None
+    columns = {"class": "class", **{split: split for split in store.SPLITS}, "total": "total"}
+    return report.DataSet(dataset["name"], dataset["source"], report.Table(columns, dataset["counts"]),
+                          dataset.get("task"))
+
+
 def build_report(out_dir: Path, result: dict, decision: dict | None, features_dir: Path | None,
                  facts: list[tuple[str, str]] | None = None, links: list[tuple[str, str]] | None = None,
-                 max_imagenet_rows: int = 200) -> report.ReportData:
+                 max_imagenet_rows: int = 200, sections: list[report.TableSection] | None = None,
+                 ) -> report.ReportData:
     """Gather the report's content from an :func:`evaluate_models` result and its output folder.
+
+    The data-set section comes from ``result["dataset"]`` (:func:`describe_dataset`, added by the
+    evaluate task), the grid's caption from ``result["grid"]``.
 
     Args:
         out_dir: The folder :func:`evaluate_models` wrote.
@@ -508,6 +659,7 @@ def build_report(out_dir: Path, result: dict, decision: dict | None, features_di
         facts: Extra header facts (label, value), e.g. data hash and run ids.
         links: (label, where) pairs for the "Where to look next" section.
         max_imagenet_rows: Rows of the ImageNet table shown (the rest is counted).
+        sections: Extra table sections, shown after the model comparison.
     """
     out_dir = Path(out_dir)
     metrics, candidate = result["metrics"], result["candidate"]
@@ -517,7 +669,7 @@ def build_report(out_dir: Path, result: dict, decision: dict | None, features_di
                "balanced_accuracy": "balanced accuracy", "f1_macro": "macro F1", "roc_auc": "ROC AUC"}
     table = report.Table(columns, comparison.to_dict(orient="records"), highlight=[candidate])
     chart = read_png(out_dir / "comparison.png")
-    confusions = [report.Picture(model, png, f"test accuracy {metrics[model]['accuracy']:.4f}")
+    confusions = [report.Picture(model, png, f"test accuracy {format_score(metrics[model]['accuracy'])}")
                   for model in metrics if (png := read_png(out_dir / f"confusion_{model}.png"))]
     curves = read_png(out_dir / "curves.png")
     grid = read_png(out_dir / "grid.png")
@@ -535,14 +687,19 @@ def build_report(out_dir: Path, result: dict, decision: dict | None, features_di
                            "(networks), never by test accuracy, ranked by the lower end of its 95 % Wilson "
                            "interval, so an accuracy measured on few images counts for less"
                            f"{describe_sizes(result.get('selection_sizes'))}.")
-    notes["predictions"] = "Each image is titled 'predicted (true: class)'; mistakes come first, in red with a ✗."
+    notes["predictions"] = ("Each image is titled with its true and predicted class; mistakes come first, in red "
+                            "with a ✗ and a red frame, then correctly classified images.")
     now = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    header = [("Generated", now), ("Classes", ", ".join(result.get("classes", []))), *(facts or [])]
+    dataset = dataset_section(result.get("dataset"))
+    header = [("Generated", now), *([("Data set", dataset.name)] if dataset else []),
+              ("Classes", ", ".join(result.get("classes", []))), *(facts or [])]
     return report.ReportData(
-        title="tlpipe: model comparison and promotion", facts=header, decision=decision, comparison=table,
+        title="tlpipe: model comparison and promotion", facts=header, dataset=dataset, decision=decision,
+        comparison=table, sections=sections or [],
         comparison_chart=report.Picture("Test accuracy per model", chart, "dotted line: always predicting the "
                                         "majority class") if chart else None,
         confusions=confusions,
         curves=report.Picture("Training curves", curves, "colour = network, line style = split") if curves else None,
-        grid=report.Picture(f"Test images as {candidate} sees them", grid) if grid else None,
+        grid=report.Picture(f"Test images as {candidate} sees them", grid,
+                            result.get("grid", {}).get("caption", "")) if grid else None,
         imagenet=imagenet, skipped=result.get("skipped", {}), links=links or [], notes=notes)

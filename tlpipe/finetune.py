@@ -127,18 +127,40 @@ class BestEpoch:
     weights: list[np.ndarray] = field(default_factory=list)
     monitor: str = "val_accuracy"
 
-    def update(self, model: keras.Model, row: dict) -> None:
-        """Keep ``model``'s weights if ``row`` beats the best (the monitored value, then the other)."""
+    def beats(self, row: dict) -> bool:
+        """Whether ``row`` beats the best so far (the monitored value, then the other)."""
         if self.monitor == "val_loss":
             better = row["val_loss"] < self.val_loss
             tie = row["val_loss"] == self.val_loss and row["val_accuracy"] > self.val_accuracy
         else:
             better = row["val_accuracy"] > self.val_accuracy
             tie = row["val_accuracy"] == self.val_accuracy and row["val_loss"] < self.val_loss
-        if better or tie:
-            self.epoch, self.phase = row["epoch"], row["phase"]
-            self.val_accuracy, self.val_loss = row["val_accuracy"], row["val_loss"]
+        return better or tie
+
+    def record(self, row: dict) -> None:
+        """Make ``row``'s epoch the best (weights untouched)."""
+        self.epoch, self.phase = int(row["epoch"]), int(row["phase"])
+        self.val_accuracy, self.val_loss = float(row["val_accuracy"]), float(row["val_loss"])
+
+    def update(self, model: keras.Model, row: dict) -> None:
+        """Keep ``model``'s weights if ``row`` beats the best."""
+        if self.beats(row):
+            self.record(row)
             self.weights = model.get_weights()
+
+
+def monitor_of(kind: str) -> str:
+    """The value :class:`BestEpoch` monitors for ``kind``: val loss for the finetuned model, else val accuracy."""
+    return "val_loss" if kind == TUNED_KIND else "val_accuracy"
+
+
+def replay_best(kind: str, history: pd.DataFrame) -> BestEpoch:
+    """The epoch (no weights) that training kept for ``kind``, replayed from its history in epoch order."""
+    best = BestEpoch(monitor=monitor_of(kind))
+    for row in history.to_dict("records"):
+        if best.beats(row):
+            best.record(row)
+    return best
 
 
 class ArrayBatches(keras.utils.PyDataset):
@@ -492,7 +514,7 @@ def train_model(kind: str, data: StoreData, backbone: keras.Model, params: Finet
         The full image model holding the best epoch's weights, and its history.
     """
     keras.utils.set_random_seed(params.seed)
-    best = BestEpoch()
+    best = BestEpoch(monitor=monitor_of(kind))
     n_classes, phase2 = len(data.classes), params.unfreeze_epochs if params.unfreeze_layers else 0
     if cache is not None:
         head, rows = train_head_on_cache(kind, cache, data, params, best, on_epoch)
@@ -678,7 +700,7 @@ def train_finetuned(data: StoreData, backbone_name: str, weights: str | None, pa
                             epoch_order(rows, params.seed, epoch))
 
     val = ArrayBatches(cache.val_inputs(), data.val_labels, params.batch_size)
-    best, total = BestEpoch(monitor="val_loss"), params.finetuned_head_epochs + params.finetuned_epochs
+    best, total = BestEpoch(monitor=monitor_of(TUNED_KIND)), params.finetuned_head_epochs + params.finetuned_epochs
     top.trainable = False
     compile_model(trainer, params, params.finetuned_head_learning_rate)
     history = fit_epochs(trainer, make, val, range(params.finetuned_head_epochs), 1, TUNED_KIND, total, best,
@@ -702,15 +724,14 @@ def train_finetuned(data: StoreData, backbone_name: str, weights: str | None, pa
 def summarize(kind: str, history: pd.DataFrame, cache: FeatureCache | TuneCache | None, backbone_name: str,
               weights: str | None, data: StoreData, seconds: float) -> dict:
     """Build the metrics dict of one model."""
-    # same rule as BestEpoch: highest val accuracy, then lowest val loss, then earliest (stable sort)
-    best = history.sort_values(["val_accuracy", "val_loss"], ascending=[False, True], kind="stable").iloc[0]
+    best = replay_best(kind, history)  # the epoch whose weights were kept, by the kind's own monitor
     phase1, phase2 = history[history["phase"] == 1], history[history["phase"] == 2]
     return {
         "kind": kind,
         "mode": "tune_cache" if isinstance(cache, TuneCache) else "feature_cache" if cache else "end_to_end",
         "backbone": backbone_name, "weights": "none" if weights is None else str(weights),
-        "epochs": int(len(history)), "best_epoch": int(best["epoch"]), "best_phase": int(best["phase"]),
-        "best_val_accuracy": float(best["val_accuracy"]), "best_val_loss": float(best["val_loss"]),
+        "epochs": int(len(history)), "best_epoch": best.epoch, "best_phase": best.phase,
+        "best_val_accuracy": best.val_accuracy, "best_val_loss": best.val_loss,
         "train_seconds": round(seconds, 3), "seconds_per_epoch": round(float(phase1["seconds"].mean()), 3),
         "phase2_seconds_per_epoch": round(float(phase2["seconds"].mean()), 3) if len(phase2) else None,
         "cache_seconds": round(cache.seconds, 3) if cache else 0.0, "cache_copies": cache.copies if cache else 0,

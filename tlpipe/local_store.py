@@ -10,10 +10,13 @@ SQLite's busy timeout (20 s) on every session, so writers wait for each other in
 from __future__ import annotations
 
 import hashlib
+import logging
 import tempfile
 from pathlib import Path
 
 from tlpipe.lock import file_lock
+
+logger = logging.getLogger("tlpipe.local_store")
 
 CREATE_WAIT_S = 120.0
 """How long a process waits for another one creating the same store."""
@@ -37,8 +40,8 @@ def ensure_sqlite_store(db: Path) -> str:
     """Make sure the MLflow store ``db`` exists with its schema; return its URI.
 
     The first call in a process opens the store holding :func:`lock_path` (MLflow creates the schema when
-    it is missing), so concurrent first users wait for one another instead of racing. A failure is not
-    raised here: the caller's first real request reports it (e.g. :func:`tlpipe.tracking.connect`, which
+    it is missing), so concurrent first users wait for one another instead of racing. A failure is logged,
+    not raised here: the caller's first real request reports it (e.g. :func:`tlpipe.tracking.connect`, which
     names the URI).
     """
     uri = sqlite_uri(db)
@@ -50,6 +53,7 @@ def ensure_sqlite_store(db: Path) -> str:
 
             MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
         _ready.add(uri)
-    except Exception:  # reported by the caller's own request, with its context
-        pass
+    except Exception as error:  # raised again by the caller's own request, with its context
+        logger.warning("could not open or create the MLflow store %s (%s: %s); going on: the first tracking "
+                       "request opens it again and reports any error", db, type(error).__name__, error)
     return uri

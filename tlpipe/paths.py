@@ -76,6 +76,11 @@ class ProjectPaths:
         return self.root / "params.yaml"
 
     @property
+    def selection(self) -> Path:
+        """The select stage's choice (backbone and side), read by every later stage."""
+        return self.root / "data" / "selection.json"
+
+    @property
     def store(self) -> Path:
         return self.root / "data" / "store"
 

@@ -13,6 +13,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from tlpipe.formats import format_score, round_score
+
 UI_ENV = "TLPIPE_MLFLOW_UI_URL"
 DEFAULT_UI = "http://127.0.0.1:5000"  # `make ui`
 METRIC_ORDER = ("accuracy", "balanced_accuracy", "f1_macro", "roc_auc")
@@ -72,8 +74,8 @@ def comparison_rows(metrics: Mapping[str, object], model_runs: Mapping[str, RunL
             continue
         numbers = {SHORT_KEYS.get(k, k): v for k, v in values.items()
                    if isinstance(v, (int, float)) and not isinstance(v, bool)}
-        ordered = {f"test_{k}": round(float(numbers[k]), 4) for k in METRIC_ORDER if k in numbers}
-        ordered.update({f"test_{k}": round(float(v), 4) for k, v in numbers.items() if k not in METRIC_ORDER})
+        ordered = {f"test_{k}": round_score(numbers[k]) for k in METRIC_ORDER if k in numbers}
+        ordered.update({f"test_{k}": round_score(v) for k, v in numbers.items() if k not in METRIC_ORDER})
         row = {"model": model, **ordered}
         if model_runs and model in model_runs:
             row["mlflow_run"] = run_url(model_runs[model])
@@ -81,15 +83,20 @@ def comparison_rows(metrics: Mapping[str, object], model_runs: Mapping[str, RunL
     return sorted(rows, key=lambda row: (-float(row.get("test_accuracy", float("-inf"))), row["model"]))
 
 
+def format_field(value: object) -> str:
+    """A decision field as text: scores (floats) with :func:`tlpipe.formats.format_score`, the rest as is."""
+    return format_score(value) if isinstance(value, float) else str(value)
+
+
 def promotion_markdown(promotion: Mapping[str, object]) -> str:
-    """The promotion decision: promoted or not, the reason, then every recorded field."""
+    """The promotion decision: promoted or not, the reason, then every recorded field (scores with 4 decimals)."""
     if not promotion:
         return "## Promotion decision\n\nNo decision recorded (the evaluate stage did not produce one)."
     verdict = "promoted" if promotion.get("promoted") else "not promoted"
     lines = ["## Promotion decision", "", f"**{verdict}**: {promotion.get('reason', '(no reason recorded)')}", ""]
     details = {k: v for k, v in promotion.items() if k not in ("promoted", "reason") and not isinstance(v, Mapping)}
     if details:
-        lines += ["| field | value |", "| --- | --- |"] + [f"| {k} | {v} |" for k, v in details.items()]
+        lines += ["| field | value |", "| --- | --- |"] + [f"| {k} | {format_field(v)} |" for k, v in details.items()]
     return "\n".join(lines)
 
 

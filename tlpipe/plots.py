@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import math
+import textwrap
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -18,8 +19,10 @@ import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
+from matplotlib.text import Text
 from matplotlib.ticker import MaxNLocator
 
+from tlpipe.formats import format_score
 from tlpipe.store import write_atomic
 
 MISTAKE_COLOR = "tab:red"
@@ -27,6 +30,8 @@ CORRECT_COLOR = "black"
 SPLIT_STYLES = {"train": "-", "val": "--"}
 """Line style per data split in the training curves (colour is per model)."""
 SPLIT_MARKERS = {"train": "o", "val": "s"}
+TEXT_KEY = "Description"
+"""PNG text chunk holding every title, label and annotation of a figure (:func:`figure_text`)."""
 
 
 def new_figure(width: float, height: float) -> Figure:
@@ -36,10 +41,20 @@ def new_figure(width: float, height: float) -> Figure:
     return figure
 
 
+def figure_text(figure: Figure) -> str:
+    """Every visible, non-empty text of a figure (titles, axis labels, annotations, legend), one per line."""
+    texts = (artist.get_text() for artist in figure.findobj(Text) if artist.get_visible())
+    return "\n".join(text for text in texts if text.strip())
+
+
 def save_figure(figure: Figure, path: Path | None = None, dpi: int = 100) -> bytes:
-    """Render a figure as PNG; write it atomically to ``path`` when given. Returns the PNG bytes."""
+    """Render a figure as PNG; write it atomically to ``path`` when given. Returns the PNG bytes.
+
+    The PNG carries :func:`figure_text` in its ``Description`` text chunk, so the numbers a figure
+    shows can be read back (and checked) without looking at pixels.
+    """
     buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=dpi)
+    figure.savefig(buffer, format="png", dpi=dpi, metadata={TEXT_KEY: figure_text(figure)})
     data = buffer.getvalue()
     if path is not None:
         write_atomic(Path(path), data)
@@ -77,13 +92,13 @@ def plot_comparison(models: Sequence[str], accuracies: Sequence[float], path: Pa
     width = 0.4 if balanced is not None else 0.6
     offset = width / 2 if balanced is not None else 0.0
     bars = axes.bar(positions - offset, list(accuracies), width, color="tab:blue", label="accuracy")
-    axes.bar_label(bars, labels=[f"{a:.3f}" for a in accuracies], padding=2, fontsize=8)
+    axes.bar_label(bars, labels=[format_score(a) for a in accuracies], padding=2, fontsize=8)
     if balanced is not None:
         more = axes.bar(positions + offset, list(balanced), width, color="tab:orange", hatch="//",
                         label="balanced accuracy")
-        axes.bar_label(more, labels=[f"{a:.3f}" for a in balanced], padding=2, fontsize=8)
+        axes.bar_label(more, labels=[format_score(a) for a in balanced], padding=2, fontsize=8)
     if baseline is not None:
-        axes.axhline(baseline, color="gray", linestyle=":", label=f"majority class ({baseline:.3f})")
+        axes.axhline(baseline, color="gray", linestyle=":", label=f"majority class ({format_score(baseline)})")
     axes.set_xticks(positions, labels=models, rotation=20)
     axes.set_ylim(0, 1.12)
     axes.set_xlabel("model")
@@ -147,7 +162,8 @@ def plot_image_grid(images: np.ndarray, titles: Sequence[str], mistakes: Sequenc
     count = len(images)
     cols = max(1, math.ceil(math.sqrt(count)))
     rows = max(1, math.ceil(count / cols))
-    figure = new_figure(2.2 * cols, 2.4 * rows + (0.4 if title else 0))
+    title = textwrap.fill(title, max(30, int(10 * 2.2 * cols))) if title else None  # ~10 characters per inch
+    figure = new_figure(2.2 * cols, 2.4 * rows + (0.3 + 0.25 * title.count("\n") if title else 0))
     for position, (image, label, wrong) in enumerate(zip(images, titles, mistakes, strict=True)):
         axes = figure.add_subplot(rows, cols, position + 1)
         axes.imshow(image)

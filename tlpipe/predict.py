@@ -8,6 +8,7 @@ first (:func:`tlpipe.tracking.connect`) when the URI is not a local folder.
 
 from __future__ import annotations
 
+import base64
 import json
 import re
 from dataclasses import asdict, dataclass
@@ -201,11 +202,35 @@ def error_row(path: str, reason: str) -> dict:
     return {"path": path, "class": None, "probability": None, "top": [], "error": reason}
 
 
+def read_base64(path: Path) -> tuple[str | None, str | None]:
+    """``(the file's bytes as base64 text, None)``, or ``(None, why it cannot be read)``."""
+    try:
+        return base64.b64encode(path.read_bytes()).decode("ascii"), None
+    except OSError as error:
+        return None, f"unreadable file: {error.strerror or error}"
+
+
+def classify_files(model, files: list[Path], top: int) -> list[dict]:
+    """One result dict per file, in order; the model gets the files' bytes, never their paths.
+
+    A served model refuses paths (:func:`tlpipe.pyfunc.paths_allowed`), and the
+    same model answers here: this process reads its own files and sends the bytes.
+    """
+    read = [read_base64(path) for path in files]
+    readable = [path for path, (cell, _) in zip(files, read) if cell is not None]
+    rows = iter(())
+    if readable:
+        cells = pd.Series([cell for cell, _ in read if cell is not None], dtype=object)
+        rows = iter(rows_from_output(readable, model.predict(pd.DataFrame({"image": cells})), top))
+    return [next(rows) if cell is not None else error_row(str(path), reason)
+            for path, (cell, reason) in zip(files, read)]
+
+
 def predict_images(model_uri: str, inputs: list[str], top: int = 1) -> list[dict]:
     """Classify image files and folders with a pyfunc image model.
 
-    The model is loaded once and fed batches of :data:`BATCH_SIZE` paths; a
-    file that cannot be read or decoded is reported in its own row and the
+    The model is loaded once and fed batches of :data:`BATCH_SIZE` files (their
+    bytes, :func:`classify_files`); a file that cannot be read or decoded is reported in its own row and the
     others go on.
 
     Args:
@@ -225,9 +250,7 @@ def predict_images(model_uri: str, inputs: list[str], top: int = 1) -> list[dict
     if files:
         model = mlflow.pyfunc.load_model(model_uri)
         for start in range(0, len(files), BATCH_SIZE):
-            batch = files[start:start + BATCH_SIZE]
-            frame = model.predict(pd.DataFrame({"image": pd.Series([str(p) for p in batch], dtype=object)}))
-            rows.extend(rows_from_output(batch, frame, top))
+            rows.extend(classify_files(model, files[start:start + BATCH_SIZE], top))
     return rows + [error_row(item, reason) for item, reason in missing]
 
 

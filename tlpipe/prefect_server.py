@@ -14,7 +14,9 @@ health check (``GET /api/health``). Files, all under ``<project>/.prefect/``:
 * ``server.json``: pid, port, URL and start time of the running server;
 * ``server.log``: the server's output;
 * ``server.lock``: held while a server is being started, so two stage processes
-  starting at once (``dvc queue start -j 2``) start one server, not two.
+  starting at once (``dvc queue start -j 2``) start one server, not two;
+* ``watchdog.json``: the settings of the watchdog started beside the server
+  (:mod:`tlpipe.prefect_watchdog`), which stops it once idle or once the project is gone.
 
 Choice per process (:func:`api_url_for`): ``$PREFECT_API_URL`` when set (tests,
 shared servers) is used as is; ``TLPIPE_PREFECT_SERVER=ephemeral`` keeps
@@ -39,6 +41,7 @@ from pathlib import Path
 from tlpipe.errors import UserError
 from tlpipe.lock import file_lock
 from tlpipe.paths import tracking_root
+from tlpipe.process_identity import ProcessIdentity, identify, is_alive
 
 MODE_ENV = "TLPIPE_PREFECT_SERVER"
 PORT_ENV = "TLPIPE_PREFECT_PORT"
@@ -54,12 +57,17 @@ class PrefectServerError(UserError, RuntimeError):
 
 @dataclass(frozen=True)
 class ServerInfo:
-    """What ``server.json`` records about a started server."""
+    """What ``server.json`` records about a started server.
+
+    ``created`` is the server process's start time (``psutil``'s ``create_time``): with ``pid``,
+    its identity (:mod:`tlpipe.process_identity`); None in records of older versions, never trusted.
+    """
 
     pid: int
     port: int
     url: str
     started: float
+    created: float | None = None
 
 
 def main_project_root(root: Path | str) -> Path:
@@ -94,21 +102,15 @@ def is_healthy(url: str, timeout: float = 2.0) -> bool:
         return False
 
 
-def is_server_process(pid: int) -> bool:
-    """Whether ``pid`` is alive and is a ``prefect server`` process (not a reused pid)."""
-    import psutil
-
-    try:
-        cmdline = " ".join(psutil.Process(pid).cmdline())
-    except (psutil.Error, OSError):
-        return False
-    return "prefect" in cmdline and "server" in cmdline
+def server_is_alive(info: ServerInfo) -> bool:
+    """Whether the recorded server process still runs: same pid and start time (never a reused pid)."""
+    return info.created is not None and is_alive(ProcessIdentity(info.pid, info.created))
 
 
 def running_url(root: Path | str) -> str | None:
     """The API URL of the project's server if it is running and healthy, else None."""
     info = read_info(root)
-    if info is None or not is_server_process(info.pid) or not is_healthy(info.url):
+    if info is None or not server_is_alive(info) or not is_healthy(info.url):
         return None
     return info.url
 
@@ -170,11 +172,22 @@ def start_server(root: Path | str, port: int | None = None, timeout: float = STA
             stop_process_group(process.pid)
             raise PrefectServerError(f"the Prefect server was not healthy after {timeout:.0f} s; see {log_path}")
         time.sleep(0.25)
-    info = ServerInfo(pid=process.pid, port=port, url=url, started=time.time())
+    info = ServerInfo(pid=process.pid, port=port, url=url, started=time.time(),
+                      created=identify(process.pid).started)
     from tlpipe.store import write_atomic
 
     write_atomic(folder / "server.json", json.dumps(asdict(info)))
+    start_watchdog(folder, info.pid)
     return info
+
+
+def start_watchdog(folder: Path, pid: int) -> None:
+    """Start ``python -m tlpipe.prefect_watchdog`` beside the server ``pid`` (its own session, output to
+    ``server.log``): it stops the server once idle (``$TLPIPE_PREFECT_IDLE_MINUTES``, default 30) or once
+    ``folder`` is gone, and exits when the server does."""
+    with open(folder / "server.log", "ab") as log, open(os.devnull, "rb") as devnull:
+        subprocess.Popen([sys.executable, "-m", "tlpipe.prefect_watchdog", str(folder), str(pid)], cwd=folder,
+                         stdin=devnull, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, close_fds=True)
 
 
 def ensure_server(root: Path | str, port: int | None = None, timeout: float = START_TIMEOUT_S) -> str:
@@ -220,7 +233,7 @@ def stop_server(root: Path | str) -> bool:
     """Stop the project's server; return whether one was running."""
     info = read_info(root)
     (home(root) / "server.json").unlink(missing_ok=True)
-    if info is None or not is_server_process(info.pid):
+    if info is None or not server_is_alive(info):
         return False
     stop_process_group(info.pid)
     return True

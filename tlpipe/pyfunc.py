@@ -1,23 +1,32 @@
 """Trained models as MLflow pyfunc models that take images, not features.
 
-Every model (the networks ``frozen``/``concat`` and the SVMs ``svm_features``,
-``svm_concat``, ``svm_pixels``) is logged as one :class:`ImageClassifier`:
+Every model (the networks ``frozen``/``concat``/``finetuned``, the SVMs ``svm_features``,
+``svm_concat``, ``svm_pixels``, and the evaluate stage's ``ensemble`` when it is
+kept) is logged as one :class:`ImageClassifier`:
 its artifacts hold everything between an image file and a class name, so a
 served model needs neither the store, the features nor the backbone weights.
 
 Artifacts of one model (names in ``context.artifacts``):
-    config: ``config.json``: kind (``network``/``svm``), classes, image_size,
-        resize_mode and, for SVMs, feature, pixel_size, backbone, weights.
+    config: ``config.json``: kind (``network``/``svm``/``ensemble``), classes, image_size,
+        resize_mode and, for SVMs, feature, pixel_size, backbone, weights; for an
+        ensemble, members and each member's temperature (None: its probabilities as they are).
     network: the full Keras model, uint8 images -> softmax (networks only).
     svm: the joblib'd :class:`tlpipe.svm.LinearSVM` (primal linear SVM with calibrated
         probabilities; older runs: ``SVC(kernel="linear", probability=True)``) (SVMs only).
     extractor: the backbone as a ``.keras`` model, uint8 images ->
         {"final", "mid"} (SVMs on features only).
+    <member> (ensembles only): one folder per member holding that member's own
+        artifacts as files named by key (``config.json``, ``network.keras`` or
+        ``svm.joblib``, ``extractor.keras``). The ensemble averages the members'
+        probabilities (networks' temperature-scaled, :mod:`tlpipe.calibration`)
+        and answers the most probable class.
 
 Input: a DataFrame with a string column ``image`` (base64 image bytes, raw
-bytes, a path to an existing file, or a uint8 (H, W, 3) array per cell), or,
-when calling :meth:`ImageClassifier.predict` directly, a uint8 array
-(N, H, W, 3) or a list of paths. A model loaded with
+bytes, or a uint8 (H, W, 3) array per cell), or, when calling
+:meth:`ImageClassifier.predict` directly, a uint8 array (N, H, W, 3). Paths to
+files are refused unless the model's process sets ``TLPIPE_PYFUNC_ALLOW_PATHS=1``
+(:func:`paths_allowed`), so a served model never reads the server's files for a
+client; ``tlpipe predict`` sends the files' bytes. A model loaded with
 ``mlflow.pyfunc.load_model`` enforces the DataFrame signature: wrap arrays and
 lists with :func:`to_image_frame` first. Every image is decoded exactly as
 the training images were (:func:`tlpipe.images.decode_bytes` with the
@@ -49,16 +58,33 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
+from tlpipe.calibration import average_probabilities, scale_temperature
 from tlpipe.images import ImageRejected, ResizeMode, decode_bytes, decode_file, resize_image
 
-KINDS = ("network", "svm")
+KINDS = ("network", "svm", "ensemble")
 SVM_FEATURES = ("final", "concat", "pixels")
 BATCH_SIZE = 32
 MAX_PATH_CHARS = 4096
 REQUIREMENTS = ("keras", "tensorflow-cpu", "scikit-learn", "pillow", "numpy", "pandas")
 EXAMPLE_SIDE = 32  # the smallest image decode_bytes accepts
 
+PATHS_ENV = "TLPIPE_PYFUNC_ALLOW_PATHS"
+
 logger = logging.getLogger("tlpipe.pyfunc")
+
+
+def paths_allowed() -> bool:
+    """Whether models in this process may read files named in their input: only with ``TLPIPE_PYFUNC_ALLOW_PATHS=1``.
+
+    Off unless set, so a served model (``mlflow models serve``, ``tlpipe serve-model``)
+    never reads or probes the server's own files for a REST client.
+    """
+    return os.environ.get(PATHS_ENV, "0") == "1"
+
+
+def refused_path_reason() -> str:
+    """What a path input is told when :func:`paths_allowed` is off."""
+    return f"file paths are refused (set {PATHS_ENV}=1 in the model's process to allow them); send the image bytes"
 
 
 def decode_base64(text: str) -> bytes:
@@ -75,16 +101,17 @@ def decode_base64(text: str) -> bytes:
         return base64.b64decode(text, altchars=altchars, validate=True)
     except (binascii.Error, ValueError):
         shown = text[:60] + ("..." if len(text) > 60 else "")
+        if not paths_allowed():
+            raise ImageRejected(f"not valid base64 ({refused_path_reason()}): {shown!r}") from None
         raise ImageRejected(f"neither an existing file nor valid base64: {shown!r}") from None
 
 
 def is_existing_file(text: str) -> bool:
     """Whether ``text`` names an existing file (short strings only; never raises).
 
-    ``TLPIPE_PYFUNC_ALLOW_PATHS=0`` (set by ``tlpipe serve-model``) turns paths
-    off, so REST clients cannot make the server read or probe its own files.
+    Always False unless :func:`paths_allowed`: the file system is not even probed.
     """
-    if os.environ.get("TLPIPE_PYFUNC_ALLOW_PATHS", "1") == "0":
+    if not paths_allowed():
         return False
     if len(text) > MAX_PATH_CHARS or "\n" in text:
         return False
@@ -107,8 +134,8 @@ def decode_cell(cell: object, size: int, mode: ResizeMode) -> np.ndarray:
     """Turn one input cell into a (size, size, 3) uint8 array.
 
     Args:
-        cell: Image bytes, a path to an existing file, base64 image bytes, or a
-            uint8 (H, W, 3) array.
+        cell: Image bytes, base64 image bytes, a uint8 (H, W, 3) array, or (only
+            when :func:`paths_allowed`) a path to an existing file.
         size: Training image size.
         mode: Training resize mode.
 
@@ -120,6 +147,8 @@ def decode_cell(cell: object, size: int, mode: ResizeMode) -> np.ndarray:
     if isinstance(cell, (bytes, bytearray, memoryview)):
         return decode_bytes(bytes(cell), size, mode).pixels
     if isinstance(cell, Path):
+        if not paths_allowed():
+            raise ImageRejected(refused_path_reason())
         return decode_file(cell, size, mode).pixels
     if isinstance(cell, str):
         if is_existing_file(cell):
@@ -196,7 +225,12 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
         self.config = json.loads(Path(context.artifacts["config"]).read_text())
         self.classes: list[str] = list(self.config["classes"])
         self.network = self.svm = self.extractor = None
-        if self.config["kind"] == "network":
+        self.members: list[tuple[ImageClassifier, float | None]] = []
+        if self.config["kind"] == "ensemble":
+            temperatures = self.config.get("temperatures", {})
+            self.members = [(load_member(context.artifacts[name]), temperatures.get(name))
+                            for name in self.config["members"]]
+        elif self.config["kind"] == "network":
             self.network = load_keras(context.artifacts["network"])
             check_output_width(self.network, len(self.classes))
         else:
@@ -213,7 +247,7 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
         Args:
             context: The MLflow context (unused; state comes from :meth:`load_context`).
             model_input: A DataFrame with an ``image`` column, a uint8 array
-                (N, H, W, 3), or a list of paths/bytes/base64 strings.
+                (N, H, W, 3), or a list of bytes/base64 strings (paths: see :func:`paths_allowed`).
             params: Unused.
 
         Returns:
@@ -247,6 +281,8 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
 
     def classify(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Class index and per-class probabilities for (n, size, size, 3) uint8 images."""
+        if self.members:
+            return self.classify_ensemble(pixels)
         if self.network is not None:
             probs = np.asarray(self.network.predict_on_batch(pixels), dtype=np.float64)
             return probs.argmax(axis=1), probs
@@ -254,6 +290,15 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
         probs = np.zeros((len(pixels), len(self.classes)))
         probs[:, self.svm_columns] = self.svm.predict_proba(inputs)
         return label_columns(self.svm.predict(inputs), self.classes), probs
+
+    def classify_ensemble(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The members' calibrated probabilities averaged; the class is the most probable one."""
+        probas = []
+        for member, temperature in self.members:
+            probs = member.classify(pixels)[1]
+            probas.append(probs if temperature is None else scale_temperature(probs, temperature))
+        probs = average_probabilities(probas)
+        return probs.argmax(axis=1), probs
 
     def svm_inputs(self, pixels: np.ndarray) -> np.ndarray:
         """The SVM's input vectors, built exactly as in training."""
@@ -282,6 +327,15 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
             numbers = [column for column in frame.columns if column not in ("class", "error")]
             frame[numbers] = frame[numbers].astype(object).where(frame[numbers].notna(), None)
         return frame
+
+
+def load_member(folder: str | Path) -> ImageClassifier:
+    """One ensemble member from its artifact folder (files named by artifact key: ``config.json``, ...)."""
+    from types import SimpleNamespace
+
+    member = ImageClassifier()
+    member.load_context(SimpleNamespace(artifacts={path.stem: str(path) for path in Path(folder).iterdir()}))
+    return member
 
 
 def describe_error(error: Exception) -> str:
@@ -483,15 +537,75 @@ def log_trained_model(name: str, model_path: Path, store_dir: Path, features_dir
         The ``ModelInfo``.
     """
     from tlpipe import store
+
+    with tempfile.TemporaryDirectory(prefix="tlpipe-pyfunc-") as folder:
+        artifacts = trained_artifacts(Path(folder), name, model_path, store_dir, features_dir, params)
+        return mlflow.pyfunc.log_model(name=name, **model_options(store.load_classes(store_dir), artifacts),
+                                       **log_options)
+
+
+def trained_artifacts(folder: Path, name: str, model_path: Path, store_dir: Path, features_dir: Path | None,
+                      params) -> dict[str, str]:
+    """The artifacts of one of the pipeline's trained models (:func:`keras_artifacts` or :func:`svm_artifacts`).
+
+    Arguments as :func:`log_trained_model`; the config (and a rebuilt extractor) is written in ``folder``.
+    """
+    from tlpipe import store
     from tlpipe.features import EXTRACTOR, normalise_weights
     from tlpipe.models import SVM_MODELS, model_family
 
     classes = store.load_classes(store_dir)
     image_size = int(store.read_npy_header(store.split_path(store_dir, "test"))[0][1])
     if model_family(name) == "network":
-        return log_keras_classifier(name, model_path, classes, image_size, params.data.resize_mode, **log_options)
+        return keras_artifacts(folder, model_path, classes, image_size, params.data.resize_mode)
     feature = SVM_MODELS[name]
     extractor = Path(features_dir) / EXTRACTOR if feature != "pixels" and features_dir is not None else None
-    return log_svm_classifier(name, model_path, feature, classes, image_size, params.data.resize_mode,
-                              params.features.backbone, normalise_weights(params.features.weights),
-                              params.svm.pixel_size, extractor_path=extractor, **log_options)
+    return svm_artifacts(folder, model_path, feature, classes, image_size, params.data.resize_mode,
+                         params.features.backbone, normalise_weights(params.features.weights),
+                         params.svm.pixel_size, extractor)
+
+
+def ensemble_artifacts(folder: Path, members: dict[str, Path], temperatures: dict[str, float | None],
+                       store_dir: Path, features_dir: Path | None, params) -> dict[str, str]:
+    """Config of an ensemble and one folder per member holding its artifacts as files named by key.
+
+    Args:
+        folder: An empty working folder.
+        members: ``{model name: its .joblib or .keras file}``, in the ensemble's order.
+        temperatures: ``{model name: T}`` (None: the member's probabilities as they are).
+        store_dir, features_dir, params: As :func:`log_trained_model`.
+    """
+    import shutil
+
+    from tlpipe import store
+
+    artifacts = {}
+    for name, model_path in members.items():
+        member_dir = Path(folder) / name
+        member_dir.mkdir(parents=True)
+        for key, source in trained_artifacts(member_dir, name, model_path, store_dir, features_dir, params).items():
+            target = member_dir / f"{key}{Path(source).suffix}"
+            if Path(source) != target:
+                shutil.copyfile(source, target)
+        artifacts[name] = str(member_dir)
+    config = {"kind": "ensemble", "classes": store.load_classes(store_dir),
+              "image_size": int(store.read_npy_header(store.split_path(store_dir, "test"))[0][1]),
+              "resize_mode": params.data.resize_mode, "members": list(members),
+              "temperatures": {name: temperatures.get(name) for name in members}}
+    artifacts["config"] = str(write_config(folder, config))
+    return artifacts
+
+
+def log_ensemble_classifier(name: str, members: dict[str, Path], temperatures: dict[str, float | None],
+                            store_dir: Path, features_dir: Path | None, params, **log_options):
+    """Log the evaluate stage's ensemble as one pyfunc model, in the active run (:func:`ensemble_artifacts`).
+
+    Returns:
+        The ``ModelInfo``.
+    """
+    from tlpipe import store
+
+    with tempfile.TemporaryDirectory(prefix="tlpipe-pyfunc-") as folder:
+        artifacts = ensemble_artifacts(Path(folder), members, temperatures, store_dir, features_dir, params)
+        return mlflow.pyfunc.log_model(name=name, **model_options(store.load_classes(store_dir), artifacts),
+                                       **log_options)

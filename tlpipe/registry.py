@@ -17,15 +17,31 @@ execution: each version is tagged with the execution's key
 (:data:`EXECUTION_TAG`), and calling :func:`register_and_gate` again with the
 same key returns the decision already recorded on that version instead of
 registering a second one.
+
+Gates of one registered model never interleave on one machine: reading the
+champion, scoring against it and moving the alias happen under a file lock keyed
+by tracking store and model name (:func:`gate_lock_path`), so two evaluate stages
+at once (``dvc queue start -j 2``) gate one after the other and the second is
+scored against the first one's result. Before moving the alias the gate reads it
+again and, if it moved meanwhile, gates again against the new champion
+(compare-and-set). Gates on *several machines* sharing a tracking server are not
+serialised by the lock: the re-read narrows the race to the moment between that
+read and the move (MLflow has no atomic compare-and-set of an alias), so run
+their evaluate stages one at a time, or check the champion after.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
+
+from tlpipe.lock import file_lock
 
 ALIAS = "champion"
 EXECUTION_TAG = "tlpipe.evaluate_run_id"
@@ -35,6 +51,10 @@ CLASSES_TAG = "tlpipe.classes"
 GATE_TAG = "tlpipe.gate"
 PROMOTED_TAG = "tlpipe.promoted"
 DECISION_TAG = "tlpipe.decision"
+GATE_LOCK_WAIT_S = 1500.0
+"""How long a gate waits for another gate of the same registered model (the gate task times out at 1800 s)."""
+GATE_ATTEMPTS = 3
+"""Times a gate scores its model when the champion alias keeps moving under it; then it is not promoted."""
 
 
 @dataclass(frozen=True)
@@ -65,7 +85,7 @@ class Decision:
     classes: list[str] | None = None
     champion_classes: list[str] | None = None
     blocked_by: str | None = None
-    """None when promoted; else ``class_set``, ``champion_error`` or ``no_improvement``."""
+    """None when promoted; else ``class_set``, ``champion_error``, ``no_improvement`` or ``champion_moved``."""
 
     def to_dict(self) -> dict:
         """Plain dict for JSON and MLflow."""
@@ -99,8 +119,9 @@ def decide(model: str, accuracy: float, classes: Sequence[str] | None, champion:
         return False, (
             f"{model} not promoted: champion v{version} of '{registered_name}' classifies "
             f"{sorted(champion.classes)} but this model classifies {sorted(classes)}; a model of another task is "
-            f"never compared with or promoted over it. To keep models of this class set, set registry.model_name "
-            f"to a new name (e.g. `dvc exp run -S registry.model_name={registered_name}-{len(classes)}class`)"), \
+            f"never compared with or promoted over it. With registry.task and registry.model_name auto, each class "
+            f"set is its own task; else set registry.model_name to a new name "
+            f"(e.g. `dvc exp run -S registry.model_name={registered_name}-{len(classes)}class`)"), \
             "class_set"
     if champion.error is not None or champion.accuracy is None:
         return False, (
@@ -206,6 +227,75 @@ def recorded_decision(version) -> Decision | None:
         return None
 
 
+def gate_lock_path(tracking_uri: str, name: str) -> Path:
+    """The lock serialising the gates of registered model ``name`` in the store ``tracking_uri``.
+
+    In the temporary folder, keyed by both (like :func:`tlpipe.local_store.lock_path`): every
+    gate on this machine into the same registered model takes it, whichever project copy (a
+    queued DVC experiment's workspace) it runs in.
+    """
+    key = hashlib.sha256(f"{tracking_uri}\n{name}".encode()).hexdigest()[:16]
+    return Path(tempfile.gettempdir()) / f"tlpipe-gate-{key}.lock"
+
+
+def record_decision(client, name: str, version: str, decision: Decision) -> None:
+    """Tag ``version`` with the gate's reason, outcome and whole decision."""
+    client.set_model_version_tag(name, version, GATE_TAG, decision.reason)
+    client.set_model_version_tag(name, version, PROMOTED_TAG, str(decision.promoted).lower())
+    client.set_model_version_tag(name, version, DECISION_TAG, json.dumps(decision.to_dict()))
+
+
+def finish_recorded(client, name: str, decision: Decision) -> bool:
+    """Finish a decision an earlier call recorded; False when the version must be gated again.
+
+    A promoted decision whose alias move was lost (a crash between the two) is
+    finished only while the champion is still the one it beat: if another gate
+    moved the alias since, moving it back would undo a newer decision.
+    """
+    current = find_champion(client, name)
+    if not decision.promoted or current == decision.version:
+        return True
+    if current != decision.champion_version:
+        return False
+    client.set_registered_model_alias(name, ALIAS, decision.version)
+    return True
+
+
+def gate_version(client, name: str, model: str, version: str, accuracy: float, images: np.ndarray,
+                 labels: np.ndarray, classes: list[str], min_improvement: float) -> Decision:
+    """Gate registered ``version`` against the champion, record the decision, and move the alias if it wins.
+
+    Compare-and-set: right before the move the champion is read again; if it
+    moved since it was scored, the version is gated again against the new one
+    (at most :data:`GATE_ATTEMPTS` times, then it is not promoted).
+    """
+    for _ in range(GATE_ATTEMPTS):
+        champion_version = find_champion(client, name)
+        if champion_version == version:
+            # the alias moves after the decision is recorded, so only a hand-moved alias gets here:
+            # never gate a version against itself
+            return Decision(True, model, version, accuracy, None, None,
+                            f"{model} is already champion v{version} (alias set outside the gate)", classes)
+        champion = (inspect_champion(client, name, champion_version, images, labels, classes)
+                    if champion_version else None)
+        promoted, reason, blocked_by = decide(model, accuracy, classes, champion, min_improvement, name)
+        decision = Decision(promoted, model, version, accuracy, champion.version if champion else None,
+                            champion.accuracy if champion else None, reason, classes,
+                            champion.classes if champion else None, blocked_by)
+        record_decision(client, name, version, decision)
+        if not promoted:
+            return decision
+        if find_champion(client, name) == champion_version:
+            client.set_registered_model_alias(name, ALIAS, version)
+            return decision
+    decision = Decision(False, model, version, accuracy, None, None, (
+        f"{model} not promoted: the '{ALIAS}' alias of '{name}' moved {GATE_ATTEMPTS} times while this model "
+        f"was gated (gates on other machines?); move it by hand after checking the new model"), classes,
+        blocked_by="champion_moved")
+    record_decision(client, name, version, decision)
+    return decision
+
+
 def register_and_gate(client, name: str, model: str, model_uri: str, accuracy: float, images: np.ndarray,
                       labels: np.ndarray, classes: Sequence[str], min_improvement: float,
                       tags: Mapping[str, str], execution_id: str) -> Decision:
@@ -213,8 +303,11 @@ def register_and_gate(client, name: str, model: str, model_uri: str, accuracy: f
 
     Idempotent per ``execution_id``: a second call (a retry) finds the version
     tagged with it and returns its recorded decision (finishing an interrupted
-    alias move); a version registered but not yet decided is gated, not
-    registered again.
+    alias move while the champion is still the one it beat; else gating it again);
+    a version registered but not yet decided is gated, not registered again.
+    The whole call holds :func:`gate_lock_path` (waiting up to
+    :data:`GATE_LOCK_WAIT_S` for another gate of ``name``), and the alias moves
+    only if the champion did not change since it was scored (:func:`gate_version`).
 
     Args:
         client: An ``MlflowClient`` on the project's registry.
@@ -227,38 +320,23 @@ def register_and_gate(client, name: str, model: str, model_uri: str, accuracy: f
         min_improvement: Margin the new model must beat the champion by.
         tags: Extra version tags (data hash, selection score, ...).
         execution_id: Key of this evaluate execution (its MLflow stage run id).
+
+    Raises:
+        tlpipe.lock.LockHeldError: Another gate of ``name`` held the lock for :data:`GATE_LOCK_WAIT_S`.
     """
     import mlflow
 
     classes = [str(c) for c in classes]
-    existing = find_registered(client, name, execution_id)
-    if existing is not None:
-        decision = recorded_decision(existing)
-        if decision is not None:
-            if decision.promoted and find_champion(client, name) != str(existing.version):
-                client.set_registered_model_alias(name, ALIAS, str(existing.version))
+    with file_lock(gate_lock_path(client.tracking_uri, name), f"the champion gate of '{name}'",
+                   wait_s=GATE_LOCK_WAIT_S):
+        existing = find_registered(client, name, execution_id)
+        decision = recorded_decision(existing) if existing is not None else None
+        if decision is not None and finish_recorded(client, name, decision):
             return decision
-    champion_version = find_champion(client, name)
-    if existing is not None and champion_version == str(existing.version):
-        # the alias moves after the decision is recorded, so only a hand-moved alias gets here:
-        # never gate a version against itself
-        return Decision(True, model, champion_version, accuracy, None, None,
-                        f"{model} is already champion v{champion_version} (alias set outside the gate)", classes)
-    champion = (inspect_champion(client, name, champion_version, images, labels, classes)
-                if champion_version else None)
-    if existing is None:
-        version_tags = {**tags, "tlpipe.model": model, "test_accuracy": f"{accuracy:.4f}",
-                        CLASSES_TAG: json.dumps(classes), EXECUTION_TAG: execution_id}
-        version = str(mlflow.register_model(model_uri, name, tags=version_tags).version)
-    else:
-        version = str(existing.version)
-    promoted, reason, blocked_by = decide(model, accuracy, classes, champion, min_improvement, name)
-    decision = Decision(promoted, model, version, accuracy, champion.version if champion else None,
-                        champion.accuracy if champion else None, reason, classes,
-                        champion.classes if champion else None, blocked_by)
-    client.set_model_version_tag(name, version, GATE_TAG, reason)
-    client.set_model_version_tag(name, version, PROMOTED_TAG, str(promoted).lower())
-    client.set_model_version_tag(name, version, DECISION_TAG, json.dumps(decision.to_dict()))
-    if promoted:
-        client.set_registered_model_alias(name, ALIAS, version)
-    return decision
+        if existing is None:
+            version_tags = {**tags, "tlpipe.model": model, "test_accuracy": f"{accuracy:.4f}",
+                            CLASSES_TAG: json.dumps(classes), EXECUTION_TAG: execution_id}
+            version = str(mlflow.register_model(model_uri, name, tags=version_tags).version)
+        else:
+            version = str(existing.version)
+        return gate_version(client, name, model, version, accuracy, images, labels, classes, min_improvement)

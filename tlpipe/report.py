@@ -16,6 +16,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tlpipe.formats import format_score
 from tlpipe.store import write_atomic
 
 STYLE = """
@@ -66,13 +67,36 @@ class Table:
 
 
 @dataclass(frozen=True)
+class DataSet:
+    """The data set the models were trained and tested on: its name, where it came from, images per class and split."""
+
+    name: str
+    source: str
+    counts: Table
+    task: str | None = None
+
+
+@dataclass(frozen=True)
+class TableSection:
+    """An extra section holding one table (e.g. a stage's candidate table), shown after the model comparison."""
+
+    anchor: str
+    title: str
+    table: Table
+    note: str = ""
+
+
+@dataclass(frozen=True)
 class ReportData:
     """Everything the report shows. Sections with no content are left out (with a note where useful)."""
 
     title: str
     facts: Sequence[tuple[str, str]] = ()
+    dataset: DataSet | None = None
     decision: Mapping[str, object] | None = None
     comparison: Table | None = None
+    sections: Sequence[TableSection] = ()
+    """Extra table sections, in order, after the comparison (their anchors join the navigation)."""
     comparison_chart: Picture | None = None
     confusions: Sequence[Picture] = ()
     curves: Picture | None = None
@@ -96,7 +120,7 @@ def format_cell(value: object) -> tuple[str, bool]:
     if isinstance(value, bool):
         return ("yes" if value else "no"), False
     if isinstance(value, float):
-        return f"{value:.4f}", True
+        return format_score(value), True
     if isinstance(value, int):
         return str(value), True
     return str(value), False
@@ -162,10 +186,19 @@ def section(anchor: str, title: str, body: str, note: str | None = None) -> str:
     return f'<section id="{escape(anchor)}"><h2>{escape(title)}</h2>{note_html}{body}</section>'
 
 
+def render_dataset(dataset: DataSet) -> str:
+    """The data set's name, source (and task, when named) and its images per class and split."""
+    rows = [("Data set", dataset.name), ("Source", dataset.source)]
+    rows += [("Task", dataset.task)] if dataset.task else []
+    facts = "".join(f"<dt>{escape(label)}</dt><dd>{escape(value)}</dd>" for label, value in rows)
+    return f'<dl class="facts">{facts}</dl>{render_table(dataset.counts)}'
+
+
 def render_html(data: ReportData) -> str:
     """The whole report as one self-contained HTML page (pure: no I/O)."""
     notes = data.notes
-    parts = [section("decision", "Promotion decision", render_decision(data.decision), notes.get("decision"))]
+    parts = [section("data", "Data set", render_dataset(data.dataset), notes.get("data"))] if data.dataset else []
+    parts.append(section("decision", "Promotion decision", render_decision(data.decision), notes.get("decision")))
     if data.comparison is not None:
         body = render_table(data.comparison)
         if data.skipped:
@@ -174,6 +207,7 @@ def render_html(data: ReportData) -> str:
         if data.comparison_chart is not None:
             body += f'<div class="figures">{render_image(data.comparison_chart)}</div>'
         parts.append(section("comparison", "Models on the test split", body, notes.get("comparison")))
+    parts += [section(extra.anchor, extra.title, render_table(extra.table), extra.note) for extra in data.sections]
     if data.confusions:
         body = '<div class="figures">' + "".join(render_image(image) for image in data.confusions) + "</div>"
         parts.append(section("confusion", "Confusion matrices", body, notes.get("confusion")))
@@ -190,10 +224,12 @@ def render_html(data: ReportData) -> str:
         items = "".join(f"<dt>{escape(label)}</dt><dd>{render_link(value)}</dd>" for label, value in data.links)
         parts.append(section("tracking", "Where to look next", f'<dl class="facts">{items}</dl>',
                              notes.get("tracking")))
-    ids = [("decision", "Decision"), ("comparison", "Comparison"), ("confusion", "Confusion"),
+    ids = [("data", "Data set"), ("decision", "Decision"), ("comparison", "Comparison"),
+           *((extra.anchor, extra.title) for extra in data.sections), ("confusion", "Confusion"),
            ("curves", "Curves"), ("predictions", "Predictions"), ("imagenet", "ImageNet"), ("tracking", "Links")]
     present = "".join(parts)
-    nav = "".join(f'<a href="#{anchor}">{label}</a>' for anchor, label in ids if f'id="{anchor}"' in present)
+    nav = "".join(f'<a href="#{escape(anchor)}">{escape(label)}</a>' for anchor, label in ids
+                  if f'id="{escape(anchor)}"' in present)
     facts = "".join(f"<dt>{escape(label)}</dt><dd>{escape(value)}</dd>" for label, value in data.facts)
     return ("<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
             f"<title>{escape(data.title)}</title>\n<style>{STYLE}</style>\n</head>\n<body>\n"

@@ -40,6 +40,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from tlpipe.errors import UserError
+from tlpipe.process_identity import live_pid, write_pid_file
 from tlpipe.store import write_atomic
 
 HOST = "127.0.0.1"
@@ -335,13 +336,11 @@ def healthy(url: str, timeout_s: float = 2.0) -> bool:
 
 
 def read_pid(path: Path) -> int | None:
-    """The pid in a pid file when that process still runs, else None."""
-    try:
-        pid = int(Path(path).read_text().strip())
-        os.kill(pid, 0)
-        return pid
-    except (OSError, ValueError):
-        return None
+    """The pid in a pid file while that very process runs (same pid and start time), else None.
+
+    See :mod:`tlpipe.process_identity`: a reused pid is never taken for the server, so it is never killed.
+    """
+    return live_pid(path)
 
 
 def start_mlflow(state: StateDir, pg_port: int, port: int = DEFAULT_MLFLOW_PORT, timeout_s: int = 180) -> tuple[int, float]:
@@ -369,7 +368,7 @@ def start_mlflow(state: StateDir, pg_port: int, port: int = DEFAULT_MLFLOW_PORT,
     with open(state.mlflow_log, "ab") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                    env=env, start_new_session=True, cwd=state.root)
-    write_atomic(state.mlflow_pid, str(process.pid))
+    write_pid_file(state.mlflow_pid, process.pid)  # pid + start time
     url = f"http://{HOST}:{port}/health"
     while time.perf_counter() - start < timeout_s:
         if process.poll() is not None:
@@ -420,13 +419,20 @@ def stop_mlflow(state: StateDir) -> bool:
 
 def start_tracking(state_dir: Path, pg_port: int = DEFAULT_PG_PORT,
                    mlflow_port: int = DEFAULT_MLFLOW_PORT) -> TrackingEndpoints:
-    """Start PostgreSQL, then the MLflow server on it; record the endpoints in ``tracking.json``."""
+    """Start PostgreSQL, then the MLflow server on it; record the endpoints in ``tracking.json``.
+
+    When the MLflow server fails or refuses to start (one already runs, its port is taken),
+    PostgreSQL is stopped again only if this call started it: a running one may serve a live
+    MLflow server.
+    """
     state = StateDir(Path(state_dir).resolve())
+    was_running = postgres_running(state)
     pg_seconds = start_postgres(state, pg_port)
     try:
         pid, mlflow_seconds = start_mlflow(state, pg_port, mlflow_port)
     except BaseException:
-        stop_postgres(state)
+        if not was_running:
+            stop_postgres(state)
         raise
     endpoints = TrackingEndpoints(
         tracking_uri=f"http://{HOST}:{mlflow_port}", backend_store_uri=backend_store_uri(pg_port),

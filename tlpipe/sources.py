@@ -1,4 +1,4 @@
-"""List the labelled image files of a source: a class-folder tree, a pre-split tree, or ELPV.
+"""List the labelled image files of a source: a class-folder tree, a pre-split tree, or ELPV; name its task.
 
 A source listing never opens an image; it only finds candidate files, their class
 and (for pre-split trees) their split, and rejects what is unsafe to read.
@@ -7,6 +7,7 @@ and (for pre-split trees) their split, and rejects what is unsafe to read.
 from __future__ import annotations
 
 from tlpipe.errors import UserError
+import hashlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -153,3 +154,99 @@ def list_source(source: str, classes: list[str] | None, elpv_label: str, elpv_th
     if source == ELPV:
         return list_elpv(elpv_label, elpv_threshold, classes)
     return list_folder(Path(source).expanduser(), classes)
+
+
+# ---------------------------------------------------------------- the task a source defines
+
+CLASS_SUFFIX_MAX = 32
+"""Longest readable class-set suffix of a task name (``ants-bees``); longer sets are named by count and hash."""
+
+
+def slugify(text: str) -> str:
+    """Lower-case letters, digits and single hyphens (``Hymenoptera Data`` -> ``hymenoptera-data``)."""
+    slug = "".join(char if char.isascii() and char.isalnum() else "-" for char in str(text).lower())
+    return "-".join(part for part in slug.split("-") if part) or "data"
+
+
+def class_set_suffix(class_names: list[str]) -> str:
+    """The class set in a task name: ``ants-bees`` when short, else ``<n>classes-<6 hex of SHA-256>``."""
+    names = sorted(map(str, class_names))
+    slugs = [slugify(name) for name in names]
+    readable = "-".join(slugs)
+    if names and len(readable) <= CLASS_SUFFIX_MAX and len(set(slugs)) == len(slugs):
+        return readable
+    digest = hashlib.sha256("\n".join(names).encode()).hexdigest()[:6]
+    return f"{len(names)}classes-{digest}"
+
+
+def source_folder(source: str, root: Path | None = None) -> Path:
+    """A folder source as a path: ``~`` expanded, a relative path taken from ``root`` (the project)."""
+    path = Path(source).expanduser()
+    return Path(os.path.abspath(Path(root) / path if root is not None and not path.is_absolute() else path))
+
+
+def _holds_a_file(class_dir: Path, root: Path) -> bool:
+    """Whether a class folder holds a file ingest would try (not hidden, not a link leaving ``root``)."""
+    for dirpath, dirnames, filenames in os.walk(class_dir, followlinks=False):
+        for name in filenames:
+            path = Path(dirpath) / name
+            if not name.startswith(".") and path.is_file() and not (path.is_symlink() and not _inside(path, root)):
+                return True
+    return False
+
+
+def folder_class_names(root: Path, classes: list[str] | None = None) -> list[str]:
+    """The classes of a folder source, sorted, read from its folder names (no image is opened).
+
+    The class folders holding at least one file, in any split of a pre-split tree, as
+    :func:`list_folder` lists them; ``classes`` keeps only those names.
+
+    Raises:
+        SourceError: When the folder is missing.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise SourceError(f"source folder not found: {root}")
+    split_dirs = _class_dirs(root) if _is_presplit(root) else [root]
+    return sorted({class_dir.name for split_dir in split_dirs for class_dir in _class_dirs(split_dir)
+                   if (classes is None or class_dir.name in classes)
+                   and not (class_dir.is_symlink() and not _inside(class_dir, root))
+                   and _holds_a_file(class_dir, root)})
+
+
+def elpv_class_names(label: str, threshold: float, classes: list[str] | None = None) -> list[str]:
+    """The classes ELPV yields under a labelling (from its ``labels.csv``; no image is opened)."""
+    return sorted({candidate.class_name for candidate in list_elpv(label, threshold, classes).candidates})
+
+
+@dataclass(frozen=True)
+class SourceTask:
+    """The task a source defines: its name and its class set."""
+
+    name: str
+    classes: list[str]
+
+
+def folder_task(folder: Path, class_names: list[str]) -> SourceTask:
+    """A folder source's task: the folder's name (a pre-split tree's too) and its class set, e.g.
+    ``hymenoptera-ants-bees``."""
+    return SourceTask(f"{slugify(Path(folder).name)}-{class_set_suffix(class_names)}", sorted(class_names))
+
+
+def name_source_task(source: str, classes: list[str] | None, elpv_label: str, elpv_threshold: float,
+                     root: Path | None = None) -> SourceTask:
+    """The task of a source (``data.*`` params): each data set and class set is its own task.
+
+    ELPV: ``elpv-defect`` or ``elpv-type`` (the labelling names the class set; a subset kept by
+    ``classes`` is appended); a folder: its name and class set (:func:`folder_task`).
+
+    Raises:
+        SourceError: When the source cannot be listed.
+    """
+    if source == ELPV:
+        found = elpv_class_names(elpv_label, elpv_threshold, classes)
+        everything = found if classes is None else elpv_class_names(elpv_label, elpv_threshold)
+        suffix = "" if found == everything else f"-{class_set_suffix(found)}"
+        return SourceTask(f"elpv-{elpv_label}{suffix}", found)
+    folder = source_folder(source, root)
+    return folder_task(folder, folder_class_names(folder, classes))

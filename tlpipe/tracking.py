@@ -1,10 +1,11 @@
 """MLflow tracking base shared by every stage.
 
 * Store: ``$MLFLOW_TRACKING_URI`` or ``sqlite:///<root>/mlflow.db``; a SQLite store keeps its
-  artifacts beside it in ``mlartifacts/``. One experiment for the project, tagged
-  ``mlflow.experimentKind = custom_model_development`` (MLflow's "Machine learning"
-  kind); links made with :func:`ui_url` open the UI in its model-training view.
-* Runs: one *pipeline* (parent) run per pipeline execution; one *stage* run per stage
+  artifacts beside it in ``mlartifacts/``. One experiment per task (each data set and class
+  set: :func:`experiment_name`), tagged ``mlflow.experimentKind = custom_model_development``
+  (MLflow's "Machine learning" kind); links made with :func:`ui_url` open the UI in its
+  model-training view.
+* Runs: one *pipeline* (parent) run per pipeline execution, named ``<task> pipeline``; one *stage* run per stage
   execution, opened by the stage flow before its work and ended after it
   (:func:`stage_run`); one *model* run per trained model under its stage run
   (:func:`model_run`), holding the model's params, training metrics, its train and
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import socket
 import subprocess
@@ -42,9 +44,13 @@ from typing import Any
 
 from tlpipe.errors import UserError
 
+logger = logging.getLogger("tlpipe.tracking")
+
 EXPERIMENT = "tlpipe"
+"""The experiment of a folder without ``params.yaml`` (a project's runs go to its task's experiment)."""
 PARENT_ENV = "TLPIPE_PARENT_RUN_ID"
 EXPERIMENT_ENV = "TLPIPE_EXPERIMENT"
+TASK_TAG = "tlpipe.task"
 SESSION_TAG = "tlpipe.session"
 STAGE_TAG = "tlpipe.stage"
 KIND_TAG = "tlpipe.kind"
@@ -231,16 +237,28 @@ def compare_url(base_url: str, experiment_id: str, run_ids: list[str]) -> str:
     return f"{base_url.rstrip('/')}/#/compare-runs?runs=[{runs}]&experiments=[\"{experiment_id}\"]&{UI_TRAINING_VIEW}"
 
 
-def ensure_experiment(client, root: Path) -> str:
-    """Get or create the project's experiment (artifacts per :func:`artifact_location`); return its id.
+def experiment_name(root: Path, overrides: list[str] | None = None) -> str:
+    """The MLflow experiment of the project at ``root``: ``$TLPIPE_EXPERIMENT``, else its task's name
+    (:func:`tlpipe.config.load_task`, with ``-S`` overrides applied); :data:`EXPERIMENT` without ``params.yaml``."""
+    if name := os.environ.get(EXPERIMENT_ENV):
+        return name
+    if not (Path(root) / "params.yaml").is_file():
+        return EXPERIMENT
+    from tlpipe.config import load_task
 
-    The experiment is tagged ``mlflow.experimentKind = custom_model_development`` so
-    the MLflow UI opens it in its model-training view; a kind already set (e.g. chosen
-    by a user in the UI) is kept.
+    return load_task(root, overrides).name
+
+
+def ensure_experiment(client, root: Path, name: str | None = None) -> str:
+    """Get or create the experiment ``name`` (default: :func:`experiment_name`, the project's task); return its id.
+
+    Artifacts go where :func:`artifact_location` says. The experiment is tagged
+    ``mlflow.experimentKind = custom_model_development`` so the MLflow UI opens it
+    in its model-training view; a kind already set (e.g. chosen by a user in the UI) is kept.
     """
     from mlflow.exceptions import MlflowException
 
-    name = os.environ.get(EXPERIMENT_ENV, EXPERIMENT)
+    name = name or experiment_name(root)
     experiment = client.get_experiment_by_name(name)
     if experiment is None:
         try:
@@ -271,11 +289,10 @@ def git_commit(root: Path) -> str:
 
 def process_tags(pid: int | None = None) -> dict[str, str]:
     """Tags naming the process that owns a run: pid, host and the process's start time."""
-    import psutil
+    from tlpipe.process_identity import identify
 
-    process = psutil.Process(pid)
-    return {PID_TAG: str(process.pid), HOST_TAG: socket.gethostname(),
-            PROCESS_START_TAG: f"{process.create_time():.3f}"}
+    process = identify(pid)
+    return {PID_TAG: str(process.pid), HOST_TAG: socket.gethostname(), PROCESS_START_TAG: f"{process.started:.3f}"}
 
 
 def owner_is_gone(tags: Mapping[str, str]) -> bool:
@@ -283,22 +300,18 @@ def owner_is_gone(tags: Mapping[str, str]) -> bool:
 
     True only when the run was created on this host and its pid is dead, a zombie,
     or now belongs to another process (a different start time). Runs of other hosts
-    and runs without the tags are never judged gone.
+    and runs without the tags are never judged gone. One rule for every recorded process:
+    :func:`tlpipe.process_identity.is_alive`.
     """
-    import psutil
+    from tlpipe.process_identity import ProcessIdentity, is_alive
 
     if tags.get(HOST_TAG) != socket.gethostname() or not tags.get(PID_TAG, "").isdigit():
         return False
     try:
-        process = psutil.Process(int(tags[PID_TAG]))
-        if process.status() == psutil.STATUS_ZOMBIE:
-            return True
         started = float(tags.get(PROCESS_START_TAG) or "nan")
-        return not abs(process.create_time() - started) < 0.01
-    except psutil.NoSuchProcess:
-        return True
-    except (psutil.Error, ValueError):
+    except ValueError:
         return False
+    return not is_alive(ProcessIdentity(int(tags[PID_TAG]), started))
 
 
 def reap_stale_runs(client, experiment_id: str) -> list[str]:
@@ -364,10 +377,15 @@ def dvc_session_key() -> str | None:
 
 
 def create_pipeline_run(client, experiment_id: str, root: Path, tags: Mapping[str, str] | None = None,
-                        owner_pid: int | None = None) -> str:
-    """Create a pipeline (parent) run owned by process ``owner_pid`` (default: this one); return its id."""
-    run = client.create_run(experiment_id, run_name="pipeline", tags={
-        KIND_TAG: "pipeline", "tlpipe.git_commit": git_commit(root), **process_tags(owner_pid), **(tags or {})})
+                        owner_pid: int | None = None, task: str | None = None) -> str:
+    """Create a pipeline (parent) run owned by process ``owner_pid`` (default: this one); return its id.
+
+    It is named ``<task> pipeline`` (default task: the experiment's name) and tagged ``tlpipe.task``.
+    """
+    task = task or client.get_experiment(experiment_id).name
+    run = client.create_run(experiment_id, run_name=f"{task} pipeline", tags={
+        KIND_TAG: "pipeline", TASK_TAG: task, "tlpipe.git_commit": git_commit(root), **process_tags(owner_pid),
+        **(tags or {})})
     return run.info.run_id
 
 
@@ -510,8 +528,10 @@ def activate_run(run_id: str, client) -> Iterator[None]:
     finally:
         try:
             client.update_run(run_id, status="RUNNING")
-        except Exception:  # the owner ends it anyway
-            pass
+        except Exception as error:  # the owner ends it anyway
+            logger.warning("could not put MLflow run %s back to RUNNING after this block used it (%s: %s); it "
+                           "shows as ended until its owner ends it with its own status", run_id,
+                           type(error).__name__, error)
 
 
 def end_run_quietly(client, run_id: str, status: str, raise_errors: bool) -> None:
@@ -528,9 +548,11 @@ def end_run_quietly(client, run_id: str, status: str, raise_errors: bool) -> Non
             mlflow.end_run(status)
         else:
             client.set_terminated(run_id, status)
-    except Exception:
+    except Exception as error:
         if raise_errors:
             raise
+        logger.warning("could not end MLflow run %s as %s (%s: %s); it stays RUNNING until the next stage on "
+                       "this host reaps it (ends it KILLED)", run_id, status, type(error).__name__, error)
 
 
 def log_params(client, run_id: str, params: Mapping[str, object]) -> None:
@@ -577,8 +599,9 @@ def finish_pipeline_run(client, parent: str, stage: str, status: str) -> None:
         current = client.get_run(parent).info.status
         final = "FAILED" if status in ("FAILED", "KILLED") or current == "FAILED" else "FINISHED"
         client.set_terminated(parent, final)
-    except Exception:  # never mask the stage's own outcome
-        pass
+    except Exception as error:  # never mask the stage's own outcome
+        logger.warning("could not record stage %s as %s on the MLflow pipeline run %s (%s: %s); that run keeps "
+                       "its previous status", stage, status, parent, type(error).__name__, error)
 
 
 @contextmanager

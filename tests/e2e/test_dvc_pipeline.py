@@ -12,7 +12,7 @@ import pytest
 
 from tests.conftest import count_flow_runs, stage_env
 
-STAGES = ("ingest", "features", "svm", "finetune", "evaluate")
+STAGES = ("select", "ingest", "features", "svm", "finetune", "evaluate")
 MODELS = {"svm_features", "svm_concat", "svm_pixels", "frozen", "concat", "finetuned"}
 
 

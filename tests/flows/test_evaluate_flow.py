@@ -42,6 +42,7 @@ def test_evaluate_flow_gates_once_reports_after_the_gate_and_publishes_artifacts
 
     from flows.evaluate import evaluate_flow
     from tlpipe import registry
+    from tlpipe.config import load_params
 
     state = evaluate_flow(root=str(project), return_state=True)
     assert state.is_completed(), state
@@ -63,6 +64,8 @@ def test_evaluate_flow_gates_once_reports_after_the_gate_and_publishes_artifacts
     assert first["report"] == str(out / "report.html")
     assert promotion["reason"] in page and "Promoted: svm_pixels is the new champion (v1)" in page
     assert page.count("data:image/png;base64,") >= 3 and "<script" not in page
+    source = Path(load_params(project / "params.yaml").data.source).expanduser()  # the data set, named by the task
+    assert f"<dd>{source.name}</dd>" in page and f"<dd>image folder {source}</dd>" in page and "all classes" in page
 
     # the Prefect artifacts of this flow run
     with get_client(sync_client=True) as client:
@@ -91,4 +94,75 @@ def test_evaluate_flow_gates_once_reports_after_the_gate_and_publishes_artifacts
     versions = client.search_model_versions("name = 'tlpipe-classifier'")
     assert sorted(v.tags[registry.EXECUTION_TAG] for v in versions) == sorted(
         [promotion["evaluate_run_id"], second["evaluate_run_id"]])
+    assert registry.find_champion(client, "tlpipe-classifier") == "1"
+
+
+@pytest.fixture
+def ensemble_project(tmp_path, tiny_source, prefect_server, project_env, monkeypatch) -> Path:
+    """A project whose three networks are weak alone (each sees one row of pixels) and helpful together, with a
+    large validation split: the evaluate stage keeps their ensemble."""
+    import numpy as np
+
+    from tests.tiny_data import write_network_summary, write_row_network
+    from tlpipe import store
+    from tlpipe.evaluate import predict_model
+
+    root = make_project(tmp_path / "ensproj", tiny_source, {"svm": {"pixel_size": SIZE},
+                                                            "features": {"backbone": "efficientnet_lite0"}})
+    store_dir = write_tiny_store(root / "data" / "store", {"train": 10, "val": 100, "test": 30}, seed=3)
+    y_val = store.split_labels(store_dir, "val")
+    for row, name in enumerate(("frozen", "concat", "finetuned")):
+        path = write_row_network(root / "models" / "finetune" / f"{name}.keras", row)
+        labels, _ = predict_model(name, path, store_dir, root / "data" / "features", SIZE, "val")
+        write_network_summary(path.parent, name, float(np.mean(labels == y_val)))
+    monkeypatch.setenv("TLPIPE_ROOT", str(root))
+    return root
+
+
+@pytest.mark.slow
+def test_a_kept_ensemble_is_logged_registered_gated_and_served(ensemble_project: Path, tmp_path: Path) -> None:
+    import mlflow
+    import numpy as np
+    from mlflow import MlflowClient
+    from PIL import Image
+
+    from flows.evaluate import evaluate_flow
+    from tlpipe import registry, store
+    from tlpipe.predict import predict_images
+
+    project = ensemble_project
+    first = evaluate_flow(root=str(project))
+    out = project / "reports" / "evaluate"
+    accuracy = first["metrics"]["ensemble"]["acc"]  # metrics/evaluate.json: a column like any model
+    promotion = first["promotion"]
+    assert promotion["model"] == "ensemble" and promotion["promoted"] is True and promotion["version"] == "1"
+    spec = json.loads((out / "ensemble.json").read_text())
+    assert "Ensemble tries" in (out / "report.html").read_text()
+
+    client = MlflowClient(f"sqlite:///{project}/mlflow.db")
+    (run,) = client.search_runs([client.get_run(promotion["evaluate_run_id"]).info.experiment_id],
+                                "tags.`tlpipe.model` = 'ensemble'")
+    assert run.data.tags["mlflow.parentRunId"] == promotion["evaluate_run_id"]
+    assert run.data.params["members"] == ",".join(spec["members"])
+    assert run.data.metrics["val_accuracy"] == spec["val_accuracy"] and run.data.metrics["test_accuracy"] == accuracy
+    assert {item.path for item in client.list_artifacts(run.info.run_id, "selection")} == {
+        "selection/ensemble.json", "selection/ensemble.csv"}
+    tries = client.get_metric_history(promotion["evaluate_run_id"], "ensemble_val_accuracy")
+    assert sorted(metric.step for metric in tries) == [2, 3]  # every try, step = members
+
+    # served like any model: the champion's pyfunc classifies image files
+    images, labels = store.load_split(project / "data" / "store", "test")
+    files = []
+    for index in range(4):
+        files.append(tmp_path / f"test_{index}.png")
+        Image.fromarray(np.kron(images[index], np.ones((4, 4, 1), dtype=np.uint8))).save(files[-1])
+    mlflow.set_tracking_uri(f"sqlite:///{project}/mlflow.db")
+    rows = predict_images("models:/tlpipe-classifier@champion", [str(path) for path in files])
+    assert len(rows) == 4 and all(row.get("class") in ("ants", "bees") for row in rows), rows
+
+    # a second execution: the ensemble's run is reused, and the gate re-scores the ensemble champion through its pyfunc
+    second = evaluate_flow(root=str(project))["promotion"]
+    assert second["model"] == "ensemble" and second["promoted"] is False and second["champion_version"] == "1"
+    assert second["champion_accuracy"] == accuracy
+    assert len(client.search_runs([run.info.experiment_id], "tags.`tlpipe.model` = 'ensemble'")) == 1
     assert registry.find_champion(client, "tlpipe-classifier") == "1"

@@ -119,3 +119,25 @@ def test_pipeline_runs_once_per_project_links_its_stage_runs_and_publishes_artif
     links = by_key["linkproj-pipeline-mlflow-runs"].data
     assert f"/runs/{mlflow_pipeline.info.run_id}?workflowType=machine_learning)" in links
     assert all(f"- stage {stage}: [" in links for stage in STAGES)
+
+
+def test_no_prefect_url_for_the_stages_is_a_logged_fallback(caplog) -> None:
+    """When the flow cannot tell its own Prefect server, the stages pick theirs: said in a warning, not silently."""
+    import logging
+
+    from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_ALLOW_EPHEMERAL_MODE, temporary_settings
+
+    from tasks.pipeline import current_prefect_api_url
+
+    logger = logging.getLogger("tlpipe")  # Prefect's logging setup may stop it propagating to caplog's root handler
+    logger.addHandler(caplog.handler)
+    # no URL and no ephemeral server: Prefect's client cannot be opened
+    try:
+        with temporary_settings(updates={PREFECT_SERVER_ALLOW_EPHEMERAL_MODE: False},
+                                restore_defaults={PREFECT_API_URL}), caplog.at_level("WARNING", logger="tlpipe"):
+            assert current_prefect_api_url() is None
+    finally:
+        logger.removeHandler(caplog.handler)
+    warnings = [record.getMessage() for record in caplog.records if record.levelname == "WARNING"]
+    assert len(warnings) == 1 and "Prefect API URL" in warnings[0] and "No Prefect API URL provided" in warnings[0]
+    assert "stages" in warnings[0]

@@ -113,3 +113,29 @@ def test_pipeline_on_postgres_mlflow_server(tmp_path, tiny_source, prefect_serve
     second = json.loads((project / "reports" / "evaluate" / "promotion.json").read_text())
     assert second["promoted"] is False and second["reason"]
     assert str(client.get_model_version_by_alias("tlpipe-classifier", "champion").version) == str(champion.version)
+
+
+@pytest.mark.slow
+def test_a_refused_start_stops_only_the_postgres_it_started():
+    """MLflow refuses to start (its port is taken, as by a live server): a second ``make tracking-server``
+    must leave the running PostgreSQL alone; a start that brought PostgreSQL up itself takes it down."""
+    import socket
+
+    base = Path(tempfile.mkdtemp(prefix="tlpipe-tracking-"))
+    os.chmod(base, 0o755)  # PostgreSQL runs as an unprivileged user
+    state, pg_port = services.StateDir(base / "state"), services.free_port()
+    try:
+        with socket.socket() as taken:
+            taken.bind((services.HOST, 0))
+            taken.listen()
+            mlflow_port = taken.getsockname()[1]
+            with pytest.raises(services.ServiceError, match=f"port {mlflow_port} .* is taken"):
+                services.start_tracking(state.root, pg_port, mlflow_port)
+            assert not services.postgres_running(state)  # this call started it, so it stopped it
+            services.start_postgres(state, pg_port)  # the PostgreSQL of a live tracking server
+            with pytest.raises(services.ServiceError, match=f"port {mlflow_port} .* is taken"):
+                services.start_tracking(state.root, pg_port, mlflow_port)
+            assert services.postgres_running(state)  # not this call's: still running
+    finally:
+        services.stop_tracking(state.root)
+        shutil.rmtree(base, ignore_errors=True)

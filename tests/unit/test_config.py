@@ -10,7 +10,8 @@ import pydantic
 import pytest
 import yaml
 
-from tlpipe.config import NATIVE_SIZES, CGrid, ConfigError, DataParams, Params, load_params, parse_params
+from tlpipe.config import (NATIVE_SIZES, CGrid, ConfigError, DataParams, Params, load_params, load_stage_params,
+                           needs_selection, parse_params, resolve_choice)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 PARAMS_YAML = REPO_ROOT / "params.yaml"
@@ -44,12 +45,9 @@ def test_repo_params_load_and_match_the_yaml() -> None:
     params = load_params(PARAMS_YAML)
     assert isinstance(params, Params)
     raw = raw_params()
-    assert raw["data"]["image_size"] == "native"  # parsed as the backbone's input size
-    raw["data"]["image_size"] = 224
     assert_subset_equal(raw, params.model_dump())
     assert params.data.source == "elpv"
-    assert params.data.image_size == 224
-    assert params.features.backbone == "efficientnet_lite0"
+    assert (params.features.backbone, params.data.image_size) == ("auto", "auto")  # the select stage chooses
 
 
 def test_params_yaml_equals_the_model_defaults() -> None:
@@ -63,7 +61,7 @@ def test_native_image_size_is_the_backbones_input_size(backbone: str, size: int)
     from tlpipe.backbones import get_spec
 
     assert get_spec(backbone).default_size == size
-    assert parse_params({"features": {"backbone": backbone}}).data.image_size == size
+    assert parse_params({"features": {"backbone": backbone}}).data.image_size == "auto"  # select chooses the side
     native = {"data": {"image_size": "native"}, "features": {"backbone": backbone}}
     assert parse_params(native).data.image_size == size
     fixed = {"data": {"image_size": 64}, "features": {"backbone": backbone}}
@@ -80,7 +78,7 @@ def test_fixres_image_size_is_1_3x_native_to_a_multiple_of_4(backbone: str, size
 
 def test_image_size_word_other_than_native_or_fixres_is_rejected_with_the_choices(tmp_path) -> None:
     path = write_yaml(tmp_path / "params.yaml", {"data": {"image_size": "large"}})
-    with pytest.raises(ConfigError, match=r"data.image_size: .*'large' is not a size: use native .* fixres"):
+    with pytest.raises(ConfigError, match=r"data.image_size: .*'large' is not a size: use auto .* native .* fixres"):
         load_params(path)
 
 
@@ -236,3 +234,30 @@ def test_section_not_a_mapping(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"\bdata\b"):
         load_params(path)
 
+
+
+# ---------------------------------------------------------------- the select stage's choice
+
+
+def test_resolve_choice_applies_the_selection_where_params_say_auto() -> None:
+    chosen = {"backbone": "efficientnet_lite2", "image_size": 340}
+    params = resolve_choice(parse_params({}), chosen)
+    assert (params.features.backbone, params.data.image_size) == ("efficientnet_lite2", 340)
+    fixres = resolve_choice(parse_params({"data": {"image_size": "fixres"}}), chosen)
+    assert fixres.data.image_size == 340  # fixres of the chosen backbone (260 x 1.3)
+    native = resolve_choice(parse_params({"data": {"image_size": "native"}}), chosen)
+    assert native.data.image_size == 260
+
+
+def test_pinned_values_win_and_need_no_selection() -> None:
+    pinned = parse_params({"features": {"backbone": "efficientnet_lite1"}, "data": {"image_size": 300}})
+    assert not needs_selection(pinned)
+    assert resolve_choice(pinned, None) is pinned
+    size_only = parse_params({"data": {"image_size": 300}})
+    assert resolve_choice(size_only, {"backbone": "efficientnet_lite0", "image_size": 300}).data.image_size == 300
+
+
+def test_auto_without_a_selection_says_to_run_the_select_stage(tmp_path) -> None:
+    path = write_yaml(tmp_path / "params.yaml", {})
+    with pytest.raises(ConfigError, match=r"select stage has not run.*dvc repro select"):
+        load_stage_params(path, tmp_path / "missing.json")

@@ -13,17 +13,21 @@ from PIL import Image
 from sklearn.metrics import roc_auc_score
 
 from tests.tiny_data import CLASSES, SIZE, write_separable_features, write_tiny_store
-from tlpipe import store
-from tlpipe.config import CGrid, EvaluateParams, SvmParams
+from tlpipe import plots, store
+from tlpipe.config import CGrid, DataParams, EvaluateParams, SvmParams
 from tlpipe.evaluate import (
     MODEL_NAMES,
     NoModelsError,
+    build_report,
     choose_candidate,
     choose_grid_rows,
     compute_metrics,
     curves_frame,
+    describe_dataset,
+    describe_grid,
     dvc_metrics,
     evaluate_models,
+    name_source,
     predict_keras,
     read_test_accuracies,
     selection_bounds,
@@ -156,11 +160,83 @@ def test_candidate_ranks_by_the_lower_bound_so_a_few_validation_images_count_for
     assert choose_candidate(tied, {name: metrics["frozen"] for name in tied}, {"train": 50, "val": 50}) == "svm_concat"
 
 
-def test_choose_grid_rows_puts_mistakes_first() -> None:
-    y_true = np.array([0, 1, 1, 0, 1, 0])
-    y_pred = np.array([0, 0, 1, 1, 1, 0])
-    assert choose_grid_rows(y_true, y_pred, 4).tolist() == [1, 3, 0, 2]
-    assert choose_grid_rows(y_true, y_pred, 10).tolist() == [1, 3, 0, 2, 4, 5]
+def mistakes_world() -> tuple[np.ndarray, np.ndarray]:
+    """80 test images of 3 classes in row order; 30 mistakes: 18 of class 0 (rows 0-17), 12 of class 1 (last rows)."""
+    y_true = np.repeat([0, 1, 2], [30, 30, 20])
+    y_pred = y_true.copy()
+    y_pred[:18] = 1
+    y_pred[48:60] = 2
+    return y_true, y_pred
+
+
+def test_grid_samples_mistakes_from_every_class_and_some_correct_images() -> None:
+    y_true, y_pred = mistakes_world()
+    sample = choose_grid_rows(y_true, y_pred, 16)
+    rows = np.asarray(sample.rows)
+    assert len(rows) == 16 and len(set(rows.tolist())) == 16
+    assert (y_true[list(sample.mistakes)] != y_pred[list(sample.mistakes)]).all()
+    assert (y_true[list(sample.correct)] == y_pred[list(sample.correct)]).all()
+    assert len(sample.mistakes) == 12 and len(sample.correct) == 4  # a quarter of the grid is correct
+    assert sorted(set(y_true[list(sample.mistakes)])) == [0, 1]  # the old grid (mistakes in row order) missed class 1
+    assert sample.mistakes_per_class == {0: (6, 18), 1: (6, 12)}
+    assert set(y_true[list(sample.correct)]) == {0, 1, 2}  # correct images spread over the classes too
+    assert sample.total_mistakes == 30 and sample.total_correct == 50
+    assert choose_grid_rows(y_true, y_pred, 16) == sample  # same seed, same images
+    assert choose_grid_rows(y_true, y_pred, 16, seed=1).rows != sample.rows
+    # mistakes first, each kind grouped by true class
+    assert list(sample.rows[:12]) == sorted(sample.mistakes, key=lambda r: (y_true[r], r))
+
+
+def test_grid_gives_unused_places_to_the_other_kind() -> None:
+    y_true, y_pred = np.repeat([0, 1], 10), np.repeat([0, 1], 10)
+    y_pred[[3, 15]] = [1, 0]
+    few_mistakes = choose_grid_rows(y_true, y_pred, 8)
+    assert sorted(few_mistakes.mistakes) == [3, 15] and len(few_mistakes.correct) == 6
+    perfect = choose_grid_rows(y_true, y_true, 8)
+    assert perfect.mistakes == () and len(perfect.correct) == 8 and perfect.mistakes_per_class == {}
+    all_wrong = choose_grid_rows(y_true, 1 - y_true, 8)
+    assert len(all_wrong.mistakes) == 8 and all_wrong.correct == ()
+    assert len(choose_grid_rows(y_true, y_pred, 100).rows) == 20  # never more than the split
+
+
+def test_grid_caption_counts_what_is_shown() -> None:
+    y_true, y_pred = mistakes_world()
+    classes = ["a", "b", "c"]
+    sample = choose_grid_rows(y_true, y_pred, 16)
+    assert describe_grid(sample, classes) == ("12 of 30 mistakes, from every class with mistakes (a: 6 of 18, "
+                                              "b: 6 of 12), and 4 of 50 correct images")
+    y_many = np.repeat(np.arange(5), 4)  # 5 classes with mistakes, only 3 places for mistakes
+    tight = choose_grid_rows(y_many, (y_many + 1) % 5, 4)
+    caption = describe_grid(tight, list("vwxyz"))
+    assert caption == ("4 of 20 mistakes, from 4 of 5 classes with mistakes (v: 1 of 4, w: 1 of 4, x: 1 of 4, "
+                       "y: 1 of 4), and no correct images (the model has none)")
+    assert describe_grid(choose_grid_rows(y_true, y_true, 4), classes) == "no mistakes; 4 of 80 correct images"
+
+
+def test_grid_png_and_report_carry_the_caption(evaluated: tuple[Path, dict], world: dict[str, Path]) -> None:
+    out, result = evaluated
+    y_true = store.split_labels(world["store"], "test")
+    predicted = pd.read_csv(out / "predictions.csv")[result["candidate"]]
+    y_pred = np.array([CLASSES.index(name) for name in predicted])
+    caption = describe_grid(choose_grid_rows(y_true, y_pred, GRID.grid_images), CLASSES)
+    assert result["grid"] == {"model": result["candidate"], "caption": caption}
+    with Image.open(out / "grid.png") as image:
+        text = image.text[plots.TEXT_KEY]
+    assert " ".join(text.split()).endswith(f"{result['candidate']} on {len(y_true)} test images: {caption}")
+    assert text.count("true: ") == GRID.grid_images and text.count("predicted: ") == GRID.grid_images
+
+
+def test_dataset_section_names_the_source_and_counts_every_class_and_split(world: dict[str, Path]) -> None:
+    folder = describe_dataset(world["store"], DataParams(source=str(world["root"] / "hymenoptera_data")))
+    assert folder["name"] == "hymenoptera_data" and folder["source"] == f"image folder {world['root']}/hymenoptera_data"
+    per_class = {"train": COUNTS["train"], "val": COUNTS["val"], "test": COUNTS["test"], "total": sum(COUNTS.values())}
+    assert folder["counts"] == [{"class": name, **per_class} for name in CLASSES] + [
+        {"class": "all classes", **{key: 2 * value for key, value in per_class.items()}}]
+    assert json.loads(json.dumps(folder)) == folder  # travels between Prefect tasks
+    elpv = describe_dataset(world["store"], DataParams(source="elpv", elpv_label="defect", elpv_threshold=0.5))
+    assert elpv["name"] == "elpv (defect labels, defect probability >= 0.5)"
+    assert elpv["source"].startswith("Python package elpv-dataset ")
+    assert name_source(DataParams(source="elpv", elpv_label="type"))[0] == "elpv (module-type labels)"
 
 
 def test_predict_keras_streams_batches(world: dict[str, Path]) -> None:
@@ -283,6 +359,33 @@ def test_report_holds_every_figure_and_the_decision(evaluated: tuple[Path, dict]
     assert page.count("data:image/png;base64,") == len(result["metrics"]) + 3
     assert "svm_features promoted: no champion yet" in page and "ant | formicid" in page
     assert "svm_concat (no model file" in page  # the skipped models are named
+
+
+def test_report_names_the_data_set_and_shows_the_same_numbers_everywhere(evaluated: tuple[Path, dict],
+                                                                         world: dict[str, Path]) -> None:
+    """Data-set section first; every accuracy reads the same (4 decimals) in figures, captions and tables."""
+    from tlpipe.formats import format_score
+    from tlpipe.report import render_html
+
+    out, result = evaluated
+    dataset = describe_dataset(world["store"], DataParams(source=str(world["root"] / "bugs")))
+    page = render_html(build_report(out, {**result, "dataset": dataset}, None, None))
+    data = page[page.index('<section id="data">'):page.index('<section id="decision">')]
+    assert "<dd>bugs</dd>" in data and f"image folder {world['root']}/bugs" in data
+    for row in dataset["counts"]:
+        cells = "".join(f'<td class="num">{row[key]}</td>' for key in ("train", "val", "test", "total"))
+        assert f"<tr><td>{row['class']}</td>{cells}</tr>" in data
+    assert result["grid"]["caption"] in page
+    with Image.open(out / "comparison.png") as image:
+        chart = image.text[plots.TEXT_KEY].splitlines()
+    for model, values in result["metrics"].items():
+        shown = format_score(values["accuracy"])
+        with Image.open(out / f"confusion_{model}.png") as image:
+            assert f"{model}: test accuracy {shown}" in image.text[plots.TEXT_KEY].splitlines()
+        assert f"<b>{model}</b> – test accuracy {shown}</figcaption>" in page
+        row = page[page.index(f"<td>{model}</td>"):]
+        assert f'<td class="num">{shown}</td>' in row[:row.index("</tr>")]
+        assert shown in chart and format_score(values["balanced_accuracy"]) in chart
 
 
 def test_dvc_plots_render_with_labels_counts_and_colours(evaluated: tuple[Path, dict], tmp_path: Path) -> None:

@@ -191,6 +191,23 @@ def test_best_epoch_breaks_accuracy_ties_on_val_loss_then_earliest() -> None:
     assert (by_loss.epoch, by_loss.val_accuracy, by_loss.val_loss) == (4, 0.97, 0.2)
 
 
+@pytest.mark.parametrize(("kind", "kept"), [("frozen", 1), ("concat", 1), (finetune.TUNED_KIND, 2)])
+def test_summary_reports_the_epoch_whose_weights_are_kept(store_dir: Path, kind: str, kept: int) -> None:
+    """Epoch 1 has the best val accuracy, epoch 2 the lowest val loss: the course's models keep epoch 1,
+    the finetuned model (monitoring val loss) keeps epoch 2, and the summary (gate score, logged step,
+    curves' star) must name the same epoch and its val accuracy."""
+    history = pd.DataFrame([(1, 1, 0.5, 0.9, 0.9, 1.0, 1.0), (2, 1, 0.4, 0.8, 0.3, 0.9, 1.0),
+                            (3, 2, 0.3, 0.9, 0.6, 0.8, 1.0)], columns=list(finetune.HISTORY_COLUMNS))
+    model = keras.Sequential([keras.Input((1,)), keras.layers.Dense(1)])
+    training = finetune.BestEpoch(monitor="val_loss" if kind == finetune.TUNED_KIND else "val_accuracy")
+    for row in history.to_dict("records"):
+        training.update(model, row)
+    assert training.epoch == kept
+    metrics = finetune.summarize(kind, history, None, BACKBONE, None, finetune.load_store_data(store_dir), 1.0)
+    assert (metrics["best_epoch"], metrics["best_phase"]) == (kept, 1)
+    assert (metrics["best_val_accuracy"], metrics["best_val_loss"]) == (training.val_accuracy, training.val_loss)
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_backbone_and_batchnorm_stats_unchanged(runs: dict, weights_file: Path, mode: str) -> None:
     reference = build_backbone(BACKBONE, str(weights_file), SIZE)

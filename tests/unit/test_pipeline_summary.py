@@ -26,6 +26,8 @@ def test_promotion_markdown_states_the_decision_and_reason() -> None:
     assert "**not promoted**: not promoted: 0.90 does not beat v2 (0.95)" in text
     assert "| champion_version | 2 |" in text
     assert "No decision recorded" in promotion_markdown({})
+    scores = promotion_markdown({"promoted": True, "reason": "r", "test_accuracy": 0.75, "champion_accuracy": 0.6375})
+    assert "| test_accuracy | 0.7500 |" in scores and "| champion_accuracy | 0.6375 |" in scores  # as in the report
 
 
 def test_links_and_keys(tmp_path: Path, monkeypatch) -> None:

@@ -188,7 +188,9 @@ def assert_matches(frame: pd.DataFrame, reference, pixels: np.ndarray) -> None:
 
 
 @pytest.mark.parametrize("name", ["frozen", "svm_pixels", "svm_features", "svm_concat"])
-def test_logged_model_predicts_like_the_underlying_model(logged: dict, images: list[Path], name: str) -> None:
+def test_logged_model_predicts_like_the_underlying_model(logged: dict, images: list[Path], name: str,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TLPIPE_PYFUNC_ALLOW_PATHS", "1")  # paths too (refused unless allowed)
     info, mode, reference = logged[name]
     model = mlflow.pyfunc.load_model(info.model_uri)
     pixels = decoded(images, mode)
@@ -210,7 +212,9 @@ def test_arrays_at_another_size_are_resized_as_in_training(logged: dict) -> None
     assert_matches(mlflow.pyfunc.load_model(info.model_uri).predict(to_image_frame(big)), reference, expected)
 
 
-def test_bad_rows_get_an_error_and_the_rest_are_predicted(logged: dict, images: list[Path], tmp_path: Path) -> None:
+def test_bad_rows_get_an_error_and_the_rest_are_predicted(logged: dict, images: list[Path], tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TLPIPE_PYFUNC_ALLOW_PATHS", "1")  # paths too (refused unless allowed)
     info, mode, reference = logged["svm_pixels"]
     corrupt = tmp_path / "corrupt.jpg"
     corrupt.write_bytes(images[0].read_bytes()[:200])
@@ -225,6 +229,19 @@ def test_bad_rows_get_an_error_and_the_rest_are_predicted(logged: dict, images: 
     assert frame.loc[[1, 2, 3], "class"].isna().all() and frame.loc[[1, 2, 3], "probability"].isna().all()
     assert_matches(frame.loc[[0, 4]].reset_index(drop=True), reference, decoded(images[:2], mode))
     json.dumps(frame.to_dict(orient="records"), allow_nan=False)  # None, never NaN: strict JSON
+
+
+def test_a_plainly_loaded_model_refuses_file_paths(logged: dict, images: list[Path],
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """Loaded as ``mlflow models serve`` loads it (no tlpipe setting), a model never reads the server's files."""
+    monkeypatch.delenv("TLPIPE_PYFUNC_ALLOW_PATHS", raising=False)
+    info, mode, reference = logged["svm_pixels"]
+    model = mlflow.pyfunc.load_model(info.model_uri)
+    frame = model.predict(pd.DataFrame({"image": [str(images[0]), encode(images[0])]}))
+    assert frame["class"][0] is None and frame["error"][1] is None
+    assert "file paths are refused" in frame["error"][0] and "TLPIPE_PYFUNC_ALLOW_PATHS=1" in frame["error"][0]
+    monkeypatch.setenv("TLPIPE_PYFUNC_ALLOW_PATHS", "1")  # explicitly allowed: read
+    assert_matches(model.predict(pd.DataFrame({"image": [str(images[0])]})), reference, decoded(images[:1], mode))
 
 
 def test_registered_champion_loads_by_alias(logged: dict, images: list[Path], tracking: Path) -> None:

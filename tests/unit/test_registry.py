@@ -12,7 +12,9 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import threading
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -244,3 +246,52 @@ def test_the_gate_task_is_never_retried_and_logging_never_registers() -> None:
     assert evaluate_tasks.log_evaluation.retries >= 1
     logging_source = inspect.getsource(evaluate_tasks.log_evaluation.fn)
     assert not re.search(r"register_and_gate|register_model|set_registered_model_alias", logging_source)
+
+
+class RacingClient(MlflowClient):
+    """A real client that replays how two evaluate stages started together (``dvc queue start -j 2``) race.
+
+    Each gate waits, after its first read of the champion, until the other gate has read it too (or 10 s
+    have passed: a gate held back by the lock never gets there). A gate given ``after`` moves the alias
+    only once ``after`` has moved it, when ``after`` is already gating: the lower model moves it last.
+    """
+
+    def __init__(self, uri: str, barrier: threading.Barrier, after: RacingClient | None = None) -> None:
+        super().__init__(uri)
+        self.barrier, self.after = barrier, after
+        self.read, self.moved = threading.Event(), threading.Event()
+
+    def get_model_version_by_alias(self, name: str, alias: str):
+        version = super().get_model_version_by_alias(name, alias)
+        if not self.read.is_set():
+            self.read.set()
+            try:
+                self.barrier.wait(timeout=10)
+            except threading.BrokenBarrierError:
+                pass
+        return version
+
+    def set_registered_model_alias(self, name: str, alias: str, version: str) -> None:
+        if self.after is not None and self.after.read.is_set():
+            self.after.moved.wait(timeout=120)
+        super().set_registered_model_alias(name, alias, version)
+        self.moved.set()
+
+
+@pytest.mark.slow
+def test_two_gates_at_once_never_leave_the_lower_model_champion(tracking: MlflowClient,
+                                                                models: dict[str, str]) -> None:
+    name = "gate-race"
+    gate(tracking, name, "always_bright", models["always_bright"], 0.25, "exec-r0")  # v1, beaten by both
+    barrier = threading.Barrier(2)
+    higher = RacingClient(tracking.tracking_uri, barrier)
+    lower = RacingClient(tracking.tracking_uri, barrier, after=higher)
+    with ThreadPoolExecutor(2) as pool:
+        runs = [pool.submit(gate, higher, name, "perfect", models["perfect"], 1.0, "exec-r1"),
+                pool.submit(gate, lower, name, "always_dark", models["always_dark"], 0.75, "exec-r2")]
+        decisions = {decision.model: decision for decision in (run.result() for run in runs)}
+    champion = tracking.get_model_version_by_alias(name, ALIAS)
+    assert champion.tags["tlpipe.model"] == "perfect"
+    assert decisions["perfect"].promoted and not decisions["always_dark"].promoted
+    # the gate that went second was scored against the first one's model, not the old champion
+    assert decisions["always_dark"].champion_accuracy == 1.0 or decisions["perfect"].champion_accuracy == 0.75

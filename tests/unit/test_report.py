@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import base64
+import io
 import re
 from html.parser import HTMLParser
 from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from tlpipe import plots
-from tlpipe.report import Picture, ReportData, Table, data_uri, render_html, write_report
+from tlpipe.formats import format_score, round_score
+from tlpipe.report import (
+    DataSet, Picture, ReportData, Table, TableSection, data_uri, render_html, write_report,
+)
 
 
 class Collector(HTMLParser):
@@ -112,3 +117,39 @@ def test_write_report_is_atomic(tmp_path: Path, pngs: dict[str, bytes]) -> None:
     path = write_report(tmp_path / "out" / "report.html", full_report(pngs))
     assert path.read_text(encoding="utf-8") == render_html(full_report(pngs))
     assert sorted(p.name for p in path.parent.iterdir()) == ["report.html"]
+
+
+def test_scores_have_four_decimals_in_tables_and_figures() -> None:
+    assert [format_score(x) for x in (0.6375, 1, 0.5, None, float("nan"))] == ["0.6375", "1.0000", "0.5000", "–",
+                                                                              "–"]
+    assert round_score(0.63749999) == 0.6375
+    page = render_html(ReportData("r", comparison=Table({"model": "model", "accuracy": "test accuracy"},
+                                                        [{"model": "svm", "accuracy": 0.6375}])))
+    assert '<td class="num">0.6375</td>' in page
+    chart = plots.plot_comparison(["svm", "net"], [0.6375, 0.5], baseline=0.6375, balanced=[0.6125, 0.5])
+    confusion = plots.plot_confusion(np.array([[3, 1], [0, 4]]), ["ants", "bees"], "svm: test accuracy 0.6375")
+    labels = Image.open(io.BytesIO(chart)).text[plots.TEXT_KEY].splitlines()
+    assert {"0.6375", "0.6125", "0.5000", "majority class (0.6375)"} <= set(labels) and "0.637" not in labels
+    assert "svm: test accuracy 0.6375" in Image.open(io.BytesIO(confusion)).text[plots.TEXT_KEY].splitlines()
+
+
+def test_data_set_section_comes_first_and_extra_sections_follow_the_comparison() -> None:
+    counts = Table({"class": "class", "train": "train", "val": "val", "test": "test", "total": "total"},
+                   [{"class": "ants", "train": 9, "val": 2, "test": 5, "total": 16},
+                    {"class": "all classes", "train": 18, "val": 4, "test": 10, "total": 32}])
+    candidates = Table({"model": "model", "score": "selection score"}, [{"model": "svm", "score": 0.9}])
+    page = render_html(ReportData(
+        "r", dataset=DataSet("hymenoptera_data", "image folder data/raw/hymenoptera_data", counts, task="ants-vs-bees"),
+        comparison=Table({"model": "model"}, [{"model": "svm"}]),
+        sections=[TableSection("select", "Candidates <by selection>", candidates, "ranked by the lower bound")],
+        grid=Picture("grid", plots.plot_image_grid(np.zeros((1, 8, 8, 3), np.uint8), ["a"], [False]))))
+    order = [page.index(f'id="{anchor}"') for anchor in ("data", "decision", "comparison", "select", "predictions")]
+    assert order == sorted(order)
+    data = page[order[0]:order[1]]
+    assert "<dd>hymenoptera_data</dd>" in data and "<dd>image folder data/raw/hymenoptera_data</dd>" in data
+    assert "<dt>Task</dt><dd>ants-vs-bees</dd>" in data
+    assert ('<tr><td>ants</td><td class="num">9</td><td class="num">2</td><td class="num">5</td>'
+            '<td class="num">16</td></tr>') in data
+    assert '<a href="#data">Data set</a>' in page and '<a href="#select">Candidates &lt;by selection&gt;</a>' in page
+    assert '<td class="num">0.9000</td>' in page[order[3]:] and "ranked by the lower bound" in page
+    assert "<dt>Task</dt>" not in render_html(ReportData("r", dataset=DataSet("d", "s", counts)))

@@ -16,3 +16,45 @@ def test_unreachable_parent_finds_a_private_folder_on_the_path(tmp_path) -> None
     assert unreachable_parent(private / "venv" / "bin", None) is None
     if other is not None and os.stat(tmp_path).st_mode & 0o001:
         assert unreachable_parent(private / "venv" / "bin", other) == private.resolve()
+
+
+def test_a_plain_pid_file_of_a_live_stranger_kills_nothing(tmp_path) -> None:
+    """A pid alone is no identity (the kernel reuses pids): a pid file without the start time is never trusted."""
+    import subprocess
+
+    from tlpipe import services
+
+    stranger = subprocess.Popen(["sleep", "60"], start_new_session=True)  # leads its own group, like a server
+    state = services.StateDir(tmp_path)
+    try:
+        state.mlflow_pid.write_text(str(stranger.pid))
+        assert services.read_pid(state.mlflow_pid) is None
+        assert services.stop_mlflow(state) is False
+        assert stranger.poll() is None  # not killed
+    finally:
+        stranger.kill()
+        stranger.wait()
+
+
+def test_a_pid_file_names_its_process_only_while_pid_and_start_time_match(tmp_path) -> None:
+    """Alive, but started at another time (the pid was reused): gone, nothing killed. The very process: stopped."""
+    import json
+    import subprocess
+
+    from tlpipe import services
+    from tlpipe.process_identity import is_alive, write_pid_file
+
+    child = subprocess.Popen(["sleep", "60"], start_new_session=True)
+    state = services.StateDir(tmp_path)
+    try:
+        recorded = write_pid_file(state.mlflow_pid, child.pid)
+        assert services.read_pid(state.mlflow_pid) == child.pid
+        state.mlflow_pid.write_text(json.dumps({"pid": child.pid, "started": recorded.started - 100}))
+        assert services.read_pid(state.mlflow_pid) is None
+        assert services.stop_mlflow(state) is False and child.poll() is None  # not killed
+        write_pid_file(state.mlflow_pid, child.pid)
+        assert services.stop_mlflow(state) is True
+        assert child.poll() is not None and not is_alive(recorded)  # stopped (and reaped by stop_mlflow)
+    finally:
+        child.kill()
+        child.wait()

@@ -246,3 +246,28 @@ def test_tasks_that_create_runs_are_not_retried() -> None:
     from tasks.svm import log_svms
 
     assert [t.retries for t in (log_ingest, log_features, log_svms, log_networks)] == [0, 0, 0, 0]
+
+
+def test_failures_after_the_work_are_logged_not_swallowed(store, caplog: pytest.LogCaptureFixture) -> None:
+    """Ending or tagging a run that cannot be reached never raises, but says what failed and what happens."""
+    client, _ = store
+    missing = "0" * 32  # no such run in the store
+    with caplog.at_level("WARNING", logger="tlpipe.tracking"):
+        tracking.finish_pipeline_run(client, missing, "svm", "FINISHED")
+        tracking.end_run_quietly(client, missing, "FAILED", raise_errors=False)
+    lines = [record.getMessage() for record in caplog.records if record.name == "tlpipe.tracking"]
+    assert len(lines) == 2, lines
+    assert missing in lines[0] and "svm" in lines[0] and "FINISHED" in lines[0]
+    assert missing in lines[1] and "FAILED" in lines[1] and "reap" in lines[1]
+
+
+def test_a_store_that_cannot_be_created_is_logged(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from tlpipe.local_store import ensure_sqlite_store
+
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("")
+    with caplog.at_level("WARNING", logger="tlpipe.local_store"):
+        uri = ensure_sqlite_store(blocker / "mlflow.db")  # its folder is a file: SQLite cannot create it
+    assert uri.endswith("not-a-folder/mlflow.db")
+    lines = [record.getMessage() for record in caplog.records if record.name == "tlpipe.local_store"]
+    assert len(lines) == 1 and "not-a-folder/mlflow.db" in lines[0] and "going on" in lines[0]

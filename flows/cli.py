@@ -219,7 +219,7 @@ def retrain(
 def predict(
     images: Annotated[list[str], typer.Argument(metavar="IMAGE", help="image files or folders")],
     model: Annotated[Optional[str], typer.Option(
-        metavar="URI", help="models:/NAME@ALIAS (default: the champion), models:/NAME/VERSION, "
+        metavar="URI", help="models:/NAME@ALIAS (default: the champion of the current task), models:/NAME/VERSION, "
                             "runs:/RUN_ID/NAME or a local model folder")] = None,
     top: Annotated[int, typer.Option(min=1, metavar="N", help="classes to show per image")] = 1,
     as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
@@ -228,7 +228,7 @@ def predict(
     weights: Annotated[str, typer.Option(metavar="WEIGHTS", help="weights for --imagenet: imagenet or a file")] = "imagenet",
     root: RootOption = None,
 ) -> None:
-    """Classify images with the champion model (or ImageNet classes with --imagenet).
+    """Classify images with the champion of the project's current task (or ImageNet classes with --imagenet).
 
     Results go to stdout (first the model that answered), errors to stderr. Exit
     code 0 when every input was classified, 1 when any failed, 2 on bad usage.
@@ -256,17 +256,28 @@ def predict_imagenet(images: list[str], backbone: str, weights: str, top: int) -
 
 
 def predict_with_model(images: list[str], model: str | None, top: int, root: Path | None) -> tuple[dict, list[dict]]:
-    """The classes of ``images`` by the model ``--model`` names (default: the champion)."""
-    from tlpipe.config import load_params
-    from tlpipe.predict import identify_model, predict_images, resolve_model_uri
+    """The classes of ``images`` by the model ``--model`` names (default: the current task's champion)."""
+    from tlpipe.predict import classify_images
 
     project = resolve_root(root)
     prepare_environment(project)
-    uri = resolve_model_uri(model, project, load_params(project / "params.yaml").registry.model_name)
-    client = None if Path(uri).is_dir() else tracking.connect(project)
-    identity = identify_model(uri, client)
-    rows = predict_images(identity.load_uri, images, top=top)
+    identity = identify_requested_model(model, project)
+    rows, classes = classify_images(identity.load_uri, images, top=top)
+    identity = identity.with_classes(classes)
     return {**identity.as_dict(), "description": identity.describe()}, rows
+
+
+def identify_requested_model(model: str | None, project: Path):
+    """The model ``--model`` names, checked to exist; by default the ``@champion`` of the project's current
+    task (``params.yaml``): a model of another task answers only when named."""
+    from tlpipe.config import load_task
+    from tlpipe.predict import identify_champion, identify_model, resolve_model_uri
+
+    if model is None:
+        task = load_task(project)
+        return identify_champion(task.name, task.model_name, tracking.connect(project))
+    uri = resolve_model_uri(model, project)
+    return identify_model(uri, None if Path(uri).is_dir() else tracking.connect(project))
 
 
 def print_predictions(identity: dict, rows: list[dict], as_json: bool) -> None:
@@ -318,6 +329,22 @@ def compare(
     typer.echo(compare_table(load_experiment(first, project), load_experiment(second, project), all_params))
 
 
+@app.command()
+def exps(root: RootOption = None) -> None:
+    """List the DVC experiments: each model's test accuracy and the params that differ (what `make exps` shows)."""
+    from tlpipe.compare import exps_command, format_exps
+    from tlpipe.models import REPORTED_MODELS
+
+    project = resolve_root(root)
+    prepare_environment(project)
+    done = subprocess.run([sys.executable, "-m", "dvc", *exps_command(REPORTED_MODELS)], cwd=project,
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        lines = (done.stderr or done.stdout).strip().splitlines()
+        raise UserError(f"dvc exp show failed (exit {done.returncode}): {lines[-1] if lines else 'no output'}")
+    typer.echo(format_exps(done.stdout))
+
+
 @app.command("compare-backbones")
 def compare_backbones(
     backbone: Annotated[Optional[list[str]], typer.Option(
@@ -352,7 +379,7 @@ def ui(
     if not os.environ.get("MLFLOW_TRACKING_URI"):
         command += ["--default-artifact-root", (root / "mlartifacts").as_uri()]
     typer.echo(f"MLflow UI on http://{host}:{port} (store {tracking.tracking_uri(root)})")
-    experiment = tracking.connect(root).get_experiment_by_name(tracking.EXPERIMENT)
+    experiment = tracking.connect(root).get_experiment_by_name(tracking.experiment_name(root))
     if experiment is not None:  # MLflow 3.17 opens in its GenAI view unless the link asks for training
         typer.echo(f"open {tracking.ui_url(f'http://{host}:{port}', experiment.experiment_id)}")
     from tlpipe.process_group import guarded_group, signals_raise
@@ -365,22 +392,21 @@ def ui(
 
 @app.command("serve-model")
 def serve_model(
-    model: Annotated[Optional[str], typer.Option(metavar="URI", help="model URI (default: models:/NAME@champion)")] = None,
+    model: Annotated[Optional[str], typer.Option(metavar="URI", help=(
+        "model URI (default: the champion of the current task, models:/TASK@champion)"))] = None,
     host: HostOption = "127.0.0.1",
     port: PortOption = 5001,
     root: RootOption = None,
 ) -> None:
     """Serve a model over REST with `mlflow models serve` (POST images to /invocations)."""
-    from tlpipe.config import load_params
-
     root = resolve_root(root)
     prepare_environment(root)
-    name = load_params(root / "params.yaml").registry.model_name
-    uri = model or f"models:/{name}@champion"
+    identity = identify_requested_model(model, root)
+    uri = identity.load_uri
     env = {**os.environ, "MLFLOW_TRACKING_URI": tracking.tracking_uri(root), "TLPIPE_PYFUNC_ALLOW_PATHS": "0"}
     command = [sys.executable, "-m", "mlflow", "models", "serve", "-m", uri, "--env-manager", "local",
                "--host", host, "--port", str(port)]
-    typer.echo(f"serving {uri} on http://{host}:{port}/invocations")
+    typer.echo(f"serving {identity.describe()} on http://{host}:{port}/invocations")
     raise typer.Exit(subprocess.call(command, env=env))
 
 

@@ -28,22 +28,24 @@ def select_flow(root: str | None = None) -> dict:
                     "features": {"backbone": params.features.backbone, "weights": params.features.weights}}
     with tracking.stage_run("select", paths.root, stage_params) as run_id:
         start = time.perf_counter()
-        candidates, excluded = selection.split_candidates(params)
+        candidates, excluded = selection.list_candidates(params), {}
         results, plan, budget = [], [], 0.0
         if len(candidates) > 1:
             with tempfile.TemporaryDirectory(prefix="tlpipe-select-") as work:
                 split = split_source(params, Path(work))
-                plan, budget = selection.plan_race(params, candidates, split)
-                side = max(c.image_size for c in candidates)
-                images = decode_images(split, plan[-1], side, params, Path(work))
-                labels = split.labels[:plan[-1]]
-                alive = candidates
-                for index, count in enumerate(plan):
-                    futures = probe.map(alive, unmapped(images), unmapped(labels), unmapped(count), unmapped(index), unmapped(Path(work)),
-                                        unmapped(params))
-                    scored = [future.result() for future in futures]
-                    results += scored
-                    alive = selection.next_candidates(alive, scored, params.select.eta)
+                candidates, excluded = selection.afford(candidates, len(split.labels), params.select)
+                if len(candidates) > 1:
+                    plan, budget = selection.plan_race(params, candidates, split)
+                    side = max(c.image_size for c in candidates)
+                    images = decode_images(split, plan[-1], side, params, Path(work))
+                    labels = split.labels[:plan[-1]]
+                    alive = candidates
+                    for index, count in enumerate(plan):
+                        futures = probe.map(alive, unmapped(images), unmapped(labels), unmapped(count),
+                                            unmapped(index), unmapped(Path(work)), unmapped(params))
+                        scored = [future.result() for future in futures]
+                        results += scored
+                        alive = selection.next_candidates(alive, scored, params.select.eta)
         last = [r for r in results if r.round == len(plan) - 1]
         choice = selection.choose(candidates, last)
         table = selection.candidates_table(candidates, results, choice, excluded)

@@ -39,6 +39,8 @@ class ExperimentSummary:
     accuracies: dict[str, float] = field(default_factory=dict)
     params: dict[str, str] = field(default_factory=dict)
     source: str = "dvc"  # dvc | mlflow
+    task: str | None = None
+    classes: list[str] | None = None
 
 
 def flatten(value: object, prefix: str = "") -> dict[str, str]:
@@ -98,6 +100,27 @@ def resolved_params(raw: dict) -> dict:
         return raw
 
 
+def describe_task(raw: dict, root: Path) -> tuple[str | None, list[str] | None]:
+    """The task and class set of params as written (:func:`tlpipe.config.resolve_task`); None where unknown
+    (params that do not parse, a source that cannot be listed)."""
+    from tlpipe.config import parse_params, resolve_task
+    from tlpipe.sources import SourceError, name_source_task
+
+    try:
+        params = parse_params(raw)
+        task = resolve_task(params, root)
+    except (UserError, ValueError, TypeError):
+        return None, None
+    if task.classes is not None:
+        return task.name, task.classes
+    data = params.data
+    try:
+        return task.name, name_source_task(data.source, data.classes, data.elpv_label, data.elpv_threshold,
+                                           root).classes
+    except SourceError:
+        return task.name, None
+
+
 def load_dvc_experiment(ref: str, root: Path) -> ExperimentSummary:
     """An experiment from a DVC experiment name, a git revision, or ``workspace``."""
     if ref == WORKSPACE:
@@ -116,9 +139,11 @@ def load_dvc_experiment(ref: str, root: Path) -> ExperimentSummary:
             commit, label = parsed.stdout.strip(), f"{ref} (git {parsed.stdout.strip()[:7]})"
     params_text = read_at(root, commit, "params.yaml")
     metrics_text = read_at(root, commit, METRICS_FILE)
-    params = flatten(resolved_params(yaml.safe_load(params_text) or {})) if params_text else {}
+    raw = (yaml.safe_load(params_text) or {}) if params_text else {}
+    params = flatten(resolved_params(raw)) if params_text else {}
     accuracies = accuracies_from_metrics(json.loads(metrics_text)) if metrics_text else {}
-    return ExperimentSummary(ref, label, accuracies, params)
+    task, classes = describe_task(raw, Path(root)) if params_text else (None, None)
+    return ExperimentSummary(ref, label, accuracies, params, task=task, classes=classes)
 
 
 def load_mlflow_run(run_id: str, root: Path) -> ExperimentSummary:
@@ -141,7 +166,22 @@ def load_mlflow_run(run_id: str, root: Path) -> ExperimentSummary:
         params.update(child.data.params)
     params.update(run.data.params)
     kind = run.data.tags.get(tracking.KIND_TAG, "run")
-    return ExperimentSummary(run_id, f"{run_id[:8]} (MLflow {kind} run)", accuracies, params, "mlflow")
+    task = run.data.tags.get(tracking.TASK_TAG) or client.get_experiment(run.info.experiment_id).name
+    return ExperimentSummary(run_id, f"{run_id[:8]} (MLflow {kind} run)", accuracies, params, "mlflow", task,
+                             run_classes(client, run.info.experiment_id, [child.info.run_id for child in children]))
+
+
+def run_classes(client, experiment_id: str, stage_run_ids: list[str]) -> list[str] | None:
+    """The class set of a pipeline run: the ``classes`` param of a model run under one of its stage runs."""
+    from tlpipe import tracking
+
+    if not stage_run_ids:
+        return None
+    models = client.search_runs([experiment_id], f"tags.`{tracking.KIND_TAG}` = 'model'", max_results=1000)
+    for model in models:
+        if model.data.tags.get("mlflow.parentRunId") in stage_run_ids and model.data.params.get("classes"):
+            return sorted(model.data.params["classes"].split(","))
+    return None
 
 
 def load_experiment(ref: str, root: Path) -> ExperimentSummary:
@@ -167,12 +207,34 @@ def render_table(header: list[str], rows: list[list[str]]) -> list[str]:
     return [line(header), line(["-" * width for width in widths]), *map(line, rows)]
 
 
+def describe_side(side: ExperimentSummary) -> str:
+    """``<label>, task <name>, classes [a, b]`` (what is known of them)."""
+    text = side.label + (f", task {side.task}" if side.task else "")
+    return text + (f", classes [{', '.join(side.classes)}]" if side.classes else "")
+
+
+def chance_level(classes: list[str]) -> float:
+    """Accuracy of guessing uniformly among ``classes``: 1 / their number."""
+    return 1.0 / len(classes)
+
+
+def task_notice(a: ExperimentSummary, b: ExperimentSummary) -> list[str]:
+    """Lines saying when A and B are different tasks, and when their class sets (so their chance levels) differ."""
+    if a.classes and b.classes and sorted(a.classes) != sorted(b.classes):
+        return [f"the class sets differ: test accuracies are not comparable (chance level A "
+                f"{chance_level(a.classes):.4f} = 1/{len(a.classes)}, B {chance_level(b.classes):.4f} = "
+                f"1/{len(b.classes)})"]
+    if a.task and b.task and a.task != b.task:
+        return [f"different tasks ({a.task}, {b.task}): the test accuracies are on different test sets"]
+    return []
+
+
 def compare_table(a: ExperimentSummary, b: ExperimentSummary, all_params: bool = False) -> str:
     """The comparison as terminal text: test accuracy per model (with B - A), then the params that differ."""
     def fmt(value: float | None) -> str:
         return "-" if value is None else f"{value:.4f}"
 
-    lines = [f"A: {a.label}", f"B: {b.label}", ""]
+    lines = [f"A: {describe_side(a)}", f"B: {describe_side(b)}", *task_notice(a, b), ""]
     models = sorted(set(a.accuracies) | set(b.accuracies))
     rows = []
     for model in models:
@@ -194,3 +256,55 @@ def compare_table(a: ExperimentSummary, b: ExperimentSummary, all_params: bool =
     else:
         lines.append("no params differ" if a.params or b.params else "no params recorded")
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- `tlpipe exps`: every DVC experiment, compact
+
+EXPS_KEEP = ("Experiment", "rev", "typ", "State", "Executor")
+"""``dvc exp show --csv`` columns kept besides the accuracies and params (the rest: times, deps, hashes)."""
+ACCURACY_SUFFIX = ".acc"
+
+
+def exps_command(models: tuple[str, ...]) -> list[str]:
+    """``dvc exp show`` as CSV: each model's test accuracy (``<model>.acc``) and the params that vary."""
+    names = "|".join(models)
+    return ["exp", "show", "--no-pager", "--only-changed", "--csv", "--keep", rf".*\{ACCURACY_SUFFIX}$",
+            "--drop", rf"^(?!({'|'.join(EXPS_KEEP)})$)[^.]*$|.*/|.*:|^({names})\."]
+
+
+def row_name(row: dict[str, str]) -> str:
+    """An experiment row's name: the experiment's (indented under its baseline), else its revision."""
+    name = row.get("Experiment") or row.get("rev") or "?"
+    return f"  {name}" if row.get("typ", "").startswith("branch") else name
+
+
+def format_exps(csv_text: str) -> str:
+    """``dvc exp show --csv`` as a compact table: one row per experiment, a column per model headed by
+    the model's name (its test accuracy, 4 decimals), then State/Executor when set, then the params that vary.
+
+    DVC's own table heads each model's column ``<model>.acc`` and adds times; this one is about 40
+    characters narrower with six models (what keeps ``make exps`` within 160 columns).
+    """
+    import csv
+    import io
+
+    from tlpipe.formats import format_score
+
+    rows = list(csv.DictReader(io.StringIO(csv_text)))
+    if not rows:
+        return "no experiments (run one: dvc exp run, or tlpipe repro -S key=value)"
+    columns = list(rows[0])
+    models = [column for column in columns if column.endswith(ACCURACY_SUFFIX)]
+    status = [column for column in ("State", "Executor") if any(row.get(column) for row in rows)]
+    params = [column for column in columns if "." in column and column not in models]  # DVC's own columns: no dot
+
+    def score(text: str) -> str:
+        try:
+            return format_score(float(text))
+        except ValueError:
+            return text or "-"
+
+    header = ["experiment", *[m[:-len(ACCURACY_SUFFIX)] for m in models], *[s.lower() for s in status], *params]
+    table = [[row_name(row), *[score(row.get(m, "")) for m in models], *[row.get(s) or "-" for s in status],
+              *[row.get(p) or "-" for p in params]] for row in rows]
+    return "\n".join(render_table(header, table))

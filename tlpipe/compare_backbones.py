@@ -276,8 +276,10 @@ def write_report(table: pd.DataFrame, out_dir: Path, title: str) -> tuple[Path, 
     return csv_path, png_path
 
 
-def log_report(root: Path, table: pd.DataFrame, csv_path: Path, png_path: Path, params: dict[str, str]) -> str:
-    """Log the chart and table to MLflow as one ``compare-backbones`` run in the project experiment.
+def log_report(root: Path, table: pd.DataFrame, csv_path: Path, png_path: Path, params: dict[str, str],
+               overrides: Sequence[str] = ()) -> str:
+    """Log the chart and table to MLflow as one ``compare-backbones`` run in the experiment of the task
+    the runs were for (``params.yaml`` with ``overrides``).
 
     Returns:
         The run id.
@@ -285,7 +287,8 @@ def log_report(root: Path, table: pd.DataFrame, csv_path: Path, png_path: Path, 
     from tlpipe import tracking
 
     client = tracking.connect(root)
-    run = client.create_run(tracking.ensure_experiment(client, root), run_name="compare-backbones",
+    experiment_id = tracking.ensure_experiment(client, root, tracking.experiment_name(root, list(overrides)))
+    run = client.create_run(experiment_id, run_name="compare-backbones",
                             tags={tracking.KIND_TAG: "compare-backbones"})
     run_id = run.info.run_id
     try:
@@ -344,5 +347,6 @@ def compare_backbones(root: Path, backbones: Sequence[str] = DEFAULT_BACKBONES, 
     csv_path, png_path = write_report(table, root / REPORT_FOLDER, title)
     if log:
         log_report(root, table, csv_path, png_path, {"backbones": ",".join(backbones),
-                                                     "overrides": " ".join(overrides) or "-", "prefix": prefix})
+                                                     "overrides": " ".join(overrides) or "-", "prefix": prefix},
+                   overrides)
     return table, csv_path, png_path

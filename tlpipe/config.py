@@ -160,6 +160,8 @@ class SelectParams(_Section):
     scales: list[float] = Field([1.0, 1.3, 1.5], min_length=1,
                                 description="sides tried when data.image_size is auto: native side x scale")
     max_gflops: float = Field(1.5, gt=0.0, description="drop candidates costing more per image (GFLOPs)")
+    max_train_gflops: float = Field(400.0, gt=0.0, description="drop candidates whose train images x GFLOPs "
+                                    "per image exceed this (bounds the finetune stage's time)")
     budget: float = Field(3.0, gt=0.0, description="compute of the race, in features stages (Lite0, native)")
     eta: int = Field(3, ge=2, description="successive halving: keep the best 1/eta each round")
     c_grid: CGrid = CGrid()

@@ -1,9 +1,10 @@
 """Core of ``tlpipe predict``: classify image files with a logged pyfunc model.
 
 The model is any :class:`tlpipe.pyfunc.ImageClassifier`: by default the
-registered model's ``@champion`` alias, else a ``models:/`` or ``runs:/`` URI
-or a local MLflow model folder. The caller points MLflow at the tracking store
-first (:func:`tlpipe.tracking.connect`) when the URI is not a local folder.
+``@champion`` of the project's current task (:func:`identify_champion`; a model of
+another task answers only when named), else a ``models:/`` or ``runs:/`` URI or a
+local MLflow model folder. The caller points MLflow at the tracking store first
+(:func:`tlpipe.tracking.connect`) when the URI is not a local folder.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import base64
 import json
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +21,8 @@ import pandas as pd
 from tlpipe.errors import UserError
 
 BATCH_SIZE = 32
+EAGER_MAX_FILES = 8
+"""Up to this many files, the model's networks run eagerly (no graph tracing: faster for a few images)."""
 DEFAULT_ALIAS = "champion"
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"})
 URI_PATTERN = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:/")
@@ -39,14 +42,21 @@ class ModelIdentity:
     version: str | None = None
     alias: str | None = None
     run_id: str | None = None
+    classes: list[str] | None = None
 
     def describe(self) -> str:
-        """One line, e.g. ``tlpipe-classifier v3 (@champion), run 0a1b2c3d...``."""
+        """One line, e.g. ``elpv-defect v3 (@champion), classes: [defective, functional], run 0a1b2c3d...``."""
         if self.name:
             text = f"{self.name} v{self.version}" + (f" (@{self.alias})" if self.alias else "")
         else:
             text = self.uri
+        if self.classes:
+            text += f", classes: [{', '.join(self.classes)}]"
         return text + (f", run {self.run_id}" if self.run_id else "")
+
+    def with_classes(self, classes: list[str] | None) -> "ModelIdentity":
+        """The identity with the model's class names, when they were not known yet."""
+        return self if self.classes or not classes else replace(self, classes=list(classes))
 
     def as_dict(self) -> dict:
         """The identity as a JSON-ready dict."""
@@ -109,11 +119,51 @@ def identify_registered(uri: str, name: str, alias: str | None, version: str | N
         missing = f"alias @{alias}" if alias else f"version {version}"
         raise ModelNotFoundError(f"registered model {name!r} has no {missing} (aliases: {aliases}); "
                                  f"pick one with --model models:/{name}@ALIAS or models:/{name}/VERSION") from None
+    from tlpipe.registry import read_classes_tag
+
     return ModelIdentity(uri=uri, load_uri=f"models:/{name}/{found.version}", name=name,
-                         version=str(found.version), alias=alias, run_id=found.run_id)
+                         version=str(found.version), alias=alias, run_id=found.run_id,
+                         classes=read_classes_tag(found.tags or {}))
 
 
-def resolve_model_uri(model: str | None, root: Path, registered_name: str) -> str:
+def identify_champion(task: str, name: str, client) -> ModelIdentity:
+    """The ``@champion`` of the registered model ``name`` of the current ``task``.
+
+    Raises:
+        ModelNotFoundError: When the task has no champion yet: the message lists the
+            champions of other tasks and how to name one (``--model``).
+    """
+    try:
+        return identify_registered(f"models:/{name}@{DEFAULT_ALIAS}", name, DEFAULT_ALIAS, None, client)
+    except ModelNotFoundError:
+        others = describe_champions(client, exclude=name)
+        listed = (f"champions of other tasks: {'; '.join(others)}; name one with --model models:/NAME@{DEFAULT_ALIAS}"
+                  if others else "no other task has a champion")
+        raise ModelNotFoundError(
+            f"task '{task}' has no champion yet (registered model '{name}' in {client.tracking_uri}): run the "
+            f"pipeline on this data set (tlpipe repro); {listed}") from None
+
+
+def describe_champions(client, exclude: str | None = None, limit: int = 50) -> list[str]:
+    """``NAME vN [class, ...]`` for each registered model with a ``@champion`` (but ``exclude``), by name."""
+    from mlflow.exceptions import MlflowException
+
+    from tlpipe.registry import read_classes_tag
+
+    found = []
+    for model in sorted(client.search_registered_models(max_results=limit), key=lambda m: m.name):
+        version = (model.aliases or {}).get(DEFAULT_ALIAS)
+        if model.name == exclude or version is None:
+            continue
+        try:
+            classes = read_classes_tag(client.get_model_version(model.name, str(version)).tags or {})
+        except MlflowException:
+            classes = None
+        found.append(f"{model.name} v{version}" + (f" [{', '.join(classes)}]" if classes else ""))
+    return found
+
+
+def resolve_model_uri(model: str | None, root: Path, registered_name: str | None = None) -> str:
     """Turn the ``--model`` option into a URI ``mlflow.pyfunc.load_model`` accepts.
 
     Args:
@@ -121,12 +171,14 @@ def resolve_model_uri(model: str | None, root: Path, registered_name: str) -> st
             ``runs:/...``, ``file:/...``) or a local MLflow model folder, absolute,
             relative to the working directory, or relative to ``root``.
         root: Project root.
-        registered_name: The registered model name.
+        registered_name: The registered model name (needed when ``model`` is None).
 
     Raises:
         ModelNotFoundError: If ``model`` is a path with no ``MLmodel`` file (also a ``LookupError``).
     """
     if model is None:
+        if not registered_name:
+            raise ValueError("resolve_model_uri: no model and no registered name")
         return f"models:/{registered_name}@{DEFAULT_ALIAS}"
     if URI_PATTERN.match(model):
         return model
@@ -226,12 +278,40 @@ def classify_files(model, files: list[Path], top: int) -> list[dict]:
             for path, (cell, reason) in zip(files, read)]
 
 
-def predict_images(model_uri: str, inputs: list[str], top: int = 1) -> list[dict]:
-    """Classify image files and folders with a pyfunc image model.
+def load_image_model(model_uri: str):
+    """Load a pyfunc model to predict with.
 
-    The model is loaded once and fed batches of :data:`BATCH_SIZE` files (their
-    bytes, :func:`classify_files`); a file that cannot be read or decoded is reported in its own row and the
-    others go on.
+    Skips MLflow's comparison of the installed packages with the model's
+    requirements (about a second; the project's own environment made the model).
+    """
+    import mlflow.pyfunc
+
+    return mlflow.pyfunc.load_model(model_uri, suppress_warnings=True)
+
+
+def run_eagerly(model) -> None:
+    """Have a tlpipe image model run its Keras networks eagerly (:attr:`tlpipe.pyfunc.ImageClassifier.eager`):
+    for a few images that skips tracing their graphs, 1-3 s. Other pyfunc models are left as they are."""
+    try:
+        inner = model.unwrap_python_model()
+    except Exception:  # noqa: BLE001 - not a Python model: nothing to choose
+        return
+    if hasattr(inner, "use_eager"):
+        inner.use_eager()
+
+
+def model_classes(model) -> list[str]:
+    """The class names of a loaded pyfunc image model: its ``p_<class>`` output columns (signature)."""
+    schema = model.metadata.get_output_schema() if model.metadata is not None else None
+    return [name[2:] for name in (schema.input_names() if schema is not None else []) if str(name).startswith("p_")]
+
+
+def classify_images(model_uri: str, inputs: list[str], top: int = 1) -> tuple[list[dict], list[str]]:
+    """Classify image files and folders with a pyfunc image model; also return its class names.
+
+    The model is loaded once (only when there is a file to classify) and fed
+    batches of :data:`BATCH_SIZE` files (their bytes, :func:`classify_files`); a
+    file that cannot be read or decoded is reported in its own row and the others go on.
 
     Args:
         model_uri: See :func:`resolve_model_uri`.
@@ -241,17 +321,24 @@ def predict_images(model_uri: str, inputs: list[str], top: int = 1) -> list[dict
     Returns:
         One dict per file (inputs that do not exist last): ``path``, ``class``,
         ``probability``, ``top`` (list of ``(class, probability)``), ``error``
-        (None when classified).
+        (None when classified); and the model's classes (empty when no model was loaded).
     """
-    import mlflow
-
     files, missing = collect_images(inputs)
     rows: list[dict] = []
+    classes: list[str] = []
     if files:
-        model = mlflow.pyfunc.load_model(model_uri)
+        model = load_image_model(model_uri)
+        classes = model_classes(model)
+        if len(files) <= EAGER_MAX_FILES:
+            run_eagerly(model)
         for start in range(0, len(files), BATCH_SIZE):
             rows.extend(classify_files(model, files[start:start + BATCH_SIZE], top))
-    return rows + [error_row(item, reason) for item, reason in missing]
+    return rows + [error_row(item, reason) for item, reason in missing], classes
+
+
+def predict_images(model_uri: str, inputs: list[str], top: int = 1) -> list[dict]:
+    """The rows of :func:`classify_images`."""
+    return classify_images(model_uri, inputs, top)[0]
 
 
 def predict_imagenet_rows(inputs: list[str], backbone: str, weights: str, top: int = 1) -> list[dict]:

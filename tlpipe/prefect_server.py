@@ -186,7 +186,8 @@ def start_watchdog(folder: Path, pid: int) -> None:
     ``server.log``): it stops the server once idle (``$TLPIPE_PREFECT_IDLE_MINUTES``, default 30) or once
     ``folder`` is gone, and exits when the server does."""
     with open(folder / "server.log", "ab") as log, open(os.devnull, "rb") as devnull:
-        subprocess.Popen([sys.executable, "-m", "tlpipe.prefect_watchdog", str(folder), str(pid)], cwd=folder,
+        subprocess.Popen([sys.executable, "-m", "tlpipe.prefect_watchdog", str(folder), str(pid)],
+                         cwd=Path(__file__).resolve().parents[1],  # where this tlpipe is, so it runs this code
                          stdin=devnull, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, close_fds=True)
 
 

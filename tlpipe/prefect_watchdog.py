@@ -25,7 +25,11 @@ import time
 from datetime import datetime
 from pathlib import Path
 
-from tlpipe.prefect_server import home, stop_process_group
+import psutil
+
+# imported here, not where used: the watchdog may run code from a project folder that is then deleted
+from tlpipe.prefect_server import home, running_url, stop_process_group
+from tlpipe.process_identity import ProcessIdentity, is_alive
 
 IDLE_ENV = "TLPIPE_PREFECT_IDLE_MINUTES"
 CHECK_ENV = "TLPIPE_PREFECT_CHECK_SECONDS"
@@ -57,8 +61,6 @@ def last_write(folder: Path) -> float:
 
 def has_clients(pid: int) -> bool:
     """Whether any client holds a TCP connection to the server ``pid`` (or one of its workers)."""
-    import psutil
-
     try:
         server = psutil.Process(pid)
         processes = [server, *server.children(recursive=True)]
@@ -75,8 +77,6 @@ def has_clients(pid: int) -> bool:
 
 def same_process(pid: int, created: float) -> bool:
     """Whether ``pid`` is still the live process that started at ``created`` (not a reused pid, not a zombie)."""
-    from tlpipe.process_identity import ProcessIdentity, is_alive
-
     return is_alive(ProcessIdentity(pid, created))
 
 
@@ -109,8 +109,6 @@ def watch(folder: Path, pid: int, idle_s: float, check_s: float) -> str:
         idle_s: Seconds without database writes and client connections before it is stopped (0: never).
         check_s: Seconds between looks.
     """
-    import psutil
-
     try:
         created = psutil.Process(pid).create_time()
     except psutil.Error:
@@ -131,8 +129,6 @@ def watch(folder: Path, pid: int, idle_s: float, check_s: float) -> str:
 
 def lifetime_note(root: Path | str) -> str | None:
     """What ``tlpipe repro`` says about the project's server it leaves running, or None when none runs."""
-    from tlpipe.prefect_server import running_url
-
     url = running_url(root)
     if not url:
         return None

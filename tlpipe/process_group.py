@@ -92,7 +92,8 @@ def start_watchdog(grace_s: float) -> tuple[subprocess.Popen, int]:
     read_end, write_end = os.pipe()  # both ends are non-inheritable; stdin= makes a copy of the read end
     try:
         watchdog = subprocess.Popen([sys.executable, "-m", "tlpipe.process_group", str(grace_s)], stdin=read_end,
-                                    stdout=subprocess.DEVNULL, start_new_session=True, close_fds=True)
+                                    stdout=subprocess.DEVNULL, start_new_session=True, close_fds=True,
+                                    cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # this tlpipe
     finally:
         os.close(read_end)
     return watchdog, write_end

@@ -217,6 +217,23 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
     # same reason ``predict`` has no annotations: MLflow 3 would derive a signature.
     _skip_type_hint_validation = True
 
+    eager = False
+    """Run the Keras models eagerly instead of through their traced graph (``predict_on_batch``).
+
+    Tracing costs 1-3 s once and then makes each call fast: right for a served model and
+    for scoring many images; eager is faster for one call on a few images (``tlpipe predict``,
+    :meth:`use_eager`)."""
+
+    def use_eager(self, eager: bool = True) -> None:
+        """Choose eager runs (:attr:`eager`) for this model and its ensemble members."""
+        self.eager = eager
+        for member, _ in getattr(self, "members", []):
+            member.use_eager(eager)
+
+    def run_keras(self, model, pixels: np.ndarray):
+        """A Keras model's outputs for a batch of uint8 images (inference mode, eager or traced)."""
+        return model(pixels, training=False) if self.eager else model.predict_on_batch(pixels)
+
     def load_context(self, context) -> None:
         """Read the config and load the network, or the SVM (and its extractor)."""
         from tlpipe.features import tf_log_level
@@ -284,7 +301,7 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
         if self.members:
             return self.classify_ensemble(pixels)
         if self.network is not None:
-            probs = np.asarray(self.network.predict_on_batch(pixels), dtype=np.float64)
+            probs = np.asarray(self.run_keras(self.network, pixels), dtype=np.float64)
             return probs.argmax(axis=1), probs
         inputs = self.svm_inputs(pixels)
         probs = np.zeros((len(pixels), len(self.classes)))
@@ -308,7 +325,7 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
 
             flat = resize_batch(pixels, int(self.config["pixel_size"])).reshape(len(pixels), -1)
             return flat.astype(np.float32) * np.float32(1 / 255)
-        outputs = self.extractor.predict_on_batch(pixels)
+        outputs = self.run_keras(self.extractor, pixels)
         final = np.asarray(outputs["final"], dtype=np.float32)
         if feature == "final":
             return final

@@ -107,8 +107,7 @@ def list_candidates(params: Params) -> list[Candidate]:
     A pinned ``features.backbone`` leaves one backbone; a pinned ``data.image_size``
     (a side, ``native`` or ``fixres``) leaves one side per backbone. Otherwise
     ``select.backbones`` x ``select.scales`` (the backbone's native side times each
-    scale, to a multiple of 4). Candidates above ``select.max_gflops`` are dropped,
-    keeping at least the cheapest.
+    scale, to a multiple of 4). :func:`afford` then drops what costs too much.
     """
     chosen = params.features.backbone
     backbones = list(params.select.backbones) if chosen == "auto" else [chosen]
@@ -121,10 +120,31 @@ def list_candidates(params: Params) -> list[Candidate]:
             sides = [resolve_size(size, backbone)]
         candidates += [Candidate(backbone, side) for side in dict.fromkeys(sides)]
     candidates.sort(key=lambda c: (c.gflops, c.backbone, c.image_size))
-    if len(candidates) > 1:
-        affordable = [c for c in candidates if c.gflops <= params.select.max_gflops]
-        candidates = affordable or candidates[:1]
     return candidates
+
+
+def afford(candidates: Sequence[Candidate], n_train: int, params: SelectParams) -> tuple[list[Candidate], dict]:
+    """Split candidates into those raced and those too costly, keeping at least the cheapest.
+
+    Too costly: more than ``max_gflops`` per image (the race and every later stage scale with it), or
+    more than ``max_train_gflops`` for the whole train split (train images x GFLOPs per image: the
+    finetune stage's work, which dominates a run, grows with both, so a larger data set gets a cheaper
+    network and the run's time stays bounded).
+
+    Returns:
+        The raced candidates and ``{candidate: reason}`` for the others.
+    """
+    if len(candidates) <= 1:
+        return list(candidates), {}
+    excluded = {}
+    for candidate in candidates:
+        if candidate.gflops > params.max_gflops:
+            excluded[candidate] = f"over select.max_gflops ({candidate.gflops:.2f} > {params.max_gflops:g})"
+        elif candidate.gflops * n_train > params.max_train_gflops:
+            excluded[candidate] = (f"over select.max_train_gflops ({n_train} train images x {candidate.gflops:.2f}"
+                                   f" = {candidate.gflops * n_train:.0f} > {params.max_train_gflops:g})")
+    raced = [c for c in candidates if c not in excluded] or [candidates[0]]
+    return raced, {c: reason for c, reason in excluded.items() if c not in raced}
 
 
 def resolve_size(size: int | str, backbone: str) -> int:
@@ -328,17 +348,18 @@ def choose(candidates: Sequence[Candidate], last_round: Sequence[ProbeResult]) -
 
 
 def candidates_table(candidates: Sequence[Candidate], results: Sequence[ProbeResult], choice: Candidate,
-                     excluded: Sequence[Candidate] = ()) -> pd.DataFrame:
+                     excluded: dict | None = None) -> pd.DataFrame:
     """One row per candidate: its last (largest) round's score, every round's, and the choice.
 
     Columns: candidate, backbone, image_size, gflops, rounds, images, cv_accuracy, cv_std,
     best_c, seconds (extraction + probe over its rounds), chosen, note.
     """
     rows = []
+    excluded = excluded or {}
     for candidate in [*candidates, *excluded]:
         own = [r for r in results if r.candidate == candidate.name]
         last = max(own, key=lambda r: r.round) if own else None
-        note = "over select.max_gflops" if candidate in excluded else (
+        note = excluded[candidate] if candidate in excluded else (
             "" if own else ("pinned" if len(candidates) == 1 else "not scored"))
         rows.append({
             "candidate": candidate.name, "backbone": candidate.backbone, "image_size": candidate.image_size,
@@ -379,14 +400,6 @@ def race_summary(table: pd.DataFrame, choice: Candidate, plan: Sequence[int], bu
                                        "seconds": float(row.seconds)}
                        for row in table.itertuples()},
     }
-
-
-def split_candidates(params: Params) -> tuple[list[Candidate], list[Candidate]]:
-    """(raced, excluded by ``select.max_gflops``): :func:`list_candidates` and what it dropped."""
-    raced = list_candidates(params)
-    wide = params.model_copy(update={"select": params.select.model_copy(update={"max_gflops": math.inf})})
-    excluded = [c for c in list_candidates(wide) if c not in raced]
-    return raced, excluded
 
 
 @dataclass(frozen=True)

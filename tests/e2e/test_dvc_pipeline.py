@@ -53,8 +53,11 @@ def test_dvc_repro_runs_every_stage_once_and_tracks_it(pipeline_baseline, prefec
     # MLflow: one pipeline run with a child run per stage, all ended; a champion
     from mlflow import MlflowClient
 
+    from tlpipe.config import load_task
+
+    task = load_task(project)  # each data set is its own task: its experiment and registered model
     client = MlflowClient(f"sqlite:///{project}/mlflow.db")
-    experiment = client.get_experiment_by_name("tlpipe")
+    experiment = client.get_experiment_by_name(task.name)
     runs = client.search_runs([experiment.experiment_id], max_results=500)
     parents = [r for r in runs if r.data.tags.get("tlpipe.kind") == "pipeline"]
     assert len(parents) == 1
@@ -64,7 +67,7 @@ def test_dvc_repro_runs_every_stage_once_and_tracks_it(pipeline_baseline, prefec
     assert all(r.data.tags.get("tlpipe.git_commit") for r in children)
     models = {r.data.tags.get("tlpipe.model") for r in runs if r.data.tags.get("tlpipe.kind") == "model"}
     assert MODELS <= models
-    champion = client.get_model_version_by_alias("tlpipe-classifier", "champion")
+    champion = client.get_model_version_by_alias(task.model_name, "champion")
     assert str(champion.version) == promotion["version"]
 
     # second repro: nothing runs, no new flow runs
@@ -120,7 +123,7 @@ def test_dvc_repro_runs_every_stage_once_and_tracks_it(pipeline_baseline, prefec
     assert decision["champion_version"] == promotion["version"]
     assert decision["champion_accuracy"] is not None  # the champion was re-scored on the new test split
     assert int(decision["version"]) > int(promotion["version"])  # the new best model was registered...
-    champion = client.get_model_version_by_alias("tlpipe-classifier", "champion")
+    champion = client.get_model_version_by_alias(task.model_name, "champion")
     assert str(champion.version) == promotion["version"]  # ...but the alias did not move
     counts = count_flow_runs(since)
     assert counts.get("retrain") == 1 and counts.get("pipeline") == 1 and counts.get("ingest") == 1

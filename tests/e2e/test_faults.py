@@ -374,8 +374,10 @@ def test_tracking_server_dying_mid_stage_fails_clearly_and_rerun_logs_once(casca
 
         from mlflow import MlflowClient
 
+        from tlpipe.config import load_task
+
         client = MlflowClient(uri)
-        experiment = client.get_experiment_by_name("tlpipe")
+        experiment = client.get_experiment_by_name(load_task(cascade.project).name)
         runs = client.search_runs([experiment.experiment_id], max_results=1000)
         assert not [r.info.run_id for r in runs if r.info.status == "RUNNING"]
         finished = [r for r in runs if r.info.status == "FINISHED"]
@@ -383,7 +385,7 @@ def test_tracking_server_dying_mid_stage_fails_clearly_and_rerun_logs_once(casca
         assert [r.data.tags.get("tlpipe.stage") for r in stage_runs] == ["evaluate"]
         keys = [(r.data.tags.get("tlpipe.kind"), r.data.tags.get("tlpipe.model")) for r in finished]
         assert len(keys) == len(set(keys)), f"a run was logged twice: {sorted(map(str, keys))}"
-        versions = client.search_model_versions("name = 'tlpipe-classifier'")
+        versions = client.search_model_versions(f"name = '{load_task(cascade.project).model_name}'")
         assert len(versions) == 1, [(v.version, v.run_id) for v in versions]
     finally:
         stop_server(server)

@@ -114,8 +114,10 @@ def test_processes_starting_together_on_a_missing_store_all_succeed(tmp_path, mo
                                   text=True) for root in roots]
     outputs = [process.communicate(timeout=300)[0] for process in processes]
     assert all(process.returncode == 0 for process in processes), "\n".join(o[-3000:] for o in outputs)
+    from tlpipe import tracking
+
     client = MlflowClient(f"sqlite:///{project.resolve()}/mlflow.db")
-    experiment = client.get_experiment_by_name("tlpipe")
+    experiment = client.get_experiment_by_name(tracking.experiment_name(project))  # params.yaml {}: elpv-defect
     runs = client.search_runs([experiment.experiment_id], max_results=100)
     assert len(runs) == 10 * len(roots)
     assert all(len(client.get_metric_history(r.info.run_id, "m")) == 5 for r in runs)
@@ -146,8 +148,11 @@ def test_readme_exp_run_without_venv_then_queued_experiments_track_into_the_proj
     assert re.findall(r"Running stage '([^']+)'", output) == ["ingest", "features", "svm", "finetune", "evaluate"]
 
     client = MlflowClient(f"sqlite:///{project}/mlflow.db")
-    experiment_id = client.get_experiment_by_name("tlpipe").experiment_id
-    model_name = "tlpipe-classifier"
+    from tlpipe.config import load_task
+
+    task = load_task(project)  # the queued variants keep the source: one task, one experiment, one registry
+    experiment_id = client.get_experiment_by_name(task.name).experiment_id
+    model_name = task.model_name
     versions_before = len(client.search_model_versions(f"name = '{model_name}'"))
     per_evaluate = versions_before  # what one evaluate execution registers
 

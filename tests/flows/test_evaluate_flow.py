@@ -42,7 +42,7 @@ def test_evaluate_flow_gates_once_reports_after_the_gate_and_publishes_artifacts
 
     from flows.evaluate import evaluate_flow
     from tlpipe import registry
-    from tlpipe.config import load_params
+    from tlpipe.config import load_params, load_task
 
     state = evaluate_flow(root=str(project), return_state=True)
     assert state.is_completed(), state
@@ -91,10 +91,13 @@ def test_evaluate_flow_gates_once_reports_after_the_gate_and_publishes_artifacts
     second = evaluate_flow(root=str(project))["promotion"]  # a new execution: a new version, gated
     assert second["version"] == "2" and second["promoted"] is False and second["champion_version"] == "1"
     assert second["champion_accuracy"] == accuracies["svm_pixels"]["acc"]  # re-scored through its pyfunc
-    versions = client.search_model_versions("name = 'tlpipe-classifier'")
+    name = promotion["registered_model"]  # each data set is its own task: its registered model is named after it
+    assert name == load_task(project).model_name == client.get_experiment(
+        client.get_run(promotion["evaluate_run_id"]).info.experiment_id).name
+    versions = client.search_model_versions(f"name = '{name}'")
     assert sorted(v.tags[registry.EXECUTION_TAG] for v in versions) == sorted(
         [promotion["evaluate_run_id"], second["evaluate_run_id"]])
-    assert registry.find_champion(client, "tlpipe-classifier") == "1"
+    assert registry.find_champion(client, name) == "1"
 
 
 @pytest.fixture
@@ -157,7 +160,7 @@ def test_a_kept_ensemble_is_logged_registered_gated_and_served(ensemble_project:
         files.append(tmp_path / f"test_{index}.png")
         Image.fromarray(np.kron(images[index], np.ones((4, 4, 1), dtype=np.uint8))).save(files[-1])
     mlflow.set_tracking_uri(f"sqlite:///{project}/mlflow.db")
-    rows = predict_images("models:/tlpipe-classifier@champion", [str(path) for path in files])
+    rows = predict_images(f"models:/{promotion['registered_model']}@champion", [str(path) for path in files])
     assert len(rows) == 4 and all(row.get("class") in ("ants", "bees") for row in rows), rows
 
     # a second execution: the ensemble's run is reused, and the gate re-scores the ensemble champion through its pyfunc
@@ -165,4 +168,4 @@ def test_a_kept_ensemble_is_logged_registered_gated_and_served(ensemble_project:
     assert second["model"] == "ensemble" and second["promoted"] is False and second["champion_version"] == "1"
     assert second["champion_accuracy"] == accuracy
     assert len(client.search_runs([run.info.experiment_id], "tags.`tlpipe.model` = 'ensemble'")) == 1
-    assert registry.find_champion(client, "tlpipe-classifier") == "1"
+    assert registry.find_champion(client, promotion["registered_model"]) == "1"

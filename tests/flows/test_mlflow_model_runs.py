@@ -17,6 +17,7 @@ from datetime import timedelta
 import pytest
 
 from tests.conftest import make_project
+from tlpipe import tracking
 from tlpipe.models import MODEL_NAMES, NETWORK_MODELS, SVM_MODELS
 
 pytestmark = pytest.mark.slow
@@ -77,7 +78,7 @@ def store(pipeline):
 
     root = pipeline[0]
     client = MlflowClient(f"sqlite:///{root}/mlflow.db")
-    experiment = client.get_experiment_by_name("tlpipe")
+    experiment = client.get_experiment_by_name(tracking.experiment_name(root))  # the task's experiment
     runs = client.search_runs([experiment.experiment_id], max_results=1000)
     return client, experiment, runs
 

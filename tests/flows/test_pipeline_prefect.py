@@ -13,10 +13,13 @@ import json
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
 from tests.conftest import make_project
+from tlpipe import tracking
+from tlpipe.config import load_params
 from tlpipe.lock import pipeline_lock_path
 from tlpipe.models import MODEL_NAMES
 
@@ -114,8 +117,13 @@ def test_pipeline_runs_once_per_project_links_its_stage_runs_and_publishes_artif
     assert promotion["reason"] in decision
 
     client = MlflowClient(f"sqlite:///{project}/mlflow.db")
-    experiment = client.get_experiment_by_name("tlpipe")
+    task = tracking.experiment_name(project)  # each data set is its own task: its experiment, its run names
+    experiment = client.get_experiment_by_name(task)
     [mlflow_pipeline] = client.search_runs([experiment.experiment_id], "tags.`tlpipe.kind` = 'pipeline'")
+    assert mlflow_pipeline.info.run_name == f"{task} pipeline" and mlflow_pipeline.data.tags["tlpipe.task"] == task
+    source = Path(load_params(project / "params.yaml").data.source).name
+    assert {item.dataset.name for item in mlflow_pipeline.inputs.dataset_inputs} == {  # the Dataset column
+        f"{source}-{split}" for split in ("train", "val", "test")}
     links = by_key["linkproj-pipeline-mlflow-runs"].data
     assert f"/runs/{mlflow_pipeline.info.run_id}?workflowType=machine_learning)" in links
     assert all(f"- stage {stage}: [" in links for stage in STAGES)

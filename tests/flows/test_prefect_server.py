@@ -70,8 +70,8 @@ def test_stages_start_one_project_server_and_report_user_errors_in_one_line(tmp_
         output = repro.stdout + repro.stderr
         assert "Traceback" not in output, output
         errors = [line for line in output.splitlines() if "error" in line.lower()]
-        assert errors[0] == f"tlpipe ingest: error: invalid {params}: data.image_sise: unknown key", output
-        assert errors[1].startswith("ERROR: failed to reproduce 'ingest'") and len(errors) == 2, output
+        assert errors[0] == f"tlpipe select: error: invalid {params}: data.image_sise: unknown key", output
+        assert errors[1].startswith("ERROR: failed to reproduce 'select'") and len(errors) == 2, output
         assert server_processes(home) == [info["pid"]]  # reused, not a second server
         assert elapsed < 120, elapsed
 

@@ -27,7 +27,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.conftest import REPO, make_project, make_source
+from tests.conftest import REPO, copy_project_files, make_project, make_source
 from tlpipe.lock import LockHeldError, file_lock, pipeline_lock_path
 
 pytestmark = pytest.mark.slow
@@ -132,7 +132,7 @@ def test_repro_stopped_mid_run_leaves_no_dvc_or_stage_process_and_frees_the_lock
         children = psutil.Process(parent.pid).children(recursive=True)
         children += [p for p in of_project(project) if p.pid != parent.pid and p not in children]
         names = " ".join(" ".join(p.cmdline()) for p in children)
-        assert "dvc repro" in names and "sleep 600" in names, names
+        assert "-m dvc " in names and "sleep 600" in names, names
         assert not lock_is_free(project)  # the run holds it
 
         parent.send_signal(sig)
@@ -204,8 +204,10 @@ ENSURE = "import sys; from tlpipe.prefect_server import ensure_server; print(ens
 
 
 def start_project_server(project: Path, env: dict) -> psutil.Process:
-    """Start the project's Prefect server as a stage would; return its process."""
-    done = subprocess.run([sys.executable, "-c", ENSURE, str(project)], env=env, cwd=REPO, capture_output=True,
+    """Start the project's Prefect server as a stage would (in the project, running its copy of the code);
+    return its process."""
+    copy_project_files(REPO, project)
+    done = subprocess.run([sys.executable, "-c", ENSURE, str(project)], env=env, cwd=project, capture_output=True,
                           text=True, timeout=WAIT_S + 60)
     assert done.returncode == 0, done.stderr[-3000:]
     info = json.loads((project / ".prefect" / "server.json").read_text())

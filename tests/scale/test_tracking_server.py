@@ -59,8 +59,11 @@ def test_pipeline_on_postgres_mlflow_server(tmp_path, tiny_source, prefect_serve
 
     output = run([*dvc, "ingest", "features"], project, env)
     assert "Running stage 'ingest'" in output and "Running stage 'features'" in output
+    from tlpipe.config import load_task
+
+    task = load_task(project)  # each data set is its own task: its experiment and registered model
     client = MlflowClient(endpoints.tracking_uri)
-    experiment = client.get_experiment_by_name("tlpipe")
+    experiment = client.get_experiment_by_name(task.name)
     assert experiment.artifact_location.startswith("mlflow-artifacts:")  # proxied by the server
     before = {r.info.run_id: (r.info.status, r.data.metrics) for r in stage_runs(client, experiment.experiment_id)}
     assert {r.data.tags.get("tlpipe.stage") for r in stage_runs(client, experiment.experiment_id)} >= {
@@ -92,9 +95,9 @@ def test_pipeline_on_postgres_mlflow_server(tmp_path, tiny_source, prefect_serve
     # registry and champion through the server, as the evaluate stage recorded them
     promotion = json.loads((project / "reports" / "evaluate" / "promotion.json").read_text())
     assert promotion["promoted"] is True
-    champion = client.get_model_version_by_alias("tlpipe-classifier", "champion")
+    champion = client.get_model_version_by_alias(task.model_name, "champion")
     assert str(champion.version) == str(promotion["version"])
-    versions = client.search_model_versions("name = 'tlpipe-classifier'")
+    versions = client.search_model_versions(f"name = '{task.model_name}'")
     assert {str(v.version) for v in versions} >= {str(champion.version)}
 
     # artifacts went through the server into its destination, not into the project
@@ -104,7 +107,7 @@ def test_pipeline_on_postgres_mlflow_server(tmp_path, tiny_source, prefect_serve
     import mlflow
 
     mlflow.set_tracking_uri(endpoints.tracking_uri)
-    local = Path(mlflow.artifacts.download_artifacts(f"models:/tlpipe-classifier@champion/MLmodel",
+    local = Path(mlflow.artifacts.download_artifacts(f"models:/{task.model_name}@champion/MLmodel",
                                                       dst_path=str(tmp_path / "download")))
     assert "python_function" in local.read_text()
 
@@ -112,7 +115,7 @@ def test_pipeline_on_postgres_mlflow_server(tmp_path, tiny_source, prefect_serve
     run([*dvc, "-f", "-s", "evaluate"], project, env)
     second = json.loads((project / "reports" / "evaluate" / "promotion.json").read_text())
     assert second["promoted"] is False and second["reason"]
-    assert str(client.get_model_version_by_alias("tlpipe-classifier", "champion").version) == str(champion.version)
+    assert str(client.get_model_version_by_alias(task.model_name, "champion").version) == str(champion.version)
 
 
 @pytest.mark.slow

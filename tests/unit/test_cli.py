@@ -22,6 +22,7 @@ from typer.testing import CliRunner
 from flows.cli import app
 from flows.common import error_line
 from tests.conftest import REPO
+from tlpipe import tracking
 
 TYPE_NAMES = re.compile(r"<[a-z\[\], |]+>|\b(TEXT|INTEGER|PATH|BOOLEAN|FLOAT|list\[str\])\b")
 
@@ -189,7 +190,8 @@ def test_predict_results_on_stdout_failures_on_stderr_exit_1(project: Path, pyfu
                     "--root", str(project))
     assert result.exit_code == 1, result.output
     out = result.stdout.strip().splitlines()
-    assert out[0] == f"model: {pyfunc_model}" and len(out) == 2 and out[1].startswith(str(good))
+    assert out[0] == f"model: {pyfunc_model}, classes: [dark, light]" and len(out) == 2
+    assert out[1].startswith(str(good))
     errors = result.stderr.strip().splitlines()
     assert len(errors) == 2 and all(line.startswith("tlpipe predict: error: ") for line in errors), errors
     assert "broken.jpg" in errors[0] and "missing.jpg: no such file or directory" in errors[1]
@@ -198,6 +200,59 @@ def test_predict_results_on_stdout_failures_on_stderr_exit_1(project: Path, pyfu
     assert only_good.exit_code == 0 and only_good.stderr == ""
     rows = json.loads(only_good.stdout)
     assert rows[0]["class"] in {"dark", "light"} and rows[0]["model"]["uri"] == str(pyfunc_model)
+
+
+def register_champion(project: Path, keras_file: Path, name: str, classes: list[str], tag_classes: bool) -> None:
+    """Log ``keras_file`` as a pyfunc into the project's SQLite store, register it as ``name`` and make it
+    ``@champion`` (its versions tagged with the class names, as the evaluate stage does, when ``tag_classes``)."""
+    import mlflow
+
+    from tlpipe.pyfunc import log_keras_classifier
+    from tlpipe.registry import CLASSES_TAG
+
+    client = tracking.connect(project)
+    with mlflow.start_run(experiment_id=tracking.ensure_experiment(client, project, name)):
+        log_keras_classifier("frozen", keras_file, classes, 16, "stretch", registered_model_name=name)
+    version = client.search_model_versions(f"name = '{name}'")[0].version
+    if tag_classes:
+        client.set_model_version_tag(name, version, CLASSES_TAG, json.dumps(classes))
+    client.set_registered_model_alias(name, "champion", version)
+
+
+def test_predict_answers_with_the_current_tasks_champion_only(project: Path, pyfunc_model: Path,
+                                                               tmp_path: Path) -> None:
+    """Issue 19: a champion of another task (the ELPV model) never answers for this task's images unless named."""
+    photos = tmp_path / "photos"
+    for name in ("ants", "bees"):
+        (photos / name).mkdir(parents=True)
+        Image.fromarray(np.full((40, 40, 3), 90, np.uint8)).save(photos / name / "a.png")
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["data"]["source"] = str(photos)
+    (project / "params.yaml").write_text(yaml.safe_dump(params))
+    keras_file = pyfunc_model.parent / "tiny.keras"
+    register_champion(project, keras_file, "elpv-defect", ["defective", "functional"], tag_classes=True)
+    image = str(photos / "ants" / "a.png")
+
+    missing = invoke("predict", image, "--root", str(project))
+    assert missing.exit_code == 1 and missing.stdout == ""
+    line = one_error_line(missing, "tlpipe predict")
+    assert "task 'photos-ants-bees' has no champion yet" in line and "tlpipe repro" in line
+    assert "elpv-defect v1 [defective, functional]" in line and "--model models:/NAME@champion" in line
+    serve = invoke("serve-model", "--root", str(project))  # fails the same way, before starting a server
+    assert serve.exit_code == 1 and "has no champion yet" in one_error_line(serve, "tlpipe serve-model")
+
+    named = invoke("predict", image, "--model", "models:/elpv-defect@champion", "--root", str(project))
+    assert named.exit_code == 0, named.output
+    assert named.stdout.startswith("model: elpv-defect v1 (@champion), classes: [defective, functional], run ")
+
+    register_champion(project, keras_file, "photos-ants-bees", ["ants", "bees"], tag_classes=False)
+    result = invoke("predict", image, "--root", str(project))
+    assert result.exit_code == 0, result.output
+    first, row = result.stdout.strip().splitlines()
+    assert first.startswith("model: photos-ants-bees v1 (@champion), classes: [ants, bees], run ")  # from the model
+    assert row.split()[1] in {"ants", "bees"}
+    rows = json.loads(invoke("predict", image, "--json", "--root", str(project)).stdout)
+    assert rows[0]["model"]["name"] == "photos-ants-bees" and rows[0]["model"]["classes"] == ["ants", "bees"]
 
 
 def test_predict_imagenet_missing_file_is_one_line_exit_1(tmp_path: Path) -> None:
@@ -263,6 +318,12 @@ def test_compare_two_dvc_experiments_and_an_mlflow_run(tmp_path: Path) -> None:
     assert re.search(r"frozen\s+0\.5000\s+0\.5000\s+\+0\.0000", text), text
     differing = text.split("params that differ")[1]
     assert re.search(r"svm\.c\s+2\s+7", differing) and "kernel" not in differing and "data.size" not in differing
+
+    listed = invoke("exps", "--root", str(root))  # what `make exps` prints: a column per model, by its name
+    assert listed.exit_code == 0, listed.output
+    assert listed.stdout.splitlines()[0].split() == ["experiment", "svm_pixels", "frozen", "svm.c"]
+    assert re.search(r"^  exp-low\s+0\.2000\s+0\.5000\s+2$", listed.stdout, re.MULTILINE), listed.stdout
+    assert re.search(r"^  exp-high\s+0\.7000\s+0\.5000\s+7$", listed.stdout, re.MULTILINE), listed.stdout
 
     # an MLflow pipeline run against the workspace: accuracies from its metrics, params from its stage runs
     from mlflow import MlflowClient

@@ -25,13 +25,19 @@ def test_native_gflops_match_a_count_of_the_built_networks() -> None:
         assert selection.NATIVE_GFLOPS[backbone] == pytest.approx(counted, rel=1e-3)
 
 
-def test_auto_races_every_backbone_at_every_scale_within_max_gflops() -> None:
-    raced, excluded = selection.split_candidates(parse_params({}))
-    names = [c.name for c in raced]
-    assert names[0] == "lite0@224"  # cheapest first
-    assert {"lite0@292", "lite1@312", "lite2@260", "lite2@340", "lite0@336"} <= set(names)
+def test_auto_races_every_backbone_at_every_scale_within_the_caps() -> None:
+    params = parse_params({})
+    candidates = selection.list_candidates(params)
+    assert candidates[0].name == "lite0@224" and len(candidates) == 9  # cheapest first
+    raced, excluded = selection.afford(candidates, 221, params.select)  # hymenoptera's train split
+    assert {"lite0@292", "lite1@312", "lite2@260", "lite2@340", "lite0@336", "lite1@360"} <= {c.name for c in raced}
     assert [c.name for c in excluded] == ["lite2@392"]  # 1.96 GFLOPs > select.max_gflops 1.5
-    assert all(c.gflops <= 1.5 for c in raced)
+    assert "max_gflops" in excluded[candidates[-1]]
+    raced, excluded = selection.afford(candidates, 576, params.select)  # ELPV, 400 per class
+    assert all(c.gflops * 576 <= 400 for c in raced) and len(raced) == 3
+    assert any("max_train_gflops" in reason for reason in excluded.values())
+    raced, excluded = selection.afford(candidates, 100_000, params.select)
+    assert [c.name for c in raced] == ["lite0@224"]  # always the cheapest, however large the data
 
 
 def test_pinned_backbone_races_sides_and_pinned_side_races_backbones() -> None:
@@ -142,10 +148,11 @@ def test_probe_reuses_features_of_earlier_rounds(tmp_path) -> None:
 def test_table_marks_the_choice_and_the_excluded() -> None:
     candidates = [Candidate("efficientnet_lite0", 224), Candidate("efficientnet_lite2", 260)]
     scored = [result("lite0@224", 0.90), result("lite2@260", 0.93), result("lite2@260", 0.94, 1, 150)]
-    table = selection.candidates_table(candidates, scored, candidates[1], [Candidate("efficientnet_lite2", 392)])
+    table = selection.candidates_table(candidates, scored, candidates[1],
+                                       {Candidate("efficientnet_lite2", 392): "over select.max_gflops (1.96 > 1.5)"})
     assert table.iloc[0]["candidate"] == "lite2@260" and bool(table.iloc[0]["chosen"])
     assert table.iloc[0]["images"] == 150 and table.iloc[0]["rounds"] == 2
-    assert table.set_index("candidate").loc["lite2@392", "note"] == "over select.max_gflops"
+    assert table.set_index("candidate").loc["lite2@392", "note"].startswith("over select.max_gflops")
     assert selection.metrics_payload(candidates[1], table) == {"choice": "lite2@260", "cv_accuracy": 0.94}
     summary = selection.race_summary(table, candidates[1], [50, 150], 100.0, 1.0)
     assert summary["rounds"] == [50, 150] and summary["candidates"]["lite0@224"]["cv_accuracy"] == 0.90

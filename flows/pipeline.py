@@ -42,8 +42,8 @@ def run_pipeline(paths: ProjectPaths, overrides: list[str], experiment: bool, fo
     from prefect.runtime import flow_run
 
     tags = tag_pipeline_run([*stage_tags(paths.root), f"pipeline:{flow_run.id}"])
-    parent, experiment = open_pipeline_run(paths.root, overrides)
-    env = {tracking.PARENT_ENV: parent, tracking.EXPERIMENT_ENV: experiment, "TLPIPE_ROOT": str(paths.root),
+    parent, experiment_name = open_pipeline_run(paths.root, overrides)  # the task's MLflow experiment
+    env = {tracking.PARENT_ENV: parent, tracking.EXPERIMENT_ENV: experiment_name, "TLPIPE_ROOT": str(paths.root),
            TAGS_ENV: ",".join(tags)}
     if api_url := current_prefect_api_url():
         env["PREFECT_API_URL"] = api_url  # stage flows report to this flow's Prefect server

@@ -440,7 +440,7 @@ def resolve_task(params: Params, root: Path | str | None = None) -> Task:
     Raises:
         ConfigError: When the source can be neither listed nor replaced by the store's classes.
     """
-    from tlpipe.sources import SourceError, folder_task, name_source_task, source_folder
+    from tlpipe.sources import ELPV, SourceError, folder_task, name_source_task, source_folder
 
     registry, data = params.registry, params.data
     if registry.task != AUTO:
@@ -450,8 +450,8 @@ def resolve_task(params: Params, root: Path | str | None = None) -> Task:
                                  Path(root) if root is not None else None)
     except SourceError as error:
         stored = Path(root or ".") / "data" / "store" / "classes.json"
-        if data.source == "elpv" or not stored.is_file():
-            raise ConfigError(f"cannot name the task of data.source ({error}): set registry.task in "
+        if data.source == ELPV or not stored.is_file():
+            raise ConfigError(f"cannot name the task: {error}; fix data.source or set registry.task in "
                               "params.yaml") from None
         import json
 
@@ -465,7 +465,9 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     ``params.yaml:key=value`` and Hydra's ``+key=value`` mean the same; ``~key`` removes a key;
     overrides of other files are left to DVC.
     """
-    result = json_copy(raw or {})
+    import copy
+
+    result = copy.deepcopy(raw or {})
     for item in overrides:
         key, _, value = item.partition("=")
         file, colon, path = key.rpartition(":")
@@ -483,13 +485,6 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
         else:
             node[parts[-1]] = yaml.safe_load(value) if value.strip() else None
     return result
-
-
-def json_copy(value: object) -> object:
-    """A deep copy of plain YAML data (mappings, lists, scalars)."""
-    if isinstance(value, dict):
-        return {key: json_copy(inner) for key, inner in value.items()}
-    return [json_copy(inner) for inner in value] if isinstance(value, list) else value
 
 
 def load_task(root: Path | str, overrides: list[str] | None = None) -> Task:

@@ -62,7 +62,9 @@ def test_folder_source_edits_rerun_ingest_and_then_only_what_the_store_changes(t
     env = {**project_env, "PREFECT_API_URL": prefect_server}
     source = str(tiny_source)
 
-    assert ran(dvc(project, env, "repro", "features")) == ["ingest", "features"]
+    # select depends on the source too (it splits it as ingest will); with the backbone and side pinned by
+    # the tiny params it writes the same choice each time
+    assert ran(dvc(project, env, "repro", "features")) == ["select", "ingest", "features"]
     assert status(project, env, "features") == {}
     assert ran(dvc(project, env, "repro", "features")) == []  # unchanged source: nothing reruns
     images = kept(project)
@@ -70,8 +72,8 @@ def test_folder_source_edits_rerun_ingest_and_then_only_what_the_store_changes(t
     # a file ingest rejects changes: ingest reruns (its input changed); the store is identical, so DVC
     # leaves features alone
     (tiny_source / "dark" / "broken.jpg").write_bytes(b"still not a jpeg, other bytes")
-    assert status(project, env, "features") == {"ingest": {source: "modified"}}
-    assert ran(dvc(project, env, "repro", "features")) == ["ingest"]
+    assert status(project, env, "features") == {"select": {source: "modified"}, "ingest": {source: "modified"}}
+    assert ran(dvc(project, env, "repro", "features")) == ["select", "ingest"]
     assert kept(project) == images
     assert status(project, env, "features") == {}
 
@@ -86,8 +88,8 @@ def test_folder_source_edits_rerun_ingest_and_then_only_what_the_store_changes(t
     for name, (change, delta) in changes.items():
         before = (project / "data" / "store" / "manifest.csv").read_bytes()
         change()
-        assert status(project, env, "ingest") == {"ingest": {source: "modified"}}, name
-        assert ran(dvc(project, env, "repro", "ingest")) == ["ingest"], name
+        assert status(project, env, "ingest") == {"select": {source: "modified"}, "ingest": {source: "modified"}}, name
+        assert ran(dvc(project, env, "repro", "ingest")) == ["select", "ingest"], name
         assert kept(project) == images + delta, name
         images += delta
         assert (project / "data" / "store" / "manifest.csv").read_bytes() != before, name
@@ -96,14 +98,15 @@ def test_folder_source_edits_rerun_ingest_and_then_only_what_the_store_changes(t
 
 
 def test_elpv_source_depends_on_the_pinned_package_file(tmp_path, tiny_source, project_env):
-    """``data.source: elpv``: ingest's dependency is ./elpv (valid for DVC), and editing it reruns ingest."""
+    """``data.source: elpv``: select's and ingest's dependency is ./elpv (valid for DVC); editing it reruns them."""
     project = make_project(tmp_path / "project", tiny_source, overrides={"data": {"source": "elpv"}})
     env = project_env
-    assert status(project, env, "ingest")["ingest"]["elpv"] == "modified"  # found (never run yet), not "deleted"
-    dry = dvc(project, env, "repro", "--dry", "ingest")
-    assert ran(dry) == ["ingest"] and "bin/python -m flows.ingest" in dry
+    found = status(project, env, "ingest")
+    assert found["select"]["elpv"] == found["ingest"]["elpv"] == "modified"  # found (never run yet), not "deleted"
+    dry = dvc(project, env, "repro", "--dry", "select")  # ingest's other input (data/selection.json) is select's
+    assert ran(dry) == ["select"] and "bin/python -m flows.selection" in dry
     (project / "elpv").unlink()
     assert status(project, env, "ingest")["ingest"]["elpv"] == "deleted"
-    result = subprocess.run([sys.executable, "-m", "dvc", "repro", "--dry", "ingest"], cwd=project, env=env,
+    result = subprocess.run([sys.executable, "-m", "dvc", "repro", "--dry", "select"], cwd=project, env=env,
                             capture_output=True, text=True, timeout=300)
     assert result.returncode != 0 and "elpv" in result.stderr  # the file is what DVC checks

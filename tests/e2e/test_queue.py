@@ -145,7 +145,7 @@ def test_readme_exp_run_without_venv_then_queued_experiments_track_into_the_proj
     bare["PATH"] = os.pathsep.join(p for p in ("/usr/local/bin", "/usr/bin", "/bin") if Path(p).is_dir())
     output = run([str(VENV_BIN / "dvc"), "exp", "run", "-S", f"data.source={tiny_source}",
                   "-S", "data.max_per_class=null"], project, bare)
-    assert re.findall(r"Running stage '([^']+)'", output) == ["ingest", "features", "svm", "finetune", "evaluate"]
+    assert re.findall(r"Running stage '([^']+)'", output) == ["select", "ingest", "features", "svm", "finetune", "evaluate"]
 
     client = MlflowClient(f"sqlite:///{project}/mlflow.db")
     from tlpipe.config import load_task

@@ -23,7 +23,7 @@ from tlpipe.config import load_params
 from tlpipe.lock import pipeline_lock_path
 from tlpipe.models import MODEL_NAMES
 
-STAGES = {"ingest", "features", "svm", "finetune", "evaluate"}
+STAGES = {"select", "ingest", "features", "svm", "finetune", "evaluate"}
 
 
 def wait_for_lock_holder(project, process: subprocess.Popen, timeout: float = 600) -> dict:
@@ -76,7 +76,7 @@ def test_pipeline_runs_once_per_project_links_its_stage_runs_and_publishes_artif
     assert first.returncode == 0, err[-4000:]
     start = out.index('{\n  "stages_ran"')  # the CLI's summary, after DVC's streamed output
     summary = json.loads(out[start:out.index("\n}", start) + 2])
-    assert summary["stages_ran"] == ["ingest", "features", "svm", "finetune", "evaluate"]
+    assert summary["stages_ran"] == ["select", "ingest", "features", "svm", "finetune", "evaluate"]
 
     with get_client(sync_client=True) as client:
         pipelines = client.read_flow_runs(
@@ -129,6 +129,29 @@ def test_pipeline_runs_once_per_project_links_its_stage_runs_and_publishes_artif
     assert all(f"- stage {stage}: [" in links for stage in STAGES)
 
 
+@pytest.mark.slow
+def test_repro_on_another_source_runs_in_that_sources_task(tmp_path, tiny_source, prefect_server, project_env):
+    """Issue 19: after a run on one source, `tlpipe repro -S data.source=<other>` opens its pipeline run in the
+    other source's task (its own experiment, a run named after it), which becomes the project's current task."""
+    from mlflow import MlflowClient
+
+    from flows.pipeline import pipeline_flow
+    from tests.conftest import make_source, use_listing_pipeline
+
+    project = use_listing_pipeline(make_project(tmp_path / "project", tiny_source))
+    insects = make_source(tmp_path / "insects", per_class=3)
+    first = pipeline_flow(root=str(project))
+    refs = ["git", "for-each-ref", "refs/exps"]
+    assert subprocess.run(refs, cwd=project, capture_output=True, text=True).stdout == ""  # dvc repro, no experiment
+    second = pipeline_flow(root=str(project), overrides=[f"data.source={insects}"])
+    client = MlflowClient(f"sqlite:///{project}/mlflow.db")
+    for result, task in ((first, "source-bright-dark"), (second, "insects-bright-dark")):
+        run = client.get_run(result["mlflow_run_id"])
+        assert client.get_experiment(run.info.experiment_id).name == task
+        assert run.info.run_name == f"{task} pipeline" and run.data.tags["tlpipe.task"] == task
+    assert tracking.experiment_name(project) == "insects-bright-dark"  # DVC left the override in params.yaml
+
+
 def test_no_prefect_url_for_the_stages_is_a_logged_fallback(caplog) -> None:
     """When the flow cannot tell its own Prefect server, the stages pick theirs: said in a warning, not silently."""
     import logging
@@ -147,5 +170,6 @@ def test_no_prefect_url_for_the_stages_is_a_logged_fallback(caplog) -> None:
     finally:
         logger.removeHandler(caplog.handler)
     warnings = [record.getMessage() for record in caplog.records if record.levelname == "WARNING"]
+    warnings = list(dict.fromkeys(warnings))  # one record may reach caplog twice (its handler and the root)
     assert len(warnings) == 1 and "Prefect API URL" in warnings[0] and "No Prefect API URL provided" in warnings[0]
     assert "stages" in warnings[0]

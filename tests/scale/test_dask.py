@@ -71,7 +71,7 @@ def test_ingest_and_features_on_dask_are_byte_identical(tmp_path, tiny_source, d
     assert dask_store == local_store
     assert not list((tmp_path / "dask").glob(".*"))  # no staging or shard debris
 
-    fparams = FeaturesParams(batch_size=4)
+    fparams = FeaturesParams(backbone="efficientnet_lite0", batch_size=4)
     local_meta = features.extract_features(tmp_path / "local" / "store", tmp_path / "local" / "features", fparams)
     dask_meta = features.extract_features(tmp_path / "local" / "store", tmp_path / "dask" / "features", fparams,
                                           client=dask_client)

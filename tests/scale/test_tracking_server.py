@@ -21,7 +21,7 @@ from tests.conftest import make_project
 from tests.scale.helpers import run
 from tlpipe import services
 
-STAGES = ("ingest", "features", "svm", "finetune", "evaluate")
+STAGES = ("select", "ingest", "features", "svm", "finetune", "evaluate")
 MODELS = {"svm_features", "svm_concat", "svm_pixels", "frozen", "concat", "finetuned"}
 
 

@@ -40,7 +40,7 @@ def test_features_are_ordered_aligned_and_published(tiny_store, tmp_path):
     from tlpipe.features import build_extractor, extract_features
 
     out = tmp_path / "features"
-    meta = extract_features(tiny_store, out, FeaturesParams(batch_size=2))
+    meta = extract_features(tiny_store, out, FeaturesParams(backbone="efficientnet_lite0", batch_size=2))
     assert meta["counts"] == {"train": 7, "val": 3, "test": 5}
     assert (meta["final_dim"], meta["mid_dim"], meta["device"], meta["precision"]) == (1280, 240, "cpu", "float32")
     assert not meta["imagenet_top1"]  # no ImageNet head at 32 px
@@ -73,10 +73,10 @@ def test_features_stage_runs_under_jax(tiny_store, tmp_path):
     """Same stage code on KERAS_BACKEND=jax (the GPU path) gives the TensorFlow features."""
     from tlpipe.features import extract_features
 
-    extract_features(tiny_store, tmp_path / "tf", FeaturesParams(batch_size=4))
+    extract_features(tiny_store, tmp_path / "tf", FeaturesParams(backbone="efficientnet_lite0", batch_size=4))
     code = ("import sys; from pathlib import Path; from tlpipe.config import FeaturesParams; "
             "from tlpipe.features import extract_features; "
-            "m = extract_features(Path(sys.argv[1]), Path(sys.argv[2]), FeaturesParams(batch_size=4)); "
+            "m = extract_features(Path(sys.argv[1]), Path(sys.argv[2]), FeaturesParams(backbone='efficientnet_lite0', batch_size=4)); "
             "assert m['keras_backend'] == 'jax', m")
     env = {**os.environ, "KERAS_BACKEND": "jax", "JAX_PLATFORMS": "cpu"}
     result = subprocess.run([sys.executable, "-c", code, str(tiny_store), str(tmp_path / "jax")], env=env,

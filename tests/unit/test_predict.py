@@ -95,3 +95,22 @@ def test_resolve_model_uri(model_dir, tmp_path: Path, monkeypatch: pytest.Monkey
     assert resolve_model_uri(path.name, path.parent, "tlpipe") == str(path.resolve())
     with pytest.raises(ModelNotFoundError, match="MLmodel"):
         resolve_model_uri(str(tmp_path), tmp_path, "tlpipe")
+
+
+def test_a_few_files_run_eagerly_and_answer_as_the_traced_model(model_dir, folder: Path) -> None:
+    """`tlpipe predict` of a few images skips tracing the network's graph (seconds); the answers stay the same."""
+    from tlpipe.predict import classify_files, classify_images, load_image_model, run_eagerly
+
+    path, _ = model_dir
+    rows, classes = classify_images(str(path), [str(folder / "a.jpg")])
+    assert classes == CLASSES and rows[0]["class"] in CLASSES  # the classes printed beside the model's name
+    files = [folder / "a.jpg", folder / "b.png", folder / "sub" / "c.JPEG"]
+    model = load_image_model(str(path))
+    inner = model.unwrap_python_model()
+    traced = classify_files(model, files, 3)
+    assert inner.eager is False
+    run_eagerly(model)
+    assert inner.eager is True
+    for before, after in zip(traced, classify_files(model, files, 3)):
+        assert after["class"] == before["class"] and after["probability"] == pytest.approx(before["probability"],
+                                                                                            abs=1e-5)

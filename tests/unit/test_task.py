@@ -96,7 +96,7 @@ def test_relative_sources_overrides_and_a_missing_source(tmp_path: Path) -> None
     assert load_task(project, ["params.yaml:data.classes=[daisy]"]).name == "flowers-daisy"
 
     (project / "params.yaml").write_text(yaml.safe_dump({"data": {"source": str(tmp_path / "moved")}}))
-    with pytest.raises(ConfigError, match="cannot name the task.*source folder not found.*registry.task"):
+    with pytest.raises(ConfigError, match="cannot name the task: source folder not found.*or set registry.task"):
         load_task(project)
     store = project / "data" / "store"
     store.mkdir(parents=True)

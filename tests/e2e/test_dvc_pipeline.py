@@ -117,7 +117,7 @@ def test_dvc_repro_runs_every_stage_once_and_tracks_it(pipeline_baseline, prefec
     since = datetime.now(timezone.utc)
     result = retrain_flow(root=str(project))
     assert result["retrained"] is True
-    assert result["stages_ran"][0] == "ingest" and "evaluate" in result["stages_ran"]
+    assert result["stages_ran"][0] == "select" and "evaluate" in result["stages_ran"]
     assert set(result["metrics"]) == MODELS
     decision = result["promotion"]
     assert decision["promoted"] is False, decision

@@ -359,6 +359,19 @@ def load_params(path: Path | str = "params.yaml") -> Params:
     return parse_params(raw, path)
 
 
+def side_for(size: int | str, backbone: str) -> int:
+    """A pinned ``data.image_size`` as a side for ``backbone``: an int as it is, ``native`` or ``fixres``.
+
+    Raises:
+        ConfigError: For ``auto``, which only the select stage turns into a side.
+    """
+    if isinstance(size, int):
+        return size
+    if size in (NATIVE, FIXRES):
+        return NATIVE_SIZES[backbone] if size == NATIVE else fixres_size(NATIVE_SIZES[backbone])
+    raise ConfigError(f"data.image_size {size!r} is chosen by the select stage, not a side")
+
+
 def needs_selection(params: Params) -> bool:
     """Whether the backbone or the input side is left to the select stage (or a word for a chosen backbone)."""
     return params.features.backbone == AUTO or not isinstance(params.data.image_size, int)
@@ -383,8 +396,8 @@ def resolve_choice(params: Params, selection: dict | None) -> Params:
     size = params.data.image_size
     if size == AUTO:
         size = int(selection["image_size"])
-    elif size in (NATIVE, FIXRES):
-        size = NATIVE_SIZES[backbone] if size == NATIVE else fixres_size(NATIVE_SIZES[backbone])
+    else:
+        size = side_for(size, backbone)
     return params.model_copy(update={
         "features": params.features.model_copy(update={"backbone": backbone}),
         "data": params.data.model_copy(update={"image_size": int(size)}),

@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from tlpipe.config import NATIVE_SIZES, Params, SelectParams, SvmParams, scaled_size
+from tlpipe.config import NATIVE_SIZES, Params, SelectParams, SvmParams, scaled_size, side_for
 
 NATIVE_GFLOPS: dict[str, float] = {"efficientnet_lite0": 0.3839, "efficientnet_lite1": 0.5989,
                                    "efficientnet_lite2": 0.8585, "resnet50": 3.8559}
@@ -117,7 +117,7 @@ def list_candidates(params: Params) -> list[Candidate]:
         if size == "auto":
             sides = [scaled_size(NATIVE_SIZES[backbone], scale) for scale in params.select.scales]
         else:
-            sides = [resolve_size(size, backbone)]
+            sides = [side_for(size, backbone)]
         candidates += [Candidate(backbone, side) for side in dict.fromkeys(sides)]
     candidates.sort(key=lambda c: (c.gflops, c.backbone, c.image_size))
     return candidates
@@ -145,15 +145,6 @@ def afford(candidates: Sequence[Candidate], n_train: int, params: SelectParams) 
                                    f" = {candidate.gflops * n_train:.0f} > {params.max_train_gflops:g})")
     raced = [c for c in candidates if c not in excluded] or [candidates[0]]
     return raced, {c: reason for c, reason in excluded.items() if c not in raced}
-
-
-def resolve_size(size: int | str, backbone: str) -> int:
-    """A ``data.image_size`` value as a side for ``backbone``: an int, ``native`` or ``fixres``."""
-    if isinstance(size, int):
-        return size
-    if size in ("native", "fixres"):
-        return scaled_size(NATIVE_SIZES[backbone], 1.0 if size == "native" else 1.3)
-    raise SelectionError(f"data.image_size {size!r} is chosen by the select stage, not a side")
 
 
 def budget_gflops(budget: float, total_images: int) -> float:

@@ -23,14 +23,57 @@ export PATH := $(abspath $(BIN)):$(PATH)
 
 .PHONY: setup run test test-fast bench bench-full ui prefect-server prefect-stop deploy worker serve serve-model tracking-server tracking-stop remote clean
 
-setup: $(STAMP)
+# Set-up: .venv from uv.lock (`uv sync --frozen`), on CPython 3.11-3.13, Linux x86_64 or aarch64 (README "Set-up").
+# The interpreter: PYTHON=/path/to/python3.X when given, else the existing .venv's when it is supported, else the
+# first of python3.13, python3.12, python3.11, python3 that is 3.11-3.13. A .venv of another interpreter (one that
+# no longer runs, is unsupported, or differs from PYTHON=) is replaced. The core and the `test` extra are always
+# installed; EXTRAS adds more and is remembered (`make setup EXTRAS=gpu`: JAX with CUDA for bench/gpu_run.sh;
+# `make setup EXTRAS=test`: back to the default).
+PYTHON ?=
+EXTRAS ?=
+UV_VERSION := 0.13.9
+PY_SUPPORTED := import sys; sys.exit(not (3, 11) <= sys.version_info[:2] <= (3, 13) or sys.implementation.name != "cpython")
+PY_ID := import platform, sys; print(platform.python_implementation(), platform.python_version(), "in", sys.base_prefix)
+export UV_PYTHON_DOWNLOADS := never
 
-$(STAMP): pyproject.toml requirements.lock
-	@test -x $(PY) || python3 -m venv $(VENV)
-	@$(PY) -m pip install -q --disable-pip-version-check "uv==0.13.9"
-	$(BIN)/uv pip install -q --compile-bytecode -p $(PY) -r requirements.lock
-	$(BIN)/uv pip install -q --compile-bytecode -p $(PY) --no-deps -e .
-	@touch $(STAMP)
+# Prints nothing when $(VENV) is a virtual environment of a supported interpreter (made here when missing, replaced
+# when stale), else the one line that `make setup` stops with. Progress goes to stderr.
+define VENV_CHECK
+pick() { for c in $(if $(PYTHON),"$(PYTHON)",python3.13 python3.12 python3.11 python3); do
+    p=$$(command -v "$$c" 2>/dev/null) && "$$p" -c '$(PY_SUPPORTED)' 2>/dev/null && { echo "$$p"; return 0; };
+  done; return 1; };
+need="make setup: needs CPython 3.11, 3.12 or 3.13 (tried $(if $(PYTHON),PYTHON=$(PYTHON),python3.13 python3.12 python3.11 python3)); install one, or pass PYTHON=/path/to/python3.X";
+if [ -e $(VENV) ] && [ ! -f $(VENV)/pyvenv.cfg ]; then
+  echo "make setup: $(VENV) exists but is no virtual environment; move it away, or pass VENV=another/folder"; exit 0; fi;
+if [ -f $(VENV)/pyvenv.cfg ]; then
+  have=$$($(PY) -c '$(PY_ID)' 2>/dev/null) || have=; want=$$have; why=;
+  $(if $(PYTHON),want=$$(p=$$(pick) && "$$p" -c '$(PY_ID)') || { echo "$$need"; exit 0; };)
+  if [ -z "$$have" ]; then why="its Python ($$(sed -n 's/^home *= *//p' $(VENV)/pyvenv.cfg)) no longer runs";
+  elif ! $(PY) -c '$(PY_SUPPORTED)' 2>/dev/null; then why="$$have is not CPython 3.11-3.13";
+  elif [ "$$have" != "$$want" ]; then why="$$have, but PYTHON is $$want"; fi;
+  if [ -n "$$why" ]; then
+    echo "make setup: replacing $(VENV): $$why" >&2;
+    rm -rf $(VENV); fi; fi;
+if [ ! -f $(VENV)/pyvenv.cfg ]; then
+  base=$$(pick) || { echo "$$need"; exit 0; };
+  echo "make setup: $(VENV) from $$base" >&2;
+  "$$base" -m venv $(VENV) >&2 || { rm -rf $(VENV); echo "make setup: $$base cannot create a virtual environment (Debian: apt-get install python3-venv)"; exit 0; }; fi
+endef
+
+setup:
+	$(if $(findstring n,$(firstword -$(MAKEFLAGS))),,$(eval VENV_PROBLEM := $(shell $(VENV_CHECK))))
+	$(if $(VENV_PROBLEM),$(error $(VENV_PROBLEM)))
+	@extras="$(filter-out test,$(EXTRAS))"; $(if $(EXTRAS),,[ -f $(STAMP) ] && extras=$$(cat $(STAMP));) \
+	if [ -f $(STAMP) ] && [ "$$(cat $(STAMP))" != "$$extras" ]; then rm -f $(STAMP); fi; \
+	$(MAKE) -q $(STAMP) 2>/dev/null || $(MAKE) --no-print-directory $(STAMP) EXTRAS="$$extras"
+
+$(STAMP): pyproject.toml uv.lock
+	@case "$$($(BIN)/uv --version 2>/dev/null)" in "uv $(UV_VERSION)"*) ;; *) \
+	  { $(PY) -m pip --version >/dev/null 2>&1 || $(PY) -m ensurepip -q; } && \
+	  $(PY) -m pip install -q --disable-pip-version-check "uv==$(UV_VERSION)";; esac
+	UV_PROJECT_ENVIRONMENT=$(abspath $(VENV)) $(BIN)/uv sync -q --frozen --compile-bytecode -p $(PY) \
+	  --extra test $(foreach e,$(filter-out test,$(EXTRAS)),--extra $(e))
+	@echo "$(filter-out test,$(EXTRAS))" > $(STAMP)
 
 run: setup
 	$(BIN)/tlpipe repro

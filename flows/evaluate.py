@@ -5,7 +5,7 @@ from __future__ import annotations
 from prefect import flow
 
 from tlpipe import store, tracking
-from tlpipe.config import load_stage_params
+from tlpipe.config import load_stage_params, stage_param_values
 from tlpipe.ingest import hash_manifest
 from tlpipe.paths import project_paths
 from tasks.common import check_tracking
@@ -33,7 +33,7 @@ def evaluate_flow(root: str | None = None) -> dict:
     params = load_stage_params(paths.params, paths.selection)
     check_tracking(paths.root)
     data_hash = hash_manifest(store.load_manifest(paths.store))
-    stage_params = {"evaluate": params.evaluate.model_dump(), "registry": params.registry.model_dump()}
+    stage_params = stage_param_values(params, paths.root, "evaluate")  # dvc.yaml's list for the stage
     with tracking.stage_run("evaluate", paths.root, stage_params, data_hash):  # spans the stage's work
         result = evaluate_all(paths, params)
         accuracies = write_metrics(result, paths.metrics)

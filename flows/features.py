@@ -5,7 +5,7 @@ from __future__ import annotations
 from prefect import flow
 
 from tlpipe import store, tracking
-from tlpipe.config import load_stage_params
+from tlpipe.config import load_stage_params, stage_param_values
 from tlpipe.ingest import hash_manifest
 from tlpipe.paths import project_paths
 from tasks.features import check_backbone_weights, extract, log_features, write_metrics
@@ -22,7 +22,8 @@ def features_flow(root: str | None = None) -> dict:
     params = load_stage_params(paths.params, paths.selection)
     data_hash = hash_manifest(store.load_manifest(paths.store))
     # the stage run spans the work; opening it checks the store first (fails fast when unreachable)
-    with tracking.stage_run("features", paths.root, {"features": params.features.model_dump()}, data_hash) as run_id:
+    stage_params = stage_param_values(params, paths.root, "features")  # dvc.yaml's list for the stage
+    with tracking.stage_run("features", paths.root, stage_params, data_hash) as run_id:
         image_size = store.read_npy_header(store.split_path(paths.store, "train"))[0][1]
         check_backbone_weights(params.features, image_size)
         meta = extract(paths.store, paths.features, params.features)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from prefect import flow
 
 from tlpipe import store, tracking
-from tlpipe.config import load_stage_params
+from tlpipe.config import load_stage_params, stage_param_values
 from tlpipe.ingest import hash_manifest
 from tlpipe.models import NETWORK_MODELS
 from tlpipe.paths import project_paths
@@ -24,8 +24,7 @@ def finetune_flow(root: str | None = None, kinds: list[str] | None = None) -> di
     paths = project_paths(root)
     params = load_stage_params(paths.params, paths.selection)
     data_hash = hash_manifest(store.load_manifest(paths.store))
-    stage_params = {"finetune": params.finetune.model_dump(), "data": {"resize_mode": params.data.resize_mode},
-                    "features": {"backbone": params.features.backbone, "weights": params.features.weights}}
+    stage_params = stage_param_values(params, paths.root, "finetune")  # dvc.yaml's list for the stage
     # the stage run spans the work; opening it checks the store first (fails fast when unreachable)
     with tracking.stage_run("finetune", paths.root, stage_params, data_hash) as run_id:
         image_size = store.read_npy_header(store.split_path(paths.store, "train"))[0][1]

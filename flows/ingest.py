@@ -7,7 +7,7 @@ import time
 from prefect import flow
 
 from tlpipe import tracking
-from tlpipe.config import load_stage_params
+from tlpipe.config import load_stage_params, stage_param_values
 from tlpipe.paths import project_paths
 from tasks.ingest import build_store, list_source_files, log_ingest, write_data_report
 
@@ -22,7 +22,8 @@ def ingest_flow(root: str | None = None) -> dict:
     paths = project_paths(root)
     params = load_stage_params(paths.params, paths.selection)
     # the stage run spans the work; opening it checks the store first (fails fast when unreachable)
-    with tracking.stage_run("ingest", paths.root, {"data": params.data.model_dump()}) as run_id:
+    stage_params = stage_param_values(params, paths.root, "ingest")  # dvc.yaml's list for the stage
+    with tracking.stage_run("ingest", paths.root, stage_params) as run_id:
         start = time.perf_counter()
         listing = list_source_files(params.data)
         report = build_store(listing, params.data, paths.store)

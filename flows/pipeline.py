@@ -9,7 +9,7 @@ from tlpipe.lock import pipeline_lock
 from tlpipe.paths import ProjectPaths, project_paths
 from tasks.common import get_logger
 from tasks.pipeline import (
-    close_pipeline_run, current_prefect_api_url, open_pipeline_run, publish_artifacts, read_results, run_dvc,
+    check_inputs, close_pipeline_run, current_prefect_api_url, open_pipeline_run, publish_artifacts, read_results, run_dvc,
     tag_pipeline_run,
 )
 from flows.common import TAGS_ENV, stage_tags
@@ -42,6 +42,7 @@ def run_pipeline(paths: ProjectPaths, overrides: list[str], experiment: bool, fo
     from prefect.runtime import flow_run
 
     tags = tag_pipeline_run([*stage_tags(paths.root), f"pipeline:{flow_run.id}"])
+    check_inputs(paths.root, overrides)  # before DVC removes any output
     parent, experiment_name = open_pipeline_run(paths.root, overrides)  # the task's MLflow experiment
     env = {tracking.PARENT_ENV: parent, tracking.EXPERIMENT_ENV: experiment_name, "TLPIPE_ROOT": str(paths.root),
            TAGS_ENV: ",".join(tags)}

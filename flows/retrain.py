@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from prefect import flow
 
-from tlpipe.config import load_params
+from tlpipe.config import check_run_inputs
 from tlpipe.paths import project_paths
 from tasks.common import get_logger
 from tasks.pipeline import dvc_status
@@ -45,7 +45,7 @@ def retrain_flow(root: str | None = None, force: bool = False) -> dict:
         pipeline flow's result (``stages_ran``, ``metrics``, ``promotion``, ...).
     """
     paths = project_paths(root)
-    load_params(paths.params)  # a bad params.yaml fails here, naming the key
+    check_run_inputs(paths.root)  # a bad params.yaml or a missing source fails here, before DVC runs
     logger = get_logger()
     stale = dvc_status(paths.root)
     if not stale and not force:

@@ -10,7 +10,7 @@ from prefect import flow, unmapped
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from tlpipe import selection, tracking
-from tlpipe.config import load_params
+from tlpipe.config import load_params, stage_param_values
 from tlpipe.paths import project_paths
 from tasks.selection import decode_images, log_selection, probe, split_source, write_outputs
 
@@ -24,8 +24,7 @@ def select_flow(root: str | None = None) -> dict:
     """
     paths = project_paths(root)
     params = load_params(paths.params)
-    stage_params = {"select": params.select.model_dump(), "data": params.data.model_dump(),
-                    "features": {"backbone": params.features.backbone, "weights": params.features.weights}}
+    stage_params = stage_param_values(params, paths.root, "select")  # dvc.yaml's list for the stage
     with tracking.stage_run("select", paths.root, stage_params) as run_id:
         start = time.perf_counter()
         candidates, excluded = selection.list_candidates(params), {}

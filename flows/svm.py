@@ -5,7 +5,7 @@ from __future__ import annotations
 from prefect import flow
 
 from tlpipe import store, tracking
-from tlpipe.config import load_stage_params
+from tlpipe.config import load_stage_params, stage_param_values
 from tlpipe.ingest import hash_manifest
 from tlpipe.paths import project_paths
 from tasks.svm import log_svms, train, write_metrics
@@ -21,8 +21,7 @@ def svm_flow(root: str | None = None) -> dict:
     paths = project_paths(root)
     params = load_stage_params(paths.params, paths.selection)
     data_hash = hash_manifest(store.load_manifest(paths.store))
-    stage_params = {"svm": params.svm.model_dump(), "data": {"resize_mode": params.data.resize_mode},
-                    "features": {"backbone": params.features.backbone, "weights": params.features.weights}}
+    stage_params = stage_param_values(params, paths.root, "svm")  # dvc.yaml's list for the stage
     # the stage run spans the work; opening it checks the store first (fails fast when unreachable)
     with tracking.stage_run("svm", paths.root, stage_params, data_hash) as run_id:
         summaries = train(paths.store, paths.features, paths.svm_models, params)

@@ -14,10 +14,11 @@ from pathlib import Path
 from prefect import task
 
 from tlpipe import ensemble, evaluate, registry, selection, store, tracking
-from tlpipe.config import Params, resolve_task
+from tlpipe.config import Params, resolve_task, stage_param_values
 from tlpipe.formats import format_score, round_score
 from tlpipe.models import ENSEMBLE_MODEL, model_file
 from tlpipe.paths import ProjectPaths
+from tlpipe.pause import pause_point
 from tasks.common import get_logger, log_image_model
 
 SCALARS = ("accuracy", "balanced_accuracy", "f1_macro", "roc_auc")
@@ -76,10 +77,11 @@ def log_evaluation(paths: ProjectPaths, params: Params, result: dict, data_hash:
     """
     import mlflow
 
+    pause_point("evaluate.logging")  # metrics published, not yet logged: a fault test acts here
     out_dir = paths.reports("evaluate")
     client = tracking.connect(paths.root)
     experiment_id = tracking.ensure_experiment(client, paths.root)
-    stage_params = {"evaluate": params.evaluate.model_dump(), "registry": params.registry.model_dump()}
+    stage_params = stage_param_values(params, paths.root, "evaluate")  # as the flow opened the run
     with tracking.stage_run("evaluate", paths.root, stage_params, data_hash, client=client) as run_id:
         log_ensemble_tries(client, run_id, result.get("ensemble"))
         if ENSEMBLE_MODEL in result["metrics"]:  # its own model run first, so its test metrics land on it below

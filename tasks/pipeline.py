@@ -12,6 +12,7 @@ from pathlib import Path
 from prefect import task
 
 from tlpipe import tracking
+from tlpipe.config import check_run_inputs
 from tlpipe.errors import UserError
 from tlpipe.process_group import guarded_group
 from tasks.common import get_logger, retry_unless_user_error
@@ -55,6 +56,13 @@ def dvc_command(overrides: list[str], experiment: bool, force_stages: list[str])
 
 @task(name="open-pipeline-run", retries=2, retry_delay_seconds=[2, 8], timeout_seconds=120,
       retry_condition_fn=retry_unless_user_error)
+@task(name="check-inputs", retries=0)
+def check_inputs(root: Path, overrides: list[str]) -> None:
+    """Reject a bad ``params.yaml`` (or ``-S`` override) and a missing source before DVC starts: DVC would
+    remove the first stage's outputs before that stage rejects them (:func:`tlpipe.config.check_run_inputs`)."""
+    check_run_inputs(root, overrides)
+
+
 def open_pipeline_run(root: Path, overrides: list[str]) -> tuple[str, str]:
     """Create the MLflow pipeline (parent) run that every stage run attaches to, in the experiment of the
     task the run is for (``params.yaml`` with ``overrides``); return its id and that experiment's name."""

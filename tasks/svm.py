@@ -8,6 +8,7 @@ from prefect import task
 
 from tlpipe import store, svm, tracking
 from tlpipe.config import Params
+from tlpipe.pause import pause_point
 from tasks.common import get_logger, log_image_model
 
 
@@ -39,6 +40,7 @@ def log_svms(stage_run_id: str, root: Path, params: Params, summaries: dict, svm
     Returns:
         ``{model name: run id}``.
     """
+    pause_point("svm.logging")  # models published, not yet logged: a fault test kills the stage here
     client = tracking.get_client(root)
     classes = store.load_classes(store_dir)
     image_size = int(store.read_npy_header(store.split_path(store_dir, "train"))[0][1])

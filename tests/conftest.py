@@ -35,6 +35,10 @@ PROJECT_FILES = ("dvc.yaml", "params.yaml", "pyproject.toml", "flows", "tasks", 
 #: Variables of the user's shell that would point tests at the user's own stores, projects or servers.
 UNSET_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME",
              "MLFLOW_RUN_ID", "TLPIPE_ROOT", "TLPIPE_PARENT_RUN_ID", "TLPIPE_EXPERIMENT", "PREFECT_API_URL")
+#: Every variable of the user's shell with one of these prefixes is removed for the session (a user's
+#: ``TLPIPE_DASK_SCHEDULER``, ``PREFECT_PROFILE``, ``DVC_SITE_CACHE_DIR``, ... must not change what a test does);
+#: :func:`hermetic_env` then sets the ones the suite needs.
+UNSET_PREFIXES = ("TLPIPE_", "MLFLOW_", "PREFECT_", "DVC_", "KERAS_", "TF_", "JAX_", "XLA_", "CUDA_VISIBLE")
 SAVED_ENV = pytest.StashKey[dict]()
 SESSION_DIR = pytest.StashKey[Path]()
 
@@ -47,6 +51,10 @@ def hermetic_env(session_dir: Path) -> dict[str, str]:
         "TLPIPE_CACHE_DIR": str(session_dir / "tlpipe-cache"), "KERAS_HOME": str(session_dir / "keras"),
         "KERAS_BACKEND": "tensorflow",
         "TLPIPE_PREFECT_SERVER": "ephemeral",  # a stage run without PREFECT_API_URL never leaves a server behind
+        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",  # a loaded machine starts servers slowly
+        "PREFECT_HOME": str(session_dir / "prefect"),  # no profile, database or server of the user's
+        "DVC_SITE_CACHE_DIR": str(session_dir / "dvc-site"),  # DVC's per-repo index and lock cache
+        "MPLCONFIGDIR": str(session_dir / "matplotlib"),  # matplotlib's font cache
         "GIT_CONFIG_GLOBAL": os.devnull, "GIT_CONFIG_NOSYSTEM": "1",
         "GIT_AUTHOR_NAME": "tlpipe tests", "GIT_AUTHOR_EMAIL": "tests@tlpipe.invalid",
         "GIT_COMMITTER_NAME": "tlpipe tests", "GIT_COMMITTER_EMAIL": "tests@tlpipe.invalid",
@@ -62,10 +70,11 @@ def pytest_configure(config: pytest.Config) -> None:
     session_dir = Path(tempfile.mkdtemp(prefix="tlpipe-tests-"))
     env = hermetic_env(session_dir)
     config.stash[SESSION_DIR] = session_dir
-    config.stash[SAVED_ENV] = {key: os.environ.get(key) for key in (*env, *UNSET_ENV)}
+    removed = [key for key in os.environ if key in UNSET_ENV or key.startswith(UNSET_PREFIXES)]
+    config.stash[SAVED_ENV] = {key: os.environ.get(key) for key in (*env, *removed)}
+    for key in removed:
+        del os.environ[key]
     os.environ.update(env)
-    for key in UNSET_ENV:
-        os.environ.pop(key, None)
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
@@ -80,17 +89,38 @@ def pytest_unconfigure(config: pytest.Config) -> None:
 
 
 BASELINE_GROUP = "pipeline-baseline"
+FAULTS_GROUP = "faults"
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own hook, which reads the groups into the test ids
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Keep the tests that use (and change) the shared tiny pipeline run on one pytest-xdist worker.
+    """Keep the tests sharing one expensive fixture on one pytest-xdist worker; set per-test timeouts.
 
-    ``make test`` runs two workers with ``--dist loadgroup``: every other test goes to whichever worker is
-    free, while this group shares one ``pipeline_baseline`` (built once, ~2 min) in its recorded order.
+    ``make test`` runs workers with ``--dist loadgroup``: every other test goes to whichever worker is free,
+    while a group shares its fixture on one worker: the tests of the shared tiny pipeline run
+    (``pipeline_baseline``, built once), and the fault tests (one cascade of killed runs, compared with the
+    pipeline run's published digests, see :func:`baseline_digests`).
     """
     for item in items:
-        if "pipeline_baseline" in getattr(item, "fixturenames", ()) or item.path.name == "test_faults.py":
+        if item.path.name == "test_faults.py":
+            item.add_marker(pytest.mark.xdist_group(FAULTS_GROUP))
+        elif "pipeline_baseline" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.xdist_group(BASELINE_GROUP))
+        if item.get_closest_marker("timeout") is None:
+            item.add_marker(pytest.mark.timeout(timeout_for(item)))
+
+
+UNIT_TIMEOUT_S = 300
+"""A unit or data test that runs longer than this hangs (pytest-timeout stops it and names it)."""
+SLOW_TIMEOUT_S = 1200
+"""Any other test, its fixtures' set-up included (the shared tiny pipeline, the fault cascade): the suite's
+hard limit, so a hang fails the test that hangs instead of the whole run's time limit."""
+
+
+def timeout_for(item: pytest.Item) -> int:
+    """The per-test timeout (seconds) of a collected test: by tier, from its folder under tests/."""
+    tier = item.path.relative_to(REPO / "tests").parts[0] if item.path.is_relative_to(REPO / "tests") else ""
+    return UNIT_TIMEOUT_S if tier in ("unit", "data") else SLOW_TIMEOUT_S
 
 
 @contextmanager
@@ -211,13 +241,38 @@ def copy_project_files(code: Path, target: Path) -> None:
             shutil.copy2(src, dst)
 
 
-def make_project(target: Path, source: Path, overrides: dict | None = None, code: Path = REPO) -> Path:
+def seed_tracking_store(folder: Path) -> Path:
+    """Put an empty MLflow SQLite store, schema already created, at ``folder/mlflow.db``; return its path.
+
+    MLflow creates a new store's schema by running its ~60 database migrations (5-10 s); a test project
+    needs an empty store, not the migrations, so the session creates one once (per pytest process) and
+    copies it. Creating a store on first use, concurrently too, keeps its own tests (``tests/e2e/test_queue.py``,
+    ``tests/unit/test_tracking.py``), whose projects are made with ``tracking_store=False``.
+    """
+    template = Path(os.environ["TLPIPE_CACHE_DIR"]).parent / "mlflow-template" / "mlflow.db"
+    if not template.exists():
+        from mlflow import MlflowClient
+
+        staging = template.parent.with_name(f".mlflow-template.tmp-{os.getpid()}")
+        staging.mkdir(parents=True, exist_ok=True)
+        MlflowClient(tracking_uri=f"sqlite:///{staging / 'mlflow.db'}").search_experiments(max_results=1)
+        os.replace(staging, template.parent)  # published whole, never half-migrated
+    folder.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(template, folder / "mlflow.db")
+    return folder / "mlflow.db"
+
+
+def make_project(target: Path, source: Path, overrides: dict | None = None, code: Path = REPO,
+                 tracking_store: bool = True) -> Path:
     """Copy the project's code and pipeline into ``target`` (a git + DVC repo) with tiny params.
 
     ``code``: where the code comes from (default: this checkout; a snapshot from :func:`copy_project_files`
-    gives two projects the very same code even while the checkout changes).
+    gives two projects the very same code even while the checkout changes). ``tracking_store``: start with an
+    empty MLflow store (:func:`seed_tracking_store`); False leaves creating it to the first stage.
     """
     copy_project_files(code, target)
+    if tracking_store:
+        seed_tracking_store(target)
     params = yaml.safe_load((code / "params.yaml").read_text())
     params = deep_update(params, deep_update(TINY_PARAMS, {"data": {"source": str(source)}}))
     params = deep_update(params, overrides or {})
@@ -367,9 +422,16 @@ def output_digests(project: Path, source: Path) -> dict[str, str]:
     return {relpath: stable_digest(project / relpath, places) for relpath in dvc_outputs(project)}
 
 
+#: The select stage's race on tiny data (two backbones at the pinned 32 px), as the shared pipeline runs it.
+RACE = {"features": {"backbone": "auto"},
+        "select": {"backbones": ["efficientnet_lite0", "efficientnet_lite1"], "cv_folds": 3, "n_jobs": 1,
+                   "c_grid": {"start": -2, "stop": 2, "num": 3}, "batch_size": 16}}
+
+
 @dataclass(frozen=True)
 class PipelineRun:
-    """An uninterrupted ``dvc repro`` of a tiny project, as recorded right after it finished."""
+    """An uninterrupted ``tlpipe repro`` of a tiny project, as recorded right after it finished, and a second
+    ``tlpipe repro`` started in the same project while the first held its pipeline lock."""
 
     project: Path
     source: Path
@@ -377,29 +439,131 @@ class PipelineRun:
     output: str
     flow_runs: dict[str, int]
     digests: dict[str, str]
+    pid: int  # the first tlpipe repro's process
+    second: subprocess.CompletedProcess  # the second, refused
+    first_ran_on: bool  # the first was still running when the second had ended
+
+
+def shared_folder(tmp_path_factory) -> Path:
+    """A folder every pytest-xdist worker of this session sees (the workers' base folders' parent)."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
+def code_digest(code: Path) -> str:
+    """SHA-256 over the project files of a code snapshot: two snapshots of one checkout are equal."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for path in sorted(p for p in code.rglob("*") if p.is_file() and "__pycache__" not in p.parts):
+        digest.update(str(path.relative_to(code)).encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
+
+
+def wait_for_lock_holder(project: Path, process: subprocess.Popen, timeout: float = 900) -> dict:
+    """The holder note of a project's pipeline lock, once ``process`` (a ``tlpipe repro``) holds it."""
+    import json
+    import time
+
+    from tlpipe.lock import pipeline_lock_path
+
+    path = pipeline_lock_path(project)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert process.poll() is None, process.communicate()[1][-3000:]
+        text = path.read_text() if path.exists() else ""
+        if text:
+            return json.loads(text)
+        time.sleep(0.2)
+    raise TimeoutError("the pipeline never took its lock")
 
 
 @pytest.fixture(scope="session")
 def pipeline_baseline(tmp_path_factory, prefect_server) -> PipelineRun:
-    """One uninterrupted ``dvc repro`` of a tiny project (``make_source`` seed 0, :data:`TINY_PARAMS`).
+    """One uninterrupted ``tlpipe repro`` (the CLI, as ``make run`` starts it) of a tiny project whose select
+    stage races two backbones (``make_source`` seed 0, :data:`TINY_PARAMS` and :data:`RACE`).
 
-    Shared, so the slow full run happens once per session: the e2e test goes on using (and changing) the
-    project; the fault tests compare their reruns with ``digests``, recorded before anyone changed it, and
-    build their projects from ``code``, the snapshot of the code this run used.
+    Shared, so the slow full run happens once per session. While it runs, a second ``tlpipe repro`` in the same
+    project is started and refused (tests/flows/test_pipeline_prefect.py checks how). Tests that change the
+    project work on a :func:`clone_project` copy. The digests of its outputs are also published to
+    :func:`shared_folder` for the fault tests, which may run on another pytest-xdist worker
+    (:func:`baseline_digests`); they build their projects from a snapshot of the same code.
     """
+    import json
     from datetime import datetime, timezone
 
-    base = tmp_path_factory.mktemp("baseline")
-    code = base / "code"
-    copy_project_files(REPO, code)
-    source = make_source(base / "source")
-    project = make_project(base / "project", source, code=code)
-    since = datetime.now(timezone.utc)
-    result = subprocess.run([sys.executable, "-m", "dvc", "repro"], cwd=project, env=stage_env(prefect_server),
-                            capture_output=True, text=True, timeout=1800)
-    output = result.stdout + result.stderr
-    assert result.returncode == 0, output[-6000:]
-    import time
+    from tlpipe.lock import file_lock
 
-    time.sleep(1)  # flow runs are created asynchronously on the server
-    return PipelineRun(project, source, code, output, count_flow_runs(since), output_digests(project, source))
+    shared = shared_folder(tmp_path_factory)
+    with file_lock(shared / "pipeline-baseline.lock", "the shared tiny pipeline", wait_s=None):
+        base = tmp_path_factory.mktemp("baseline")
+        code = base / "code"
+        copy_project_files(REPO, code)
+        source = make_source(base / "source")
+        project = make_project(base / "tinypipe", source, RACE, code=code)  # a name no other test uses
+        env = stage_env(prefect_server)
+        since = datetime.now(timezone.utc)
+        command = [sys.executable, "-m", "flows.cli", "repro"]
+        first = subprocess.Popen(command, cwd=project, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                 text=True)
+        try:
+            wait_for_lock_holder(project, first)
+            second = subprocess.run(command, cwd=project, env=env, capture_output=True, text=True, timeout=300)
+            first_ran_on = first.poll() is None
+            out, err = first.communicate(timeout=1800)
+        finally:
+            if first.poll() is None:
+                first.kill()
+                first.communicate()
+        output = out + err
+        assert first.returncode == 0, output[-6000:]
+        import time
+
+        time.sleep(1)  # flow runs are created asynchronously on the server
+        digests = output_digests(project, source)
+        published = {"digests": digests, "code": code_digest(code)}
+        staging = shared / f".pipeline-baseline.json.tmp-{os.getpid()}"
+        staging.write_text(json.dumps(published))
+        os.replace(staging, shared / "pipeline-baseline.json")
+    return PipelineRun(project, source, code, output, count_flow_runs(since), digests, first.pid, second,
+                       first_ran_on)
+
+
+@pytest.fixture(scope="session")
+def baseline_digests(request, tmp_path_factory) -> dict:
+    """``{"digests": ..., "code": ...}`` of the shared tiny pipeline (:func:`pipeline_baseline`), from whichever
+    worker built it; built here when no worker has (the fault tests run alone, or before it)."""
+    import json
+
+    from tlpipe.lock import file_lock
+
+    shared = shared_folder(tmp_path_factory)
+    with file_lock(shared / "pipeline-baseline.lock", "the shared tiny pipeline", wait_s=None):
+        published = shared / "pipeline-baseline.json"  # waited for: a worker building it holds the lock
+        if published.exists():
+            return json.loads(published.read_text())
+    run = request.getfixturevalue("pipeline_baseline")
+    return {"digests": run.digests, "code": code_digest(run.code)}
+
+
+def clone_project(project: Path, target: Path) -> Path:
+    """A working copy of a reproduced tiny project: its code, git history, DVC cache and lock, outputs and
+    MLflow store, with the store's paths (experiments' artifact locations, runs' artifact URIs, model
+    versions' sources) moved to the copy, so what a test changes in the copy never touches the original.
+    """
+    import sqlite3
+
+    def ignore(folder: str, names: list[str]) -> list[str]:  # DVC's locks and temporary files stay behind
+        return ["tmp"] if Path(folder) == project / ".dvc" else []
+
+    shutil.copytree(project, target, symlinks=True, ignore=ignore)
+    db = target / "mlflow.db"
+    if db.exists():
+        with sqlite3.connect(db) as connection:
+            tables = [row[0] for row in connection.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
+            for table in tables:
+                for column in connection.execute(f"PRAGMA table_info('{table}')").fetchall():
+                    if column[2].upper().startswith(("VARCHAR", "TEXT")):
+                        connection.execute(f'UPDATE "{table}" SET "{column[1]}" = replace("{column[1]}", ?, ?) '
+                                           f'WHERE "{column[1]}" LIKE ?', (str(project), str(target), f"%{project}%"))
+    return target

@@ -422,6 +422,70 @@ def load_stage_params(params_path: Path | str, selection_path: Path | str) -> Pa
     return resolve_choice(params, read_selection(selection_path) if needs_selection(params) else None)
 
 
+def check_run_inputs(root: Path | str, overrides: list[str] | None = None) -> Params:
+    """Check ``params.yaml`` (with ``dvc exp run -S`` overrides) and the source before DVC runs any stage.
+
+    DVC removes a stage's outputs before it starts the stage, so a stage that rejects a typo, a bad value
+    or a missing source leaves the workspace without them (until ``dvc checkout``). ``tlpipe repro`` and the
+    scheduled retrain call this first, and DVC is not started when it fails.
+
+    Raises:
+        ConfigError: Naming every bad or unknown key.
+        SourceError: When a folder source is missing or holds fewer than two class folders with files.
+    """
+    from tlpipe.sources import SourceError, folder_class_names, source_folder
+
+    path = Path(root) / "params.yaml"
+    params = load_params(path)  # the file itself first: its own errors name it
+    if overrides:
+        raw = apply_overrides(yaml.safe_load(path.read_text()) or {}, overrides)
+        params = parse_params(raw, Path(f"{path} with -S {' '.join(overrides)}"))
+    if params.data.source != "elpv":
+        folder = source_folder(params.data.source, Path(root))
+        classes = folder_class_names(folder, params.data.classes)  # raises when the folder is missing
+        if len(classes) < 2:
+            raise SourceError(f"source folder {folder} has {len(classes)} class folder(s) with files "
+                              f"({', '.join(classes) or 'none'}): one sub-folder per class, at least two, is "
+                              "needed (data.source in params.yaml)")
+    return params
+
+
+def read_stage_spec(root: Path | str, stage: str) -> dict:
+    """The ``stages.<stage>`` entry of the project's ``dvc.yaml``."""
+    path = Path(root) / "dvc.yaml"
+    try:
+        return yaml.safe_load(path.read_text())["stages"][stage]
+    except (OSError, KeyError, TypeError, yaml.YAMLError) as error:
+        raise ConfigError(f"{path}: no readable stage '{stage}' ({type(error).__name__}: {error})") from None
+
+
+def stage_param_values(params: Params, root: Path | str, stage: str) -> dict:
+    """The values of exactly the params ``dvc.yaml`` lists for ``stage``, nested as in ``params.yaml``: what
+    the stage's MLflow run logs. ``dvc.yaml`` is the one list; a stage that depends on the select stage's
+    choice (``data/selection.json``) also gets it, as ``selection.backbone`` and ``selection.image_size``.
+
+    Args:
+        params: The stage's params (:func:`load_stage_params`: the choice applied).
+        root: The project root (its ``dvc.yaml``).
+        stage: The stage's name in ``dvc.yaml``.
+    """
+    spec = read_stage_spec(root, stage)
+    dumped = params.model_dump()
+    values: dict = {}
+    for key in spec.get("params", []):
+        if not isinstance(key, str):  # {other_file.yaml: [...]}: not params.yaml
+            continue
+        node, target, parts = dumped, values, key.split(".")
+        for part in parts:
+            node = node[part]
+        for part in parts[:-1]:
+            target = target.setdefault(part, {})
+        target[parts[-1]] = node
+    if "data/selection.json" in map(str, spec.get("deps", [])):
+        values["selection"] = {"backbone": params.features.backbone, "image_size": params.data.image_size}
+    return values
+
+
 # ---------------------------------------------------------------- the task
 
 @dataclass(frozen=True)

@@ -20,6 +20,7 @@ import pandas as pd
 
 from tlpipe import store
 from tlpipe.config import FeaturesParams
+from tlpipe.pause import pause_point
 
 KINDS = ("final", "mid")
 EXTRACTOR = "extractor.keras"  # the exact extractor used, so served SVMs see the same features
@@ -263,6 +264,7 @@ def extract_features(
     model = build_extractor(params.backbone, weights, image_size, include_top)
     staging = store.staging_dir(out_dir)
     try:
+        pause_point("features.extracting")  # a fault test kills the stage here (tests/e2e/test_faults.py)
         timings, tables = [], []
         manifest = store.load_manifest(store_dir)
         if client is not None:

@@ -50,6 +50,7 @@ from tlpipe.backbones import build_backbone, check_weights
 from tlpipe.config import AugmentParams, FinetuneParams
 
 from tlpipe.models import NETWORK_MODELS as MODEL_KINDS  # noqa: E402
+from tlpipe.pause import pause_point
 HISTORY_COLUMNS = ("epoch", "phase", "loss", "accuracy", "val_loss", "val_accuracy", "seconds")
 CACHE_FOLDER = "_feature_cache"
 MAX_NOISE_STDDEV = 255.0
@@ -790,6 +791,7 @@ def train_models(store_dir: Path, out_dir: Path, kinds: Sequence[str], backbone_
     staging = store.staging_dir(Path(out_dir))
     course = [kind for kind in kinds if kind != TUNED_KIND]
     try:
+        pause_point("finetune.training")  # a fault test kills the stage here (tests/e2e/test_faults.py)
         cache = None
         shared = load_frozen_backbone(backbone_name, weights, data.image_size, params.seed) if course else None
         if params.feature_cache and course:

@@ -29,6 +29,7 @@ import pandas as pd
 from tlpipe import store
 from tlpipe.config import DataParams
 from tlpipe.images import ImageRejected, decode_bytes, hash_bytes
+from tlpipe.pause import pause_point
 from tlpipe.sources import Candidate, SourceListing
 
 RAW_NAME = "decoded.raw"
@@ -75,7 +76,10 @@ def _iter_decoded(jobs: list[DecodeJob], workers: int) -> Iterable[tuple[int, by
     context = multiprocessing.get_context("forkserver")
     chunk = max(1, min(16, len(jobs) // (workers * 8)))
     with context.Pool(workers) as pool:
-        yield from pool.imap(_decode_job, jobs, chunksize=chunk)
+        for index, decoded in enumerate(pool.imap(_decode_job, jobs, chunksize=chunk)):
+            if index == 0:
+                pause_point("ingest.decoding")  # the pool's workers are running (tests/e2e/test_faults.py)
+            yield decoded
 
 
 def resolve_workers(workers: int) -> int:

@@ -13,8 +13,9 @@ reports them. Everything lives in one state folder (default ``<project>/.tlpipe`
     .tlpipe/tracking.json      ports and URIs of the running services
 
 PostgreSQL binaries come from ``$TLPIPE_PG_BIN``, else the ``pgserver`` wheel in the
-project's environment (PostgreSQL 16, installed by ``make setup``), else a system
-installation (Debian's ``/usr/lib/postgresql/<version>/bin``, or ``pg_ctl`` on PATH).
+project's environment (PostgreSQL 16; ``make setup`` installs it where it has wheels: Linux
+x86_64, CPython 3.11 and 3.12), else a system installation (Debian's
+``/usr/lib/postgresql/<version>/bin``, newest first, or ``pg_ctl`` on PATH).
 PostgreSQL refuses to run as root: when this runs as root the cluster is owned and
 run by ``$TLPIPE_PG_USER`` (default ``nobody``). Clients authenticate with a
 password (SCRAM); the server listens on 127.0.0.1 and a private socket only.
@@ -50,6 +51,7 @@ DB_USER = "tlpipe"
 DB_NAME = "mlflow"
 PG_USER_ENV = "TLPIPE_PG_USER"
 PG_BIN_ENV = "TLPIPE_PG_BIN"
+SYSTEM_PG_ROOT = Path("/usr/lib/postgresql")  # Debian's PostgreSQL: <root>/<major version>/bin
 STATE_FILE = "tracking.json"
 
 
@@ -128,7 +130,7 @@ def postgres_bin_dir(user: str | None = None) -> Path:
     spec = importlib.util.find_spec("pgserver")  # located, not imported (its import has side effects)
     if spec is not None and spec.submodule_search_locations:
         candidates.append(Path(list(spec.submodule_search_locations)[0]) / "pginstall" / "bin")
-    debian = sorted(Path("/usr/lib/postgresql").glob("*/bin"), key=lambda p: int(p.parent.name)
+    debian = sorted(SYSTEM_PG_ROOT.glob("*/bin"), key=lambda p: int(p.parent.name)
                     if p.parent.name.isdigit() else 0, reverse=True)
     candidates.extend(debian)
     if on_path := shutil.which("pg_ctl"):
@@ -144,9 +146,9 @@ def postgres_bin_dir(user: str | None = None) -> Path:
             f"user '{user}' cannot enter {parent}, so it cannot run PostgreSQL from {found[0]}: clone the project "
             f"where that user can reach it, install Debian's postgresql, or set {PG_BIN_ENV}")
     raise ServiceError(
-        "no PostgreSQL server binaries found: run `make setup` (installs the pgserver wheel), "
-        f"install Debian's postgresql (`apt-get install -y postgresql`), or set {PG_BIN_ENV} to the folder "
-        "holding initdb and pg_ctl")
+        "no PostgreSQL server binaries found: install Debian's postgresql (`apt-get install -y postgresql`), "
+        "or run `make setup` on Linux x86_64 with Python 3.11 or 3.12 (installs the pgserver wheel), "
+        f"or set {PG_BIN_ENV} to the folder holding initdb and pg_ctl")
 
 
 def server_user() -> str | None:

@@ -1,5 +1,6 @@
 """Faults lose nothing: every stage killed with SIGKILL half-way, then ``dvc repro`` again; and a tracking server
-that dies in the middle of a stage.
+that dies in the middle of a stage. The moments are deterministic: each stage waits at a named pause point
+(:mod:`tlpipe.pause`, ``TLPIPE_PAUSE_AT``) until the test has acted.
 
 One project goes through a *cascade* of killed runs, so the five faults cost little more than one pipeline run:
 ``dvc repro`` #1 is killed inside ingest; #2 reruns ingest and is killed inside features; ... #5 is killed inside
@@ -31,7 +32,9 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.conftest import make_project, make_source, output_digests, stage_env
+from tests.conftest import (RACE, REPO, code_digest, copy_project_files, deep_update, make_project, make_source,
+                            output_digests, stage_env)
+from tlpipe.pause import PAUSE_AT_ENV, PAUSE_DIR_ENV
 
 pytestmark = pytest.mark.slow
 
@@ -41,41 +44,13 @@ DEBRIS = re.compile(r"^\..+\.(?:tmp|old)-\d+$")
 FINAL_STATES = {"KILLED", "FAILED"}
 
 
-def staging_of(relpath: str) -> Callable[[Path, int], bool]:
-    """Kill point: the stage is building ``relpath`` in its staging folder (``.<name>.tmp-<pid>``)."""
-    def ready(project: Path, pid: int) -> bool:
-        path = project / relpath
-        return (path.parent / f".{path.name}.tmp-{pid}").exists()
-
-    return ready
-
-
-def staging_with_workers(relpath: str) -> Callable[[Path, int], bool]:
-    """Kill point: building ``relpath`` in staging while pool workers run (forked by a forkserver child)."""
-    in_staging = staging_of(relpath)
-
-    def ready(project: Path, pid: int) -> bool:
-        try:
-            return in_staging(project, pid) and any(child.children() for child in psutil.Process(pid).children())
-        except psutil.Error:
-            return False
-
-    return ready
-
-
-def published(relpath: str) -> Callable[[Path, int], bool]:
-    """Kill point: the stage has published ``relpath`` (which DVC removed before starting it) and is still
-    running, i.e. logging to MLflow: outputs written, but DVC has not recorded them."""
-    return lambda project, pid: (project / relpath).exists()
-
-
-KILL_POINTS: dict[str, tuple[Callable[[Path, int], bool], bool]] = {
-    # stage: (when to kill, whether the stage is then inside a staging folder)
-    "ingest": (staging_with_workers("data/store"), True),  # decoding in a 2-process pool (forkserver)
-    "features": (staging_of("data/features"), True),  # extracting backbone features
-    "svm": (published("models/svm"), False),          # logging the three SVMs to MLflow
-    "finetune": (staging_of("models/finetune"), True),  # training (the fault of issue 11, item 6)
-    "evaluate": (published("metrics/evaluate.json"), False),  # logging, registering, gating
+KILL_POINTS: dict[str, tuple[str, bool]] = {
+    # stage: (its pause point (tlpipe.pause), whether the stage is then inside a staging folder)
+    "ingest": ("ingest.decoding", True),  # decoding in a 2-process pool (forkserver)
+    "features": ("features.extracting", True),  # extracting backbone features
+    "svm": ("svm.logging", False),  # models/svm published, the three SVMs not yet logged to MLflow
+    "finetune": ("finetune.training", True),  # training (the fault of issue 11, item 6)
+    "evaluate": ("evaluate.logging", False),  # metrics published; logging, registering, gating to come
 }
 
 
@@ -101,6 +76,7 @@ class Cascade:
 
     project: Path
     source: Path
+    code: Path
     env: dict[str, str]
     kills: dict[str, Kill]
     final_output: str
@@ -111,23 +87,6 @@ class Cascade:
 def stages_ran(output: str) -> list[str]:
     """Stages a ``dvc repro`` output says it ran, in order."""
     return re.findall(r"Running stage '([^']+)'", output)
-
-
-def find_stage_process(root: psutil.Process, stage: str) -> psutil.Process | None:
-    """The Python process running ``flows.<stage>`` under ``root``: not a shell wrapper around it, nor one of
-    its own children (a process pool's workers may carry the module name too)."""
-    matches = []
-    try:
-        for process in root.children(recursive=True):
-            try:
-                if process.name().startswith("python") and f"flows.{stage}" in " ".join(process.cmdline()):
-                    matches.append(process)
-            except psutil.Error:
-                continue
-    except psutil.Error:
-        return None
-    pids = {process.pid for process in matches}
-    return next((process for process in matches if process.ppid() not in pids), None)
 
 
 def describe(process: psutil.Process) -> str:
@@ -178,25 +137,32 @@ def repro(project: Path, env: dict, *args: str, timeout: int = 900) -> subproces
                           capture_output=True, text=True, timeout=timeout)
 
 
-def repro_and_kill(project: Path, env: dict, stage: str, log: Path, timeout: float = 600) -> Kill:
-    """Start ``dvc repro``; SIGKILL the ``stage`` process once it is inside its work (:data:`KILL_POINTS`)."""
-    ready, _ = KILL_POINTS[stage]
-    with open(log, "w") as sink:
-        dvc = subprocess.Popen([sys.executable, "-m", "dvc", "repro"], cwd=project, env=env, stdout=sink,
-                               stderr=subprocess.STDOUT, text=True)
-    root = psutil.Process(dvc.pid)
+def wait_for_pause(folder: Path, point: str, dvc: subprocess.Popen, log: Path, timeout: float = 900) -> Path:
+    """The marker of the stage process paused at ``point`` (:mod:`tlpipe.pause`), once it is there.
+
+    The marker stays until the test deletes it, so waiting for it is no race with the stage.
+    """
     deadline = time.monotonic() + timeout
-    target = None
+    while time.monotonic() < deadline and dvc.poll() is None:
+        found = [path for path in folder.glob(f"{point}-*") if path.name.rsplit("-", 1)[1].isdigit()]
+        if found:
+            return found[0]
+        time.sleep(0.1)
+    pytest.fail(f"no stage paused at {point} (dvc exit {dvc.poll()}):\n{log.read_text()[-4000:]}")
+
+
+def repro_and_kill(project: Path, env: dict, stage: str, log: Path) -> Kill:
+    """Start ``dvc repro``; SIGKILL the ``stage`` process once it waits at its pause point (:data:`KILL_POINTS`)."""
+    point, _ = KILL_POINTS[stage]
+    pauses = log.with_suffix(".pauses")
+    pauses.mkdir()
+    with open(log, "w") as sink:
+        dvc = subprocess.Popen([sys.executable, "-m", "dvc", "repro"], cwd=project, stdout=sink,
+                               stderr=subprocess.STDOUT, text=True,
+                               env={**env, PAUSE_AT_ENV: point, PAUSE_DIR_ENV: str(pauses)})
     try:
-        while time.monotonic() < deadline and dvc.poll() is None:
-            target = target if target is not None and target.is_running() else find_stage_process(root, stage)
-            if target is not None and ready(project, target.pid):
-                break
-            time.sleep(0.005 if target is not None else 0.05)
-        else:
-            output = log.read_text()
-            pytest.fail(f"{stage}: the stage was never caught inside its work (dvc exit {dvc.poll()}):\n"
-                        f"{output[-4000:]}")
+        marker = wait_for_pause(pauses, point, dvc, log)
+        target = psutil.Process(int(marker.name.rsplit("-", 1)[1]))
         children = target.children(recursive=True)
         described = [describe(p) for p in children]
         target.send_signal(signal.SIGKILL)
@@ -217,15 +183,18 @@ def repro_and_kill(project: Path, env: dict, stage: str, log: Path, timeout: flo
 
 
 @pytest.fixture(scope="module")
-def cascade(tmp_path_factory, prefect_server, pipeline_baseline) -> Cascade:
+def cascade(tmp_path_factory, prefect_server) -> Cascade:
     """One project, one killed ``dvc repro`` per stage in pipeline order, then a completed one.
 
-    Same code, source (seed 0) and params as ``pipeline_baseline``, except two decode processes, so the
-    ingest kill also leaves a process pool to clean up (the outputs must not depend on the worker count).
+    Same source (seed 0) and params as ``pipeline_baseline`` (tests/conftest.py), except two decode processes,
+    so the ingest kill also leaves a process pool to clean up (the outputs must not depend on the worker
+    count). Its code is a snapshot of this checkout, as the shared pipeline's is (compared by digest).
     """
     base = tmp_path_factory.mktemp("faults")
+    code = base / "code"
+    copy_project_files(REPO, code)
     source = make_source(base / "source")
-    project = make_project(base / "project", source, {"data": {"workers": 2}}, code=pipeline_baseline.code)
+    project = make_project(base / "project", source, deep_update(RACE, {"data": {"workers": 2}}), code=code)
     env = stage_env(prefect_server)
     start = time.monotonic()
     kills: dict[str, Kill] = {}
@@ -238,7 +207,7 @@ def cascade(tmp_path_factory, prefect_server, pipeline_baseline) -> Cascade:
     final = repro(project, env)
     assert final.returncode == 0, (final.stdout + final.stderr)[-6000:]
     previous.rerun_stages = stages_ran(final.stdout + final.stderr)
-    return Cascade(project, source, env, kills, final.stdout + final.stderr, previous.rerun_stages,
+    return Cascade(project, source, code, env, kills, final.stdout + final.stderr, previous.rerun_stages,
                    time.monotonic() - start)
 
 
@@ -276,11 +245,14 @@ def test_stage_killed_mid_work_loses_nothing(cascade: Cascade, stage: str) -> No
     assert not find_debris(project), find_debris(project)
 
 
-def test_outputs_after_the_faults_equal_an_uninterrupted_run(cascade: Cascade, pipeline_baseline) -> None:
-    """Every DVC output and metrics file, after five killed runs and a rerun, equals the uninterrupted run's."""
+def test_outputs_after_the_faults_equal_an_uninterrupted_run(cascade: Cascade, baseline_digests: dict) -> None:
+    """Every DVC output and metrics file, after five killed runs and a rerun, equals the uninterrupted run's
+    (the session's shared ``tlpipe repro``, maybe on another pytest-xdist worker)."""
+    assert code_digest(cascade.code) == baseline_digests["code"], "the checkout changed while the suite ran"
+    expected = baseline_digests["digests"]
     digests = output_digests(cascade.project, cascade.source)
-    assert sorted(digests) == sorted(pipeline_baseline.digests)
-    differing = sorted(path for path, digest in digests.items() if pipeline_baseline.digests[path] != digest)
+    assert sorted(digests) == sorted(expected)
+    differing = sorted(path for path, digest in digests.items() if expected[path] != digest)
     assert not differing, f"outputs differ from the uninterrupted run: {differing}"
     assert not find_debris(cascade.project)
     statuses = run_statuses(cascade.project / "mlflow.db")
@@ -349,17 +321,17 @@ def test_tracking_server_dying_mid_stage_fails_clearly_and_rerun_logs_once(casca
     db = tmp_path / "mlflow.db"
     try:
         log = tmp_path / "repro-dying-server.log"
+        pauses = tmp_path / "pauses"
+        pauses.mkdir()
+        point = "evaluate.logging"  # the stage run is open, its results written, nothing logged yet
         with open(log, "w") as sink:
-            dvc = subprocess.Popen([sys.executable, "-m", "dvc", "repro"],
-                                   cwd=cascade.project, env=env, stdout=sink, stderr=subprocess.STDOUT, text=True)
-        reports = cascade.project / "reports" / "evaluate"  # removed by DVC before the stage starts
-        deadline = time.monotonic() + 600
-        while time.monotonic() < deadline and dvc.poll() is None:  # the stage is inside its work, run open
-            if stage_run_running(db, "evaluate") and reports.is_dir() and any(reports.iterdir()):
-                break
-            time.sleep(0.05)
-        assert dvc.poll() is None, f"evaluate ended before the server was killed:\n{log.read_text()[-3000:]}"
+            dvc = subprocess.Popen([sys.executable, "-m", "dvc", "repro"], cwd=cascade.project, stdout=sink,
+                                   stderr=subprocess.STDOUT, text=True,
+                                   env={**env, PAUSE_AT_ENV: point, PAUSE_DIR_ENV: str(pauses)})
+        marker = wait_for_pause(pauses, point, dvc, log)
+        assert stage_run_running(db, "evaluate")
         stop_server(server)
+        marker.unlink()  # the stage goes on, against a dead server
         returncode = dvc.wait(timeout=600)
         output = log.read_text()
         assert returncode != 0, output[-3000:]

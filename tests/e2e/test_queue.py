@@ -137,7 +137,7 @@ def test_readme_exp_run_without_venv_then_queued_experiments_track_into_the_proj
         tmp_path, tiny_source, prefect_server, project_env):
     from mlflow import MlflowClient
 
-    project = make_project(tmp_path / "project", tiny_source)
+    project = make_project(tmp_path / "project", tiny_source, tracking_store=False)  # made by the queued runs
     env = {**project_env, "PREFECT_API_URL": prefect_server}
 
     # README's command, venv not activated and not on PATH (exit 127 or "No module named prefect" before)

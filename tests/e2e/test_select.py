@@ -1,4 +1,8 @@
-"""End to end: the select stage races backbones on tiny data, and DVC reruns exactly what its choice requires."""
+"""End to end: the select stage races backbones on tiny data, and DVC reruns exactly what its choice requires.
+
+The race is the one of the session's tiny pipeline run (``pipeline_baseline`` with ``RACE``: Lite0 and Lite1 at
+32 px, tests/conftest.py); pinning a choice is tried on a copy of that project.
+"""
 
 from __future__ import annotations
 
@@ -10,12 +14,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import make_project, make_source, stage_env
+from tests.conftest import clone_project, stage_env
 
 LATER_STAGES = ("ingest", "features", "svm", "finetune", "evaluate")
-RACE = {"features": {"backbone": "auto"},  # data.image_size stays pinned (32) by the tiny params
-        "select": {"backbones": ["efficientnet_lite0", "efficientnet_lite1"], "cv_folds": 3, "n_jobs": 1,
-                   "c_grid": {"start": -2, "stop": 2, "num": 3}, "batch_size": 16}}
 
 
 def dvc(project: Path, env: dict, *args: str) -> str:
@@ -33,14 +34,13 @@ def set_backbone(project: Path, backbone: str) -> None:
 
 
 @pytest.mark.slow
-def test_select_races_on_train_and_a_pinned_or_changed_choice_reruns_exactly_what_it_must(tmp_path, prefect_server):
-    source = make_source(tmp_path / "source", per_class=14)
-    project = make_project(tmp_path / "project", source, RACE)
-    env = stage_env(prefect_server)
-    output = dvc(project, env, "repro")
+def test_select_races_on_train_and_a_pinned_or_changed_choice_reruns_exactly_what_it_must(
+        pipeline_baseline, prefect_server, tmp_path):
+    output = pipeline_baseline.output
     for stage in ("select", *LATER_STAGES):
         assert f"Running stage '{stage}'" in output
 
+    project = pipeline_baseline.project
     choice = json.loads((project / "data" / "selection.json").read_text())
     assert set(choice) == {"backbone", "image_size"} and choice["image_size"] == 32
     table = (project / "reports" / "select" / "candidates.csv").read_text()
@@ -55,6 +55,8 @@ def test_select_races_on_train_and_a_pinned_or_changed_choice_reruns_exactly_wha
 
     # pinning the value the race chose: select reruns (its param changed) and writes the same choice, so no stage
     # that uses the choice reruns; evaluate does, because its report shows select's table (now one pinned row)
+    project = clone_project(project, tmp_path / "pinned")
+    env = stage_env(prefect_server)
     set_backbone(project, choice["backbone"])
     output = dvc(project, env, "repro")
     assert "Running stage 'select'" in output and "Running stage 'evaluate'" in output

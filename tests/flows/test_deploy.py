@@ -50,3 +50,32 @@ def test_retrain_reruns_exactly_when_dvc_says_the_source_changed(tmp_path, tiny_
     assert result["stages_ran"] == ["ingest"]
     assert "dark_new.jpg" in (project / "listing.txt").read_text() and "dark_new.jpg" not in listing
     assert retrain_flow(root=str(project))["retrained"] is False
+
+
+@pytest.mark.slow
+def test_retrain_force_reruns_an_up_to_date_pipeline(tmp_path, tiny_source, prefect_server, project_env):
+    """`tlpipe retrain --force`, as a user types it: nothing is stale, and the store (here: the listing, the
+    same stage name and input) is rebuilt anyway."""
+    import json
+    import subprocess
+    import sys
+
+    from tests.conftest import use_listing_pipeline
+
+    project = use_listing_pipeline(make_project(tmp_path / "project", tiny_source))
+    env = {**project_env, "PREFECT_API_URL": prefect_server}
+    subprocess.run([sys.executable, "-m", "dvc", "repro"], cwd=project, env=env, check=True, capture_output=True)
+    listing = project / "listing.txt"
+    before = listing.stat().st_mtime_ns
+    plain = subprocess.run([sys.executable, "-m", "flows.cli", "retrain"], cwd=project, env=env,
+                           capture_output=True, text=True, timeout=600)
+    assert plain.returncode == 0, plain.stderr[-3000:]
+    assert json.loads(plain.stdout[plain.stdout.index("{"):])["retrained"] is False
+    assert listing.stat().st_mtime_ns == before
+    forced = subprocess.run([sys.executable, "-m", "flows.cli", "retrain", "--force"], cwd=project, env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert forced.returncode == 0, forced.stderr[-3000:]
+    result = json.loads(forced.stdout[forced.stdout.index('{\n  "retrained"'):])
+    assert result["retrained"] is True and result["stale"] == {}
+    assert result["stages_ran"] == ["ingest"]
+    assert listing.stat().st_mtime_ns != before  # rebuilt

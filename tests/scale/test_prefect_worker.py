@@ -125,4 +125,18 @@ def deploy_and_run_on_a_worker(tmp_path: Path, tiny_source: Path, prefect_env: d
               f"{worker_seconds:.1f} s")
     finally:
         stop_process_group(worker.pid)
-    assert worker.poll() is not None
+    assert not group_members(worker.pid), "the worker or a flow run it started outlived its stop"
+
+
+def group_members(pgid: int) -> list[int]:
+    """Live processes (zombies aside) of process group ``pgid``: the worker leads its own group."""
+    import psutil
+
+    members = []
+    for process in psutil.process_iter(["status"]):
+        try:
+            if os.getpgid(process.pid) == pgid and process.info["status"] != psutil.STATUS_ZOMBIE:
+                members.append(process.pid)
+        except (ProcessLookupError, PermissionError):
+            continue
+    return members

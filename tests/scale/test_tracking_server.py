@@ -53,7 +53,7 @@ def test_pipeline_on_postgres_mlflow_server(tmp_path, tiny_source, prefect_serve
     assert services.tracking_status(state) == {
         "postgres": True, "mlflow": True, "tracking_uri": endpoints.tracking_uri,
         "backend_store_uri": endpoints.backend_store_uri, "artifacts_destination": endpoints.artifacts_destination}
-    project = make_project(tmp_path / "project", tiny_source)
+    project = make_project(tmp_path / "project", tiny_source, tracking_store=False)
     env = {**project_env, "PREFECT_API_URL": prefect_server, "MLFLOW_TRACKING_URI": endpoints.tracking_uri}
     dvc = [sys.executable, "-m", "dvc", "repro"]
 

@@ -11,15 +11,30 @@ import pytest
 import yaml
 
 from tlpipe.config import (NATIVE_SIZES, CGrid, ConfigError, DataParams, Params, load_params, load_stage_params,
-                           needs_selection, parse_params, resolve_choice)
+                           needs_selection, parse_params, resolve_choice, stage_param_values)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-PARAMS_YAML = REPO_ROOT / "params.yaml"
 
 
-def raw_params() -> dict:
-    """The repository's params.yaml as a plain mapping."""
-    return yaml.safe_load(PARAMS_YAML.read_text())
+@pytest.fixture(scope="module")
+def params_yaml(tmp_path_factory) -> Path:
+    """The params.yaml of the checked-out commit (``git show HEAD:params.yaml``), not the working tree's.
+
+    ``dvc exp run -S ...`` and hand edits change the working tree's params.yaml: DVC's normal workflow must not
+    make the suite fail. Outside a git checkout (an unpacked sdist) the file itself is the committed one.
+    """
+    import subprocess
+
+    shown = subprocess.run(["git", "-C", str(REPO_ROOT), "show", "HEAD:params.yaml"], capture_output=True,
+                           text=True)
+    path = tmp_path_factory.mktemp("committed") / "params.yaml"
+    path.write_text(shown.stdout if shown.returncode == 0 else (REPO_ROOT / "params.yaml").read_text())
+    return path
+
+
+def raw_params(path: Path) -> dict:
+    """A params.yaml as a plain mapping."""
+    return yaml.safe_load(path.read_text())
 
 
 def write_yaml(path: Path, payload: object) -> Path:
@@ -41,18 +56,18 @@ def assert_subset_equal(raw: dict, parsed: dict, prefix: str = "") -> None:
 # ---------------------------------------------------------------- loading
 
 
-def test_repo_params_load_and_match_the_yaml() -> None:
-    params = load_params(PARAMS_YAML)
+def test_repo_params_load_and_match_the_yaml(params_yaml: Path) -> None:
+    params = load_params(params_yaml)
     assert isinstance(params, Params)
-    raw = raw_params()
+    raw = raw_params(params_yaml)
     assert_subset_equal(raw, params.model_dump())
     assert params.data.source == "elpv"
     assert (params.features.backbone, params.data.image_size) == ("auto", "auto")  # the select stage chooses
 
 
-def test_params_yaml_equals_the_model_defaults() -> None:
+def test_params_yaml_equals_the_model_defaults(params_yaml: Path) -> None:
     # params.yaml documents the defaults: parsing an empty mapping gives the same object.
-    assert load_params(PARAMS_YAML) == parse_params({})
+    assert load_params(params_yaml) == parse_params({})
 
 
 @pytest.mark.parametrize(("backbone", "size"), [("efficientnet_lite0", 224), ("efficientnet_lite1", 240),
@@ -82,8 +97,8 @@ def test_image_size_word_other_than_native_or_fixres_is_rejected_with_the_choice
         load_params(path)
 
 
-def test_load_params_accepts_str_path() -> None:
-    assert load_params(str(PARAMS_YAML)) == load_params(PARAMS_YAML)
+def test_load_params_accepts_str_path(params_yaml: Path) -> None:
+    assert load_params(str(params_yaml)) == load_params(params_yaml)
 
 
 def test_empty_yaml_file_gives_defaults(tmp_path: Path) -> None:
@@ -100,15 +115,15 @@ def test_partial_file_fills_defaults(tmp_path: Path) -> None:
     assert params.svm == Params().svm
 
 
-def test_c_grid_values_equal_logspace() -> None:
-    values = load_params(PARAMS_YAML).svm.c_grid.values()
+def test_c_grid_values_equal_logspace(params_yaml: Path) -> None:
+    values = load_params(params_yaml).svm.c_grid.values()
     assert values == [float(c) for c in np.logspace(-3, 3, 13)]
     np.testing.assert_array_equal(np.array(values), np.logspace(-3, 3, 13))
     assert all(type(v) is float for v in values)
 
 
-def test_params_are_frozen() -> None:
-    params = load_params(PARAMS_YAML)
+def test_params_are_frozen(params_yaml: Path) -> None:
+    params = load_params(params_yaml)
     with pytest.raises(pydantic.ValidationError):
         params.data.seed = 1  # type: ignore[misc]
 
@@ -126,8 +141,8 @@ def test_params_are_frozen() -> None:
     ],
     ids=lambda p: ".".join(p),
 )
-def test_unknown_key_names_its_path(tmp_path: Path, path: tuple[str, ...]) -> None:
-    raw = raw_params()
+def test_unknown_key_names_its_path(tmp_path: Path, params_yaml: Path, path: tuple[str, ...]) -> None:
+    raw = raw_params(params_yaml)
     node = raw
     for part in path[:-1]:
         node = node[part]
@@ -174,8 +189,9 @@ def test_every_bad_key_is_named() -> None:
         ("finetune", "learning_rate", 0.0),
     ],
 )
-def test_bad_value_names_its_key(tmp_path: Path, section: str, key: str, value: object) -> None:
-    raw = raw_params()
+def test_bad_value_names_its_key(tmp_path: Path, params_yaml: Path, section: str, key: str,
+                                 value: object) -> None:
+    raw = raw_params(params_yaml)
     raw[section][key] = value
     file = write_yaml(tmp_path / "params.yaml", raw)
     with pytest.raises(ConfigError) as info:
@@ -183,8 +199,8 @@ def test_bad_value_names_its_key(tmp_path: Path, section: str, key: str, value: 
     assert f"{section}.{key}:" in str(info.value)
 
 
-def test_null_max_per_class_means_no_cap() -> None:
-    raw = copy.deepcopy(raw_params())
+def test_null_max_per_class_means_no_cap(params_yaml: Path) -> None:
+    raw = copy.deepcopy(raw_params(params_yaml))
     raw["data"]["max_per_class"] = None
     assert parse_params(raw).data.max_per_class is None
 
@@ -261,3 +277,47 @@ def test_auto_without_a_selection_says_to_run_the_select_stage(tmp_path) -> None
     path = write_yaml(tmp_path / "params.yaml", {})
     with pytest.raises(ConfigError, match=r"select stage has not run.*dvc repro select"):
         load_stage_params(path, tmp_path / "missing.json")
+
+
+# ---------------------------------------------------------------- each stage's params: dvc.yaml's list
+
+def flatten_keys(values: dict, prefix: str = "") -> set[str]:
+    """Dotted keys of the leaves and of the whole sections named in a nested mapping."""
+    keys = set()
+    for key, value in values.items():
+        keys.add(prefix + key)
+        if isinstance(value, dict):
+            keys |= flatten_keys(value, f"{prefix}{key}.")
+    return keys
+
+
+@pytest.mark.parametrize("stage", ["select", "ingest", "features", "svm", "finetune", "evaluate"])
+def test_a_stage_logs_exactly_the_params_dvc_yaml_lists_for_it(stage: str, params_yaml: Path) -> None:
+    """Issue 20, item 11: dvc.yaml is the one list; the MLflow stage run logs each listed key, and no other
+    section (the select stage's choice aside, for the stages that depend on it)."""
+    spec = yaml.safe_load((REPO_ROOT / "dvc.yaml").read_text())["stages"][stage]
+    listed = [key for key in spec["params"] if isinstance(key, str)]
+    params = resolve_choice(load_params(params_yaml), {"backbone": "efficientnet_lite0", "image_size": 224}) \
+        if stage != "select" else load_params(params_yaml)
+    values = stage_param_values(params, REPO_ROOT, stage)
+    keys = flatten_keys(values)
+    assert set(listed) <= keys, set(listed) - keys
+    extra = {key.split(".")[0] for key in keys} - {key.split(".")[0] for key in listed}
+    depends_on_choice = "data/selection.json" in spec["deps"]
+    assert extra == ({"selection"} if depends_on_choice else set()), extra
+    for key in listed:  # the values are the params' own
+        node = params.model_dump()
+        for part in key.split("."):
+            node = node[part]
+        value = values
+        for part in key.split("."):
+            value = value[part]
+        assert value == node, key
+    if depends_on_choice:
+        assert values["selection"] == {"backbone": "efficientnet_lite0", "image_size": 224}
+
+
+def test_stage_param_values_names_a_missing_stage(tmp_path: Path) -> None:
+    (tmp_path / "dvc.yaml").write_text("stages:\n  ingest:\n    cmd: true\n")
+    with pytest.raises(ConfigError, match="no readable stage 'svm'"):
+        stage_param_values(parse_params({}), tmp_path, "svm")

@@ -27,11 +27,11 @@ def hold_in_child(root: Path) -> subprocess.Popen:
 def test_second_holder_fails_at_once_naming_the_first(tmp_path: Path) -> None:
     child = hold_in_child(tmp_path)
     try:
-        start = time.monotonic()
+        # the holder keeps the lock for 600 s: a lock that waited instead of failing would run into the
+        # test's timeout (pytest-timeout), so raising here means it failed at once
         with pytest.raises(LockHeldError) as caught:
             with pipeline_lock(tmp_path):
                 pass
-        assert time.monotonic() - start < 1.0
         message = str(caught.value)
         assert f"a tlpipe pipeline run in {tmp_path} is already running: pid {child.pid} since " in message
         assert str(pipeline_lock_path(tmp_path)) in message

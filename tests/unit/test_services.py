@@ -58,3 +58,50 @@ def test_a_pid_file_names_its_process_only_while_pid_and_start_time_match(tmp_pa
     finally:
         child.kill()
         child.wait()
+
+
+def _fake_pg_bin(folder):
+    folder.mkdir(parents=True)
+    for tool in ("initdb", "pg_ctl", "postgres"):
+        (folder / tool).write_text("#!/bin/sh\n")
+        (folder / tool).chmod(0o755)
+    return folder
+
+
+def test_without_pgserver_the_newest_system_postgresql_is_found(tmp_path, monkeypatch) -> None:
+    """pgserver is an optional dependency (no wheels for Python 3.13 or aarch64): without it, Debian's
+    /usr/lib/postgresql/<major>/bin is used, the newest major version first; $TLPIPE_PG_BIN still wins."""
+    import importlib.util
+
+    from tlpipe import services
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "pgserver" else real_find_spec(name, *a))
+    monkeypatch.delenv(services.PG_BIN_ENV, raising=False)
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    monkeypatch.setattr(services, "SYSTEM_PG_ROOT", tmp_path / "postgresql")
+    _fake_pg_bin(tmp_path / "postgresql" / "9" / "bin")
+    newest = _fake_pg_bin(tmp_path / "postgresql" / "15" / "bin")
+    (tmp_path / "postgresql" / "17" / "bin").mkdir(parents=True)  # incomplete: no binaries
+    assert services.postgres_bin_dir() == newest
+    explicit = _fake_pg_bin(tmp_path / "explicit")
+    monkeypatch.setenv(services.PG_BIN_ENV, str(explicit))
+    assert services.postgres_bin_dir() == explicit
+
+
+def test_without_pgserver_or_a_system_postgresql_the_error_says_how_to_get_one(tmp_path, monkeypatch) -> None:
+    import importlib.util
+
+    import pytest
+
+    from tlpipe import services
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "pgserver" else real_find_spec(name, *a))
+    monkeypatch.delenv(services.PG_BIN_ENV, raising=False)
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    monkeypatch.setattr(services, "SYSTEM_PG_ROOT", tmp_path / "none")
+    with pytest.raises(services.ServiceError, match=r"apt-get install -y postgresql.*TLPIPE_PG_BIN"):
+        services.postgres_bin_dir()

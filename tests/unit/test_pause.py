@@ -1,0 +1,41 @@
+"""Pause points (tlpipe.pause): how the fault tests stop a stage at a chosen place, deterministically."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from tlpipe.pause import PAUSE_AT_ENV, PAUSE_DIR_ENV, marker_path, pause_point
+
+WAITER = "from tlpipe.pause import pause_point; pause_point('stage.work'); print('went on', flush=True)"
+
+
+def test_an_unnamed_point_costs_nothing(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv(PAUSE_AT_ENV, "other.point")
+    monkeypatch.setenv(PAUSE_DIR_ENV, str(tmp_path))
+    pause_point("stage.work")  # returns at once: the test would hang (and time out) otherwise
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_named_point_waits_for_its_marker_to_go_and_then_goes_on(tmp_path: Path) -> None:
+    env = {**os.environ, PAUSE_AT_ENV: "stage.work", PAUSE_DIR_ENV: str(tmp_path)}
+    child = subprocess.Popen([sys.executable, "-c", WAITER], env=env, stdout=subprocess.PIPE, text=True)
+    try:
+        marker = marker_path("stage.work", child.pid, tmp_path)
+        while not marker.exists():
+            assert child.poll() is None, "the process went past its pause point"
+            time.sleep(0.05)
+        note = json.loads(marker.read_text())
+        assert note["point"] == "stage.work" and note["pid"] == child.pid
+        assert child.poll() is None  # still waiting: nothing but the marker's removal lets it go on
+        marker.unlink()
+        out, _ = child.communicate(timeout=60)
+        assert out == "went on\n" and child.returncode == 0
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()

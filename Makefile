@@ -86,10 +86,10 @@ serve-model: setup
 
 # Shared tracking: PostgreSQL + MLflow server (artifacts proxied) on 127.0.0.1, state in .tlpipe/.
 tracking-server: setup
-	$(PY) -m tlpipe.services start --pg-port $(PG_PORT) --port $(TRACKING_PORT)
+	$(PY) -m tlpipe.ops.services start --pg-port $(PG_PORT) --port $(TRACKING_PORT)
 
 tracking-stop: setup
-	$(PY) -m tlpipe.services stop
+	$(PY) -m tlpipe.ops.services stop
 
 # Default DVC remote for `dvc push`/`dvc pull`: make remote REMOTE=/path/or/s3://bucket/prefix
 remote: setup

@@ -1,6 +1,6 @@
 """Figure 8: start-up of the scale-out services: PostgreSQL + MLflow server, Prefect server + worker.
 
-* PostgreSQL: ``tlpipe.services.start_postgres`` with the pgserver wheel's binaries (ours, PostgreSQL 16)
+* PostgreSQL: ``tlpipe.ops.services.start_postgres`` with the pgserver wheel's binaries (ours, PostgreSQL 16)
   against Debian's (``/usr/lib/postgresql/<v>/bin``, the baseline, when installed): the first start of a
   new cluster (initdb + start + create the database) and a restart of the existing cluster.
 * MLflow server on that PostgreSQL (ours) against the same server on a SQLite file (baseline), first start
@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import log, machine, row, write_json
-from tlpipe import services
+from tlpipe.ops import services
 
 
 def debian_bin() -> Path | None:

@@ -2,7 +2,7 @@
 
 It lives in ``flows`` (the entry-point layer), so the core package ``tlpipe`` never
 imports flows. Manners (issue 11/12): results on stdout, errors on stderr; a user
-error (:class:`~tlpipe.errors.UserError`) prints one line and exits 1, a usage
+error (:class:`~tlpipe.core.errors.UserError`) prints one line and exits 1, a usage
 error exits 2, anything else is a bug and keeps its traceback; ``--debug`` (or
 ``TLPIPE_DEBUG=1``) shows the traceback of user errors too.
 
@@ -29,9 +29,9 @@ except ImportError:  # pragma: no cover (older Typer on the real click)
     from click.exceptions import UsageError as ClickUsageError
 
 from flows.common import DEBUG_ENV, debug_enabled, quiet_prefect_console, report_user_error
-from tlpipe import tracking
-from tlpipe.errors import UsageError, UserError
-from tlpipe.paths import ProjectNotFoundError, find_root
+from tlpipe.tracking import runs as tracking
+from tlpipe.core.errors import UsageError, UserError
+from tlpipe.core.paths import ProjectNotFoundError, find_root
 
 DEBUG_KEY = "tlpipe.debug"
 
@@ -193,7 +193,7 @@ def repro(
 
 def tell_prefect_server_lifetime(root: Path) -> None:
     """Say (stderr) that the project's Prefect server stays up: where, until when, how to stop it."""
-    from tlpipe.prefect_watchdog import lifetime_note
+    from tlpipe.ops.prefect_watchdog import lifetime_note
 
     if note := lifetime_note(root):
         typer.echo(note, err=True)
@@ -248,8 +248,8 @@ def predict(
 
 def predict_imagenet(images: list[str], backbone: str, weights: str, top: int) -> tuple[dict, list[dict]]:
     """The ImageNet classes of ``images`` by a pretrained backbone."""
-    from tlpipe.backbones import list_backbones
-    from tlpipe.predict import predict_imagenet_rows
+    from tlpipe.features.backbones import list_backbones
+    from tlpipe.serving.predict import predict_imagenet_rows
 
     if backbone not in list_backbones():
         raise UsageError(f"--backbone {backbone!r} is unknown; choose one of {', '.join(list_backbones())}")
@@ -259,7 +259,7 @@ def predict_imagenet(images: list[str], backbone: str, weights: str, top: int) -
 
 def predict_with_model(images: list[str], model: str | None, top: int, root: Path | None) -> tuple[dict, list[dict]]:
     """The classes of ``images`` by the model ``--model`` names (default: the current task's champion)."""
-    from tlpipe.predict import classify_images
+    from tlpipe.serving.predict import classify_images
 
     project = resolve_root(root)
     prepare_environment(project)
@@ -272,8 +272,8 @@ def predict_with_model(images: list[str], model: str | None, top: int, root: Pat
 def identify_requested_model(model: str | None, project: Path):
     """The model ``--model`` names, checked to exist; by default the ``@champion`` of the project's current
     task (``params.yaml``): a model of another task answers only when named."""
-    from tlpipe.config import load_task
-    from tlpipe.predict import identify_champion, identify_model, resolve_model_uri
+    from tlpipe.core.params import load_task
+    from tlpipe.serving.predict import identify_champion, identify_model, resolve_model_uri
 
     if model is None:
         task = load_task(project)
@@ -284,7 +284,7 @@ def identify_requested_model(model: str | None, project: Path):
 
 def print_predictions(identity: dict, rows: list[dict], as_json: bool) -> None:
     """Results on stdout (each JSON row names the model), one line per failed input on stderr."""
-    from tlpipe.predict import format_predictions
+    from tlpipe.serving.predict import format_predictions
 
     good = [row for row in rows if not row["error"]]
     if as_json:
@@ -324,7 +324,7 @@ def compare(
     root: RootOption = None,
 ) -> None:
     """Compare two experiments: each model's test accuracy, and the params that differ."""
-    from tlpipe.compare import compare_table, load_experiment
+    from tlpipe.evaluation.compare import compare_table, load_experiment
 
     project = resolve_root(root)
     prepare_environment(project)
@@ -334,8 +334,8 @@ def compare(
 @app.command()
 def exps(root: RootOption = None) -> None:
     """List the DVC experiments: each model's test accuracy and the params that differ (what `make exps` shows)."""
-    from tlpipe.compare import exps_command, format_exps
-    from tlpipe.models import REPORTED_MODELS
+    from tlpipe.evaluation.compare import exps_command, format_exps
+    from tlpipe.core.names import REPORTED_MODELS
 
     project = resolve_root(root)
     prepare_environment(project)
@@ -359,7 +359,7 @@ def compare_backbones(
     root: RootOption = None,
 ) -> None:
     """Run the pipeline once per backbone (DVC's experiment queue) and chart test accuracy against compute."""
-    from tlpipe.compare_backbones import DEFAULT_BACKBONES, compare_backbones as run_comparison
+    from tlpipe.evaluation.compare_backbones import DEFAULT_BACKBONES, compare_backbones as run_comparison
 
     project = prepare_prefect(root)
     table, csv_path, png_path = run_comparison(project, backbone or DEFAULT_BACKBONES, set_ or [], name)
@@ -384,7 +384,7 @@ def ui(
     experiment = tracking.connect(root).get_experiment_by_name(tracking.experiment_name(root))
     if experiment is not None:  # MLflow 3.17 opens in its GenAI view unless the link asks for training
         typer.echo(f"open {tracking.ui_url(f'http://{host}:{port}', experiment.experiment_id)}")
-    from tlpipe.process_group import guarded_group, signals_raise
+    from tlpipe.ops.process_group import guarded_group, signals_raise
 
     # the server and its workers in a process group of their own, stopped on SIGTERM, SIGHUP, Ctrl-C or exit
     with signals_raise(), guarded_group(command, "the MLflow server") as server:
@@ -471,7 +471,7 @@ def prefect_start(
     root: RootOption = None,
 ) -> None:
     """Start the project's Prefect server in the background, or find it running; print its URL."""
-    from tlpipe.prefect_server import ensure_server, home
+    from tlpipe.ops.prefect_server import ensure_server, home
 
     project = resolve_root(root)
     url = ensure_server(project, port)
@@ -482,7 +482,7 @@ def prefect_start(
 @prefect_app.command("stop")
 def prefect_stop(root: RootOption = None) -> None:
     """Stop the project's Prefect server (its runs stay in .prefect/prefect.db)."""
-    from tlpipe.prefect_server import stop_server
+    from tlpipe.ops.prefect_server import stop_server
 
     stopped = stop_server(resolve_root(root))
     typer.echo("Prefect server stopped" if stopped else "no Prefect server was running")
@@ -491,7 +491,7 @@ def prefect_stop(root: RootOption = None) -> None:
 @prefect_app.command("status")
 def prefect_status(root: RootOption = None) -> None:
     """Print the project's Prefect server URL; exit 1 when it is not running."""
-    from tlpipe.prefect_server import running_url
+    from tlpipe.ops.prefect_server import running_url
 
     url = running_url(resolve_root(root))
     if not url:

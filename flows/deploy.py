@@ -17,7 +17,7 @@ from pathlib import Path
 
 from prefect.schedules import Cron
 
-from tlpipe.config import load_params
+from tlpipe.core.params import load_params
 from flows.retrain import retrain_flow
 
 
@@ -54,7 +54,7 @@ def ensure_work_pool(name: str) -> bool:
     from prefect.client.schemas.actions import WorkPoolCreate
     from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 
-    from tlpipe.errors import UsageError
+    from tlpipe.core.errors import UsageError
 
     with get_client(sync_client=True) as client:
         try:

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from prefect import flow
 
-from tlpipe import store, tracking
-from tlpipe.config import load_stage_params
-from tlpipe.ingest import hash_manifest
-from tlpipe.paths import project_paths
+from tlpipe.data import store
+from tlpipe.tracking import runs as tracking
+from tlpipe.core.params import load_stage_params
+from tlpipe.data.ingest import hash_manifest
+from tlpipe.core.paths import project_paths
 from tasks.features import check_backbone_weights, extract, log_features, write_metrics
 
 

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from prefect import flow
 
-from tlpipe import store, tracking
-from tlpipe.config import load_stage_params
-from tlpipe.ingest import hash_manifest
-from tlpipe.models import NETWORK_MODELS
-from tlpipe.paths import project_paths
+from tlpipe.data import store
+from tlpipe.tracking import runs as tracking
+from tlpipe.core.params import load_stage_params
+from tlpipe.data.ingest import hash_manifest
+from tlpipe.core.names import NETWORK_MODELS
+from tlpipe.core.paths import project_paths
 from tasks.features import check_backbone_weights
 from tasks.finetune import log_networks, train, write_metrics
 

@@ -6,9 +6,9 @@ import time
 
 from prefect import flow
 
-from tlpipe import tracking
-from tlpipe.config import load_stage_params
-from tlpipe.paths import project_paths
+from tlpipe.tracking import runs as tracking
+from tlpipe.core.params import load_stage_params
+from tlpipe.core.paths import project_paths
 from tasks.ingest import build_store, list_source_files, log_ingest, write_data_report
 
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from prefect import flow
 
-from tlpipe import tracking
-from tlpipe.lock import pipeline_lock
-from tlpipe.paths import ProjectPaths, project_paths
+from tlpipe.tracking import runs as tracking
+from tlpipe.ops.lock import pipeline_lock
+from tlpipe.core.paths import ProjectPaths, project_paths
 from tasks.common import get_logger
 from tasks.pipeline import (
     close_pipeline_run, current_prefect_api_url, open_pipeline_run, publish_artifacts, read_results, run_dvc,

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from prefect import flow
 
-from tlpipe.config import load_params
-from tlpipe.paths import project_paths
+from tlpipe.core.params import load_params
+from tlpipe.core.paths import project_paths
 from tasks.common import get_logger
 from tasks.pipeline import dvc_status
 from flows.pipeline import pipeline_flow

@@ -9,9 +9,10 @@ from pathlib import Path
 from prefect import flow, unmapped
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from tlpipe import selection, tracking
-from tlpipe.config import load_params
-from tlpipe.paths import project_paths
+from tlpipe.train import selection
+from tlpipe.tracking import runs as tracking
+from tlpipe.core.params import load_params
+from tlpipe.core.paths import project_paths
 from tasks.selection import decode_images, log_selection, probe, split_source, write_outputs
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 from prefect import get_run_logger, task
 from prefect.exceptions import MissingContextError
 
-from tlpipe import tracking
+from tlpipe.tracking import runs as tracking
 
 
 def get_logger():
@@ -43,7 +43,7 @@ def report_progress(label: str, steps: int = 4):
 
 def retry_unless_user_error(task, task_run, state) -> bool:
     """Prefect ``retry_condition_fn``: retry transient failures, never a user error (a retry cannot fix it)."""
-    from tlpipe.errors import UserError
+    from tlpipe.core.errors import UserError
 
     return not isinstance(state.data, UserError)
 
@@ -52,14 +52,14 @@ def retry_unless_user_error(task, task_run, state) -> bool:
 def check_tracking(root: Path) -> str:
     """Fail fast, before any work, when the MLflow store is unreachable; return its URI.
 
-    Retries live in :func:`tlpipe.tracking.connect` (bounded, with back-off).
+    Retries live in :func:`tlpipe.tracking.runs.connect` (bounded, with back-off).
     """
     tracking.connect(root)
     return tracking.tracking_uri(root)
 
 
 file_sha256 = tracking.file_sha256
-"""SHA-256 of a file, streamed (re-exported from :mod:`tlpipe.tracking`)."""
+"""SHA-256 of a file, streamed (re-exported from :mod:`tlpipe.tracking.runs`)."""
 
 
 def log_image_model(name: str, model_path: Path, store_dir: Path, features_dir: Path | None, params,
@@ -76,8 +76,8 @@ def log_image_model(name: str, model_path: Path, store_dir: Path, features_dir: 
     """
     import mlflow
 
-    from tlpipe.models import model_family
-    from tlpipe.pyfunc import log_trained_model
+    from tlpipe.core.names import model_family
+    from tlpipe.serving.classifier import log_trained_model
 
     sha = file_sha256(model_path)
     info = log_trained_model(name, model_path, store_dir, features_dir, params, step=step,

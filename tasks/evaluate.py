@@ -2,7 +2,7 @@
 
 Order (see ``flows/evaluate.py``): evaluate every model; write the DVC metrics;
 log to MLflow (retried: it only logs); register and gate (never retried, and
-idempotent per evaluate execution: :func:`tlpipe.registry.register_and_gate`);
+idempotent per evaluate execution: :func:`tlpipe.tracking.registry.register_and_gate`);
 write ``promotion.json`` and ``report.html`` (the report shows the decision, so
 it comes after the gate); publish the Prefect artifacts.
 """
@@ -13,11 +13,16 @@ from pathlib import Path
 
 from prefect import task
 
-from tlpipe import ensemble, evaluate, registry, selection, store, tracking
-from tlpipe.config import Params, resolve_task
-from tlpipe.formats import format_score, round_score
-from tlpipe.models import ENSEMBLE_MODEL, model_file
-from tlpipe.paths import ProjectPaths
+from tlpipe.evaluation import ensemble
+from tlpipe.evaluation import evaluate
+from tlpipe.tracking import registry
+from tlpipe.train import selection
+from tlpipe.data import store
+from tlpipe.tracking import runs as tracking
+from tlpipe.core.params import Params, resolve_task
+from tlpipe.render.formats import format_score, round_score
+from tlpipe.core.names import ENSEMBLE_MODEL, model_file
+from tlpipe.core.paths import ProjectPaths
 from tasks.common import get_logger, log_image_model
 
 SCALARS = ("accuracy", "balanced_accuracy", "f1_macro", "roc_auc")
@@ -114,13 +119,13 @@ def log_ensemble(client, experiment_id: str, stage_run_id: str, paths: ProjectPa
 
     The run records the members and temperatures (params), the validation scores it
     was kept by, ``ensemble.json`` and ``ensemble.csv`` (under ``selection/``), and one
-    logged model holding every member (:func:`tlpipe.pyfunc.log_ensemble_classifier`).
+    logged model holding every member (:func:`tlpipe.serving.classifier.log_ensemble_classifier`).
     A run that already logged this very ``ensemble.json`` (same members, member files
     and temperatures, matched by hash) is reused, so a retry logs nothing twice.
     """
     import mlflow
 
-    from tlpipe.pyfunc import log_ensemble_classifier
+    from tlpipe.serving.classifier import log_ensemble_classifier
 
     spec = ensemble.spec_path(paths.reports("evaluate"))
     logged = tracking.find_model_run(client, experiment_id, spec)
@@ -174,8 +179,8 @@ def register_and_gate(paths: ProjectPaths, params: Params, result: dict, evaluat
 
 
 def run_link(evaluation: dict, label: str, run_id: str):
-    """A link to one MLflow run of this evaluation's experiment (see :mod:`tlpipe.pipeline_summary`)."""
-    from tlpipe.pipeline_summary import RunLink
+    """A link to one MLflow run of this evaluation's experiment (see :mod:`tlpipe.evaluation.pipeline_summary`)."""
+    from tlpipe.evaluation.pipeline_summary import RunLink
 
     return RunLink(label, run_id, evaluation["experiment_id"])
 
@@ -185,7 +190,7 @@ def write_report(paths: ProjectPaths, result: dict, promotion: dict, evaluation:
     """Write ``promotion.json`` and the self-contained ``report.html`` (atomically); log both to the stage run."""
     out_dir = paths.reports("evaluate")
     store.write_json(out_dir / "promotion.json", promotion)
-    from tlpipe.pipeline_summary import run_url
+    from tlpipe.evaluation.pipeline_summary import run_url
 
     runs = [("evaluate stage run", run_url(run_link(evaluation, "evaluate", evaluation["run_id"])))]
     runs += [(f"{name} run", run_url(run_link(evaluation, name, run_id)))
@@ -199,7 +204,7 @@ def write_report(paths: ProjectPaths, result: dict, promotion: dict, evaluation:
                                  sections=[section] if section else None)
     data = ensemble.add_report_section(data, result)
     path = out_dir / "report.html"
-    from tlpipe.report import write_report as write_html
+    from tlpipe.render.html import write_report as write_html
 
     write_html(path, data)
     client = tracking.connect(paths.root)
@@ -212,7 +217,7 @@ def write_report(paths: ProjectPaths, result: dict, promotion: dict, evaluation:
 
 def comparison_rows(result: dict, evaluation: dict) -> list[dict]:
     """Rows of the comparison table artifact: test metrics and MLflow run per model, plus what the gate saw."""
-    from tlpipe.pipeline_summary import comparison_rows as rows_of
+    from tlpipe.evaluation.pipeline_summary import comparison_rows as rows_of
 
     links = {name: run_link(evaluation, name, run_id) for name, run_id in evaluation["model_runs"].items()}
     rows = rows_of(result["metrics"], links)
@@ -237,8 +242,8 @@ def publish_artifacts(root: Path, result: dict, promotion: dict, report_path: st
     """
     from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-    from tlpipe import pipeline_summary as summary
-    from tlpipe.prefect_server import main_project_root
+    from tlpipe.evaluation import pipeline_summary as summary
+    from tlpipe.ops.prefect_server import main_project_root
 
     project = main_project_root(root).name
     key = {what: summary.artifact_key(project, f"evaluate-{what}")

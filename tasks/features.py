@@ -6,15 +6,17 @@ from pathlib import Path
 
 from prefect import task
 
-from tlpipe import features, store, tracking
-from tlpipe.config import FeaturesParams
+from tlpipe.features import extraction as features
+from tlpipe.data import store
+from tlpipe.tracking import runs as tracking
+from tlpipe.core.params import FeaturesParams
 from tasks.common import get_logger, report_progress
 
 
 @task(name="check-weights")
 def check_backbone_weights(params: FeaturesParams, image_size: int) -> None:
     """Fail before any work when the backbone's weights cannot be found."""
-    from tlpipe.backbones import check_weights, get_spec
+    from tlpipe.features.backbones import check_weights, get_spec
 
     spec = get_spec(params.backbone)
     check_weights(params.backbone, features.normalise_weights(params.weights),

@@ -7,16 +7,17 @@ from pathlib import Path
 import pandas as pd
 from prefect import task
 
-from tlpipe import store, tracking
-from tlpipe.config import Params
-from tlpipe.features import normalise_weights
+from tlpipe.data import store
+from tlpipe.tracking import runs as tracking
+from tlpipe.core.params import Params
+from tlpipe.features.extraction import normalise_weights
 from tasks.common import get_logger, log_image_model
 
 
 @task(name="train-networks")
 def train(store_dir: Path, out_dir: Path, params: Params, kinds: list[str]) -> dict:
     """Train the frozen-base and multi-layer-concat networks; progress per epoch in the logs."""
-    from tlpipe import finetune
+    from tlpipe.train import networks as finetune
 
     logger = get_logger()
 

@@ -7,9 +7,11 @@ from pathlib import Path
 import pandas as pd
 from prefect import task
 
-from tlpipe import ingest, store, tracking
-from tlpipe.config import DataParams
-from tlpipe.sources import SourceListing, list_source
+from tlpipe.data import ingest
+from tlpipe.data import store
+from tlpipe.tracking import runs as tracking
+from tlpipe.core.params import DataParams
+from tlpipe.core.sources import SourceListing, list_source
 from tasks.common import get_logger, report_progress, retry_unless_user_error
 
 

@@ -11,9 +11,9 @@ from pathlib import Path
 
 from prefect import task
 
-from tlpipe import tracking
-from tlpipe.errors import UserError
-from tlpipe.process_group import guarded_group
+from tlpipe.tracking import runs as tracking
+from tlpipe.core.errors import UserError
+from tlpipe.ops.process_group import guarded_group
 from tasks.common import get_logger, retry_unless_user_error
 
 STAGE_LINE = re.compile(r"Running stage '([^']+)'")
@@ -83,9 +83,9 @@ def log_store_splits(client, root: Path, run_id: str) -> None:
 
     Never raises (it runs while the pipeline run is closed, maybe after a failure): a problem is a warning.
     """
-    from tlpipe import store
-    from tlpipe.config import load_params
-    from tlpipe.paths import project_paths
+    from tlpipe.data import store
+    from tlpipe.core.params import load_params
+    from tlpipe.core.paths import project_paths
 
     store_dir = project_paths(root).store
     if not (store_dir / store.MANIFEST).is_file():
@@ -113,7 +113,7 @@ def run_dvc(root: Path, overrides: list[str], experiment: bool, force_stages: li
     for command in dvc_command(overrides, experiment, force_stages):
         logger.info("$ %s", " ".join(command[2:]))
         # its own process group, stopped (with the stage processes) however this task ends; a watchdog
-        # stops it if this process is SIGKILLed (tlpipe.process_group). The pipeline lock outlives it.
+        # stops it if this process is SIGKILLed (tlpipe.ops.process_group). The pipeline lock outlives it.
         with guarded_group(command, "dvc", cwd=root, env=env, stdout=subprocess.PIPE,
                            stderr=subprocess.STDOUT, text=True, bufsize=1) as process:
             tail: list[str] = []
@@ -159,7 +159,7 @@ def publish_artifacts(root: Path, pipeline_run_id: str, metrics: dict, promotion
     """
     from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-    from tlpipe import pipeline_summary as summary
+    from tlpipe.evaluation import pipeline_summary as summary
 
     detail = root / "metrics" / "evaluate_detail.json"
     metrics = summary.merge_metrics(metrics, json.loads(detail.read_text()) if detail.is_file() else {})

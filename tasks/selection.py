@@ -9,9 +9,11 @@ import pandas as pd
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from tlpipe import selection, store, tracking
-from tlpipe.config import Params
-from tlpipe.features import normalise_weights
+from tlpipe.train import selection
+from tlpipe.data import store
+from tlpipe.tracking import runs as tracking
+from tlpipe.core.params import Params
+from tlpipe.features.extraction import normalise_weights
 from tasks.common import get_logger, report_progress, retry_unless_user_error
 
 

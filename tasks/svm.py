@@ -6,8 +6,10 @@ from pathlib import Path
 
 from prefect import task
 
-from tlpipe import store, svm, tracking
-from tlpipe.config import Params
+from tlpipe.data import store
+from tlpipe.train import svm
+from tlpipe.tracking import runs as tracking
+from tlpipe.core.params import Params
 from tasks.common import get_logger, log_image_model
 
 

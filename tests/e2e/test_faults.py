@@ -37,7 +37,7 @@ pytestmark = pytest.mark.slow
 
 STAGES = ("ingest", "features", "svm", "finetune", "evaluate")
 DEBRIS = re.compile(r"^\..+\.(?:tmp|old)-\d+$")
-"""Names of staging debris: ``.<output>.tmp-<pid>`` and ``.<output>.old-<pid>`` (tlpipe.store)."""
+"""Names of staging debris: ``.<output>.tmp-<pid>`` and ``.<output>.old-<pid>`` (tlpipe.data.store)."""
 FINAL_STATES = {"KILLED", "FAILED"}
 
 
@@ -147,7 +147,7 @@ def find_debris(project: Path) -> list[str]:
 
 
 def runs_by_pid(db: Path, pid: int) -> dict[str, str]:
-    """``{run_id: status}`` of the MLflow runs tagged as owned by process ``pid`` (tlpipe.tracking's tag)."""
+    """``{run_id: status}`` of the MLflow runs tagged as owned by process ``pid`` (tlpipe.tracking.runs's tag)."""
     if not db.exists():
         return {}
     with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30) as connection:
@@ -374,7 +374,7 @@ def test_tracking_server_dying_mid_stage_fails_clearly_and_rerun_logs_once(casca
 
         from mlflow import MlflowClient
 
-        from tlpipe.config import load_task
+        from tlpipe.core.params import load_task
 
         client = MlflowClient(uri)
         experiment = client.get_experiment_by_name(load_task(cascade.project).name)

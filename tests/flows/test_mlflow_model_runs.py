@@ -17,8 +17,8 @@ from datetime import timedelta
 import pytest
 
 from tests.conftest import make_project
-from tlpipe import tracking
-from tlpipe.models import MODEL_NAMES, NETWORK_MODELS, SVM_MODELS
+from tlpipe.tracking import runs as tracking
+from tlpipe.core.names import MODEL_NAMES, NETWORK_MODELS, SVM_MODELS
 
 pytestmark = pytest.mark.slow
 

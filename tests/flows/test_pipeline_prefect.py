@@ -18,10 +18,10 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import make_project
-from tlpipe import tracking
-from tlpipe.config import load_params
-from tlpipe.lock import pipeline_lock_path
-from tlpipe.models import MODEL_NAMES
+from tlpipe.tracking import runs as tracking
+from tlpipe.core.params import load_params
+from tlpipe.ops.lock import pipeline_lock_path
+from tlpipe.core.names import MODEL_NAMES
 
 STAGES = {"select", "ingest", "features", "svm", "finetune", "evaluate"}
 

@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import make_project
-from tlpipe import prefect_server
+from tlpipe.ops import prefect_server
 
-ENSURE = "import sys; from tlpipe.prefect_server import ensure_server; print(ensure_server(sys.argv[1]))"
+ENSURE = "import sys; from tlpipe.ops.prefect_server import ensure_server; print(ensure_server(sys.argv[1]))"
 
 
 def server_processes(home: Path) -> list[int]:

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from tests.conftest import make_project
-from tlpipe import tracking
+from tlpipe.tracking import runs as tracking
 
 
 @pytest.fixture
@@ -70,7 +70,7 @@ def test_unreachable_tracking_fails_clearly_and_keeps_outputs(project, monkeypat
 
 
 def test_bad_params_fail_naming_the_key(project):
-    from tlpipe.config import ConfigError
+    from tlpipe.core.params import ConfigError
     from flows.ingest import ingest_flow
 
     params = project / "params.yaml"
@@ -86,11 +86,11 @@ def test_finetune_flow_trains_both_networks_and_the_saved_models_reload(project)
     import numpy as np
     from mlflow import MlflowClient
 
-    import tlpipe.backbones  # noqa: F401  (registers the custom layers for load_model)
+    import tlpipe.features.backbones  # noqa: F401  (registers the custom layers for load_model)
     from flows.finetune import finetune_flow
     from flows.ingest import ingest_flow
-    from tlpipe import store
-    from tlpipe.pyfunc import to_image_frame
+    from tlpipe.data import store
+    from tlpipe.serving.classifier import to_image_frame
 
     params = project / "params.yaml"
     params.write_text(params.read_text().replace("epochs: 2", "epochs: 1"))

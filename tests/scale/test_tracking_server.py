@@ -1,6 +1,6 @@
 """Shared tracking: the tiny pipeline against a real PostgreSQL + MLflow server (artifacts proxied).
 
-The services are started with :mod:`tlpipe.services` (what ``make tracking-server`` runs), the pipeline
+The services are started with :mod:`tlpipe.ops.services` (what ``make tracking-server`` runs), the pipeline
 runs through ``dvc repro`` with ``MLFLOW_TRACKING_URI=http://127.0.0.1:<port>``, and everything is read
 back through the server: stage and model runs, artifacts, registered versions and the champion alias.
 The MLflow server is restarted between two ``dvc repro`` calls; nothing logged before is lost.
@@ -19,7 +19,7 @@ import pytest
 
 from tests.conftest import make_project
 from tests.scale.helpers import run
-from tlpipe import services
+from tlpipe.ops import services
 
 STAGES = ("select", "ingest", "features", "svm", "finetune", "evaluate")
 MODELS = {"svm_features", "svm_concat", "svm_pixels", "frozen", "concat", "finetuned"}
@@ -59,7 +59,7 @@ def test_pipeline_on_postgres_mlflow_server(tmp_path, tiny_source, prefect_serve
 
     output = run([*dvc, "ingest", "features"], project, env)
     assert "Running stage 'ingest'" in output and "Running stage 'features'" in output
-    from tlpipe.config import load_task
+    from tlpipe.core.params import load_task
 
     task = load_task(project)  # each data set is its own task: its experiment and registered model
     client = MlflowClient(endpoints.tracking_uri)

@@ -22,7 +22,7 @@ from typer.testing import CliRunner
 from flows.cli import app
 from flows.common import error_line
 from tests.conftest import REPO
-from tlpipe import tracking
+from tlpipe.tracking import runs as tracking
 
 TYPE_NAMES = re.compile(r"<[a-z\[\], |]+>|\b(TEXT|INTEGER|PATH|BOOLEAN|FLOAT|list\[str\])\b")
 
@@ -145,7 +145,7 @@ def test_unknown_alias_or_model_is_one_line(project: Path) -> None:
 def test_identify_model_pins_the_alias_to_its_version(project: Path) -> None:
     from mlflow import MlflowClient
 
-    from tlpipe.predict import identify_model
+    from tlpipe.serving.predict import identify_model
 
     run_id = registry_with_champion(project)
     identity = identify_model("models:/tlpipe-classifier@champion", MlflowClient(f"sqlite:///{project}/mlflow.db"))
@@ -168,7 +168,7 @@ def pyfunc_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny real Keras classifier saved as a local MLflow pyfunc folder."""
     import keras
 
-    from tlpipe.pyfunc import save_keras_classifier
+    from tlpipe.serving.classifier import save_keras_classifier
 
     keras.utils.set_random_seed(3)
     inputs = keras.Input((16, 16, 3), dtype="uint8")
@@ -207,8 +207,8 @@ def register_champion(project: Path, keras_file: Path, name: str, classes: list[
     ``@champion`` (its versions tagged with the class names, as the evaluate stage does, when ``tag_classes``)."""
     import mlflow
 
-    from tlpipe.pyfunc import log_keras_classifier
-    from tlpipe.registry import CLASSES_TAG
+    from tlpipe.serving.classifier import log_keras_classifier
+    from tlpipe.tracking.registry import CLASSES_TAG
 
     client = tracking.connect(project)
     with mlflow.start_run(experiment_id=tracking.ensure_experiment(client, project, name)):
@@ -328,7 +328,7 @@ def test_compare_two_dvc_experiments_and_an_mlflow_run(tmp_path: Path) -> None:
     # an MLflow pipeline run against the workspace: accuracies from its metrics, params from its stage runs
     from mlflow import MlflowClient
 
-    from tlpipe import tracking
+    from tlpipe.tracking import runs as tracking
 
     client = MlflowClient(f"sqlite:///{root}/mlflow.db")
     experiment = client.create_experiment("tlpipe")

@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from tlpipe import compare_backbones as cb
+from tlpipe.evaluation import compare_backbones as cb
 
 GIT = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
 

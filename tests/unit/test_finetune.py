@@ -10,10 +10,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-import tlpipe.backbones  # noqa: F401  (registers the custom layer for load_model)
-from tlpipe import finetune, store
-from tlpipe.backbones import build_backbone
-from tlpipe.config import AugmentParams, FinetuneParams
+import tlpipe.features.backbones  # noqa: F401  (registers the custom layer for load_model)
+from tlpipe.train import networks as finetune
+from tlpipe.data import store
+from tlpipe.features.backbones import build_backbone
+from tlpipe.core.params import AugmentParams, FinetuneParams
 
 SIZE = 32
 BACKBONE = "efficientnet_lite0"
@@ -29,7 +30,7 @@ def make_images(label: int, count: int, rng: np.random.Generator) -> np.ndarray:
 
 
 def write_store(folder: Path) -> Path:
-    """Write a two-class store (dark vs bright images) in the layout of :mod:`tlpipe.store`."""
+    """Write a two-class store (dark vs bright images) in the layout of :mod:`tlpipe.data.store`."""
     folder.mkdir(parents=True)
     rng = np.random.default_rng(0)
     records = []
@@ -361,7 +362,7 @@ def test_tuned_model_outputs_history_and_best_epoch(tuned: dict, store_dir: Path
 def test_tuned_model_averages_flipped_views(tuned: dict, store_dir: Path) -> None:
     """TTA is inside the saved model: flipping the input only reorders the views it averages."""
     model = tuned["model"]
-    assert [layer.name for layer in model.layers if isinstance(layer, tlpipe.backbones.FlipImages)] == [
+    assert [layer.name for layer in model.layers if isinstance(layer, tlpipe.features.backbones.FlipImages)] == [
         "flip_h", "flip_v", "flip_hv"]
     images, _ = store.load_split(store_dir, "test")
     np.testing.assert_allclose(predict(model, images[:, :, ::-1]), predict(model, images), rtol=1e-4, atol=1e-6)
@@ -404,7 +405,7 @@ def test_tuned_cache_reproduces_the_backbone(store_dir: Path, weights_file: Path
     """Bottom + top on the cached activations give the backbone's own features (float16 cache)."""
     data = finetune.load_store_data(store_dir)
     backbone = build_backbone(BACKBONE, str(weights_file), SIZE)
-    bottom, top = tlpipe.backbones.split_top_blocks(backbone, 2)
+    bottom, top = tlpipe.features.backbones.split_top_blocks(backbone, 2)
     cache = finetune.compute_tune_cache(bottom, data, tmp_path / "cache", tuned_params(), 2)
     cut, mid = cache.val_inputs()
     assert cut.dtype == np.float16 and cache.train_inputs(1)[0].shape == (cache.rows, *cut.shape[1:])
@@ -412,9 +413,9 @@ def test_tuned_cache_reproduces_the_backbone(store_dir: Path, weights_file: Path
     np.testing.assert_allclose(mid, want["mid"], rtol=1e-5, atol=1e-6)
     got = top.predict(cut.astype("float32"), verbose=0)
     np.testing.assert_allclose(got, want["final"], rtol=2e-2, atol=1e-3 * np.abs(want["final"]).max())
-    assert tlpipe.backbones.tunable_blocks(backbone) == 10  # Lite0: blocks 6..15, above the tap in block 5
+    assert tlpipe.features.backbones.tunable_blocks(backbone) == 10  # Lite0: blocks 6..15, above the tap in block 5
     with pytest.raises(ValueError, match="blocks to fine-tune must be 1..10"):
-        tlpipe.backbones.split_top_blocks(backbone, 11)
+        tlpipe.features.backbones.split_top_blocks(backbone, 11)
 
 
 def test_tuned_blocks_are_capped_at_the_tunable_ones(store_dir: Path, weights_file: Path, tmp_path: Path) -> None:

@@ -1,4 +1,4 @@
-"""Tests for tlpipe.images: decoding every mode to uint8 RGB and rejecting bad files."""
+"""Tests for tlpipe.data.images: decoding every mode to uint8 RGB and rejecting bad files."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tlpipe.images import DecodedImage, ImageRejected, decode_bytes, decode_file, resize_image
+from tlpipe.data.images import DecodedImage, ImageRejected, decode_bytes, decode_file, resize_image
 
 SIZE = 32
 

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from tlpipe.lock import LockHeldError, file_lock, pipeline_lock, pipeline_lock_path
-from tlpipe.prefect_server import main_project_root
+from tlpipe.ops.lock import LockHeldError, file_lock, pipeline_lock, pipeline_lock_path
+from tlpipe.ops.prefect_server import main_project_root
 
-HOLD = ("import sys, time; from tlpipe.lock import pipeline_lock\n"
+HOLD = ("import sys, time; from tlpipe.ops.lock import pipeline_lock\n"
         "with pipeline_lock(sys.argv[1]):\n    print('held', flush=True); time.sleep(600)\n")
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tlpipe.pipeline_summary import (
+from tlpipe.evaluation.pipeline_summary import (
     RunLink, artifact_key, comparison_rows, links_markdown, merge_metrics, promotion_markdown,
 )
 

@@ -22,16 +22,16 @@ from mlflow import MlflowClient
 from PIL import Image
 from sklearn.svm import SVC
 
-from tlpipe.features import build_extractor
-from tlpipe.images import decode_file, resize_image
-from tlpipe.predict import resolve_model_uri
-from tlpipe.pyfunc import (
+from tlpipe.features.extraction import build_extractor
+from tlpipe.data.images import decode_file, resize_image
+from tlpipe.serving.predict import resolve_model_uri
+from tlpipe.serving.classifier import (
     decode_cell,
     log_keras_classifier,
     log_svm_classifier,
     to_image_frame,
 )
-from tlpipe.svm import resize_batch
+from tlpipe.train.svm import resize_batch
 
 SIZE = 32
 PIXEL_SIZE = 8
@@ -79,7 +79,7 @@ def decoded(paths: list[Path], mode: str) -> np.ndarray:
 
 
 def flat_pixels(pixels: np.ndarray) -> np.ndarray:
-    """The svm_pixels input, built as :func:`tlpipe.svm.load_pixels` does."""
+    """The svm_pixels input, built as :func:`tlpipe.train.svm.load_pixels` does."""
     return resize_batch(pixels, PIXEL_SIZE).reshape(len(pixels), -1).astype(np.float32) * np.float32(1 / 255)
 
 

@@ -26,9 +26,9 @@ from mlflow import MlflowClient
 from sklearn.dummy import DummyClassifier
 from sklearn.linear_model import LogisticRegression
 
-from tlpipe import registry
-from tlpipe.pyfunc import log_svm_classifier
-from tlpipe.registry import ALIAS, Champion, decide, register_and_gate, select_best
+from tlpipe.tracking import registry
+from tlpipe.serving.classifier import log_svm_classifier
+from tlpipe.tracking.registry import ALIAS, Champion, decide, register_and_gate, select_best
 
 CLASSES = ["dark", "bright"]
 OTHER_CLASSES = ["cat", "dog", "bird"]
@@ -88,7 +88,7 @@ TEST_IMAGES = solid_images([40, 50, 60, 210], seed=1)
 
 def pixel_features(images: np.ndarray) -> np.ndarray:
     """What the pyfunc feeds a ``pixels`` SVM at PIXELS x PIXELS: resized, flattened, scaled to 0..1."""
-    from tlpipe.svm import resize_batch
+    from tlpipe.train.svm import resize_batch
 
     return resize_batch(images, PIXELS).reshape(len(images), -1).astype(np.float32) / 255
 

@@ -15,10 +15,10 @@ from sklearn.model_selection import GridSearchCV
 from sklearn.svm import SVC
 
 from tests.tiny_data import CLASSES, SIZE, write_separable_features, write_tiny_store
-from tlpipe import store
-from tlpipe.config import CGrid, SvmParams
-from tlpipe.evaluate import predict_svm
-from tlpipe.svm import (
+from tlpipe.data import store
+from tlpipe.core.params import CGrid, SvmParams
+from tlpipe.evaluation.evaluate import predict_svm
+from tlpipe.train.svm import (
     CV_COLUMNS,
     SVM_MODELS,
     LinearSVM,

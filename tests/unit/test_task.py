@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tlpipe import tracking
-from tlpipe.config import ConfigError, Params, load_task, parse_params, resolve_task
-from tlpipe.sources import SourceError, class_set_suffix, folder_class_names, slugify
+from tlpipe.tracking import runs as tracking
+from tlpipe.core.params import ConfigError, Params, load_task, parse_params, resolve_task
+from tlpipe.core.sources import SourceError, class_set_suffix, folder_class_names, slugify
 
 
 def make_folder(root: Path, classes: list[str], presplit: bool = False) -> Path:

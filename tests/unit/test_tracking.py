@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tlpipe import tracking
+from tlpipe.tracking import runs as tracking
 from tests.tiny_data import write_tiny_store
 
 
@@ -262,7 +262,7 @@ def test_failures_after_the_work_are_logged_not_swallowed(store, caplog: pytest.
 
 
 def test_a_store_that_cannot_be_created_is_logged(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    from tlpipe.local_store import ensure_sqlite_store
+    from tlpipe.tracking.sqlite_store import ensure_sqlite_store
 
     blocker = tmp_path / "not-a-folder"
     blocker.write_text("")

@@ -33,10 +33,10 @@ import numpy as np
 
 from bench import synth
 from bench.common import HYMENOPTERA, OUT_DIR, log, machine, quiet_tf, row, timed, warm_page_cache, write_json
-from tlpipe.data import store
 from tlpipe.core.params import DataParams
-from tlpipe.data.ingest import ingest, resolve_workers
 from tlpipe.core.sources import SourceListing, list_folder
+from tlpipe.data import store
+from tlpipe.data.ingest import ingest, resolve_workers
 
 SIZE = 224
 TARGET_RATIO = 3.0

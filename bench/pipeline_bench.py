@@ -72,13 +72,13 @@ NOOP_FLOW = "from prefect import flow\nflow(name='noop')(lambda: None)()\n"
 ENSURE_SERVER = "from tlpipe.ops.prefect_server import ensure_server\nprint(ensure_server('.'))\n"
 INGEST_NO_PREFECT = """\
 import time
-from tlpipe.tracking import runs as tracking
+from tlpipe.tracking.runs import stage_run
 from tlpipe.core.params import load_params
 from tlpipe.core.paths import project_paths
 from tasks.ingest import build_store, list_source_files, log_ingest, write_data_report
 paths = project_paths()
 params = load_params(paths.params)
-with tracking.stage_run("ingest", paths.root, {"data": params.data.model_dump()}) as run_id:
+with stage_run("ingest", paths.root, {"data": params.data.model_dump()}) as run_id:
     start = time.perf_counter()
     listing = list_source_files.fn(params.data)
     report = build_store.fn(listing, params.data, paths.store)

@@ -29,9 +29,9 @@ except ImportError:  # pragma: no cover (older Typer on the real click)
     from click.exceptions import UsageError as ClickUsageError
 
 from flows.common import DEBUG_ENV, debug_enabled, quiet_prefect_console, report_user_error
-from tlpipe.tracking import runs as tracking
 from tlpipe.core.errors import UsageError, UserError
 from tlpipe.core.paths import ProjectNotFoundError, find_root
+from tlpipe.tracking.connection import connect, experiment_name, quiet_telemetry, tracking_uri, ui_url
 
 DEBUG_KEY = "tlpipe.debug"
 
@@ -141,7 +141,7 @@ def resolve_root(root: Path | None) -> Path:
 
 def prepare_environment(root: Path) -> None:
     """Telemetry off and the root pinned for every child process."""
-    tracking.quiet_telemetry()
+    quiet_telemetry()
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     os.environ["TLPIPE_ROOT"] = str(root)
 
@@ -235,7 +235,7 @@ def predict(
     """
     global skip_teardown
     skip_teardown = True  # nothing is left to do once the results are printed
-    tracking.quiet_telemetry()
+    quiet_telemetry()
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     if imagenet:
         identity, rows = predict_imagenet(images, backbone, weights, top)
@@ -277,9 +277,9 @@ def identify_requested_model(model: str | None, project: Path):
 
     if model is None:
         task = load_task(project)
-        return identify_champion(task.name, task.model_name, tracking.connect(project))
+        return identify_champion(task.name, task.model_name, connect(project))
     uri = resolve_model_uri(model, project)
-    return identify_model(uri, None if Path(uri).is_dir() else tracking.connect(project))
+    return identify_model(uri, None if Path(uri).is_dir() else connect(project))
 
 
 def print_predictions(identity: dict, rows: list[dict], as_json: bool) -> None:
@@ -334,8 +334,8 @@ def compare(
 @app.command()
 def exps(root: RootOption = None) -> None:
     """List the DVC experiments: each model's test accuracy and the params that differ (what `make exps` shows)."""
-    from tlpipe.evaluation.compare import exps_command, format_exps
     from tlpipe.core.names import REPORTED_MODELS
+    from tlpipe.evaluation.compare import exps_command, format_exps
 
     project = resolve_root(root)
     prepare_environment(project)
@@ -359,7 +359,8 @@ def compare_backbones(
     root: RootOption = None,
 ) -> None:
     """Run the pipeline once per backbone (DVC's experiment queue) and chart test accuracy against compute."""
-    from tlpipe.evaluation.compare_backbones import DEFAULT_BACKBONES, compare_backbones as run_comparison
+    from tlpipe.evaluation.compare_backbones import DEFAULT_BACKBONES
+    from tlpipe.evaluation.compare_backbones import compare_backbones as run_comparison
 
     project = prepare_prefect(root)
     table, csv_path, png_path = run_comparison(project, backbone or DEFAULT_BACKBONES, set_ or [], name)
@@ -376,14 +377,14 @@ def ui(
     """Start the MLflow UI on the project's store."""
     root = resolve_root(root)
     prepare_environment(root)
-    command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", tracking.tracking_uri(root),
+    command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", tracking_uri(root),
                "--host", host, "--port", str(port), "--workers", "1"]
     if not os.environ.get("MLFLOW_TRACKING_URI"):
         command += ["--default-artifact-root", (root / "mlartifacts").as_uri()]
-    typer.echo(f"MLflow UI on http://{host}:{port} (store {tracking.tracking_uri(root)})")
-    experiment = tracking.connect(root).get_experiment_by_name(tracking.experiment_name(root))
+    typer.echo(f"MLflow UI on http://{host}:{port} (store {tracking_uri(root)})")
+    experiment = connect(root).get_experiment_by_name(experiment_name(root))
     if experiment is not None:  # MLflow 3.17 opens in its GenAI view unless the link asks for training
-        typer.echo(f"open {tracking.ui_url(f'http://{host}:{port}', experiment.experiment_id)}")
+        typer.echo(f"open {ui_url(f'http://{host}:{port}', experiment.experiment_id)}")
     from tlpipe.ops.process_group import guarded_group, signals_raise
 
     # the server and its workers in a process group of their own, stopped on SIGTERM, SIGHUP, Ctrl-C or exit
@@ -405,7 +406,7 @@ def serve_model(
     prepare_environment(root)
     identity = identify_requested_model(model, root)
     uri = identity.load_uri
-    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking.tracking_uri(root), "TLPIPE_PYFUNC_ALLOW_PATHS": "0"}
+    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri(root), "TLPIPE_PYFUNC_ALLOW_PATHS": "0"}
     command = [sys.executable, "-m", "mlflow", "models", "serve", "-m", uri, "--env-manager", "local",
                "--host", host, "--port", str(port)]
     typer.echo(f"serving {identity.describe()} on http://{host}:{port}/invocations")

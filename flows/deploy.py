@@ -17,8 +17,8 @@ from pathlib import Path
 
 from prefect.schedules import Cron
 
-from tlpipe.core.params import load_params
 from flows.retrain import retrain_flow
+from tlpipe.core.params import load_params
 
 
 def build_schedule(root: Path, cron: str | None) -> tuple[str, Cron, str]:

@@ -4,11 +4,6 @@ from __future__ import annotations
 
 from prefect import flow
 
-from tlpipe.data import store
-from tlpipe.tracking import runs as tracking
-from tlpipe.core.params import load_stage_params
-from tlpipe.data.ingest import hash_manifest
-from tlpipe.core.paths import project_paths
 from tasks.common import check_tracking
 from tasks.evaluate import (
     evaluate_all,
@@ -18,6 +13,11 @@ from tasks.evaluate import (
     write_metrics,
     write_report,
 )
+from tlpipe.core.params import load_stage_params
+from tlpipe.core.paths import project_paths
+from tlpipe.data import store
+from tlpipe.data.ingest import hash_manifest
+from tlpipe.tracking.runs import stage_run
 
 
 @flow(name="evaluate")
@@ -35,10 +35,10 @@ def evaluate_flow(root: str | None = None) -> dict:
     check_tracking(paths.root)
     data_hash = hash_manifest(store.load_manifest(paths.store))
     stage_params = {"evaluate": params.evaluate.model_dump(), "registry": params.registry.model_dump()}
-    with tracking.stage_run("evaluate", paths.root, stage_params, data_hash):  # spans the stage's work
+    with stage_run("evaluate", paths.root, stage_params, data_hash) as run_id:  # spans the stage's work
         result = evaluate_all(paths, params)
         accuracies = write_metrics(result, paths.metrics)
-        evaluation = log_evaluation(paths, params, result, data_hash)  # joins this stage run
+        evaluation = log_evaluation(paths, params, result, data_hash, run_id)
         promotion = register_and_gate(paths, params, result, evaluation, data_hash)
         report = write_report(paths, result, promotion, evaluation, data_hash)
         publish_artifacts(paths.root, result, promotion, report, evaluation)

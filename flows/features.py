@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from prefect import flow
 
-from tlpipe.data import store
-from tlpipe.tracking import runs as tracking
-from tlpipe.core.params import load_stage_params
-from tlpipe.data.ingest import hash_manifest
-from tlpipe.core.paths import project_paths
 from tasks.features import check_backbone_weights, extract, log_features, write_metrics
+from tlpipe.core.params import load_stage_params
+from tlpipe.core.paths import project_paths
+from tlpipe.data import store
+from tlpipe.data.ingest import hash_manifest
+from tlpipe.tracking.runs import stage_run
 
 
 @flow(name="features")
@@ -23,7 +23,7 @@ def features_flow(root: str | None = None) -> dict:
     params = load_stage_params(paths.params, paths.selection)
     data_hash = hash_manifest(store.load_manifest(paths.store))
     # the stage run spans the work; opening it checks the store first (fails fast when unreachable)
-    with tracking.stage_run("features", paths.root, {"features": params.features.model_dump()}, data_hash) as run_id:
+    with stage_run("features", paths.root, {"features": params.features.model_dump()}, data_hash) as run_id:
         image_size = store.read_npy_header(store.split_path(paths.store, "train"))[0][1]
         check_backbone_weights(params.features, image_size)
         meta = extract(paths.store, paths.features, params.features)

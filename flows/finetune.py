@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from prefect import flow
 
-from tlpipe.data import store
-from tlpipe.tracking import runs as tracking
-from tlpipe.core.params import load_stage_params
-from tlpipe.data.ingest import hash_manifest
-from tlpipe.core.names import NETWORK_MODELS
-from tlpipe.core.paths import project_paths
 from tasks.features import check_backbone_weights
 from tasks.finetune import log_networks, train, write_metrics
+from tlpipe.core.names import NETWORK_MODELS
+from tlpipe.core.params import load_stage_params
+from tlpipe.core.paths import project_paths
+from tlpipe.data import store
+from tlpipe.data.ingest import hash_manifest
+from tlpipe.tracking.runs import stage_run
 
 
 @flow(name="finetune")
@@ -28,7 +28,7 @@ def finetune_flow(root: str | None = None, kinds: list[str] | None = None) -> di
     stage_params = {"finetune": params.finetune.model_dump(), "data": {"resize_mode": params.data.resize_mode},
                     "features": {"backbone": params.features.backbone, "weights": params.features.weights}}
     # the stage run spans the work; opening it checks the store first (fails fast when unreachable)
-    with tracking.stage_run("finetune", paths.root, stage_params, data_hash) as run_id:
+    with stage_run("finetune", paths.root, stage_params, data_hash) as run_id:
         image_size = store.read_npy_header(store.split_path(paths.store, "train"))[0][1]
         check_backbone_weights(params.features, image_size)
         results = train(paths.store, paths.finetune_models, params, list(kinds or NETWORK_MODELS))

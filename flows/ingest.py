@@ -6,10 +6,10 @@ import time
 
 from prefect import flow
 
-from tlpipe.tracking import runs as tracking
+from tasks.ingest import build_store, list_source_files, log_ingest, write_data_report
 from tlpipe.core.params import load_stage_params
 from tlpipe.core.paths import project_paths
-from tasks.ingest import build_store, list_source_files, log_ingest, write_data_report
+from tlpipe.tracking.runs import stage_run
 
 
 @flow(name="ingest")
@@ -22,7 +22,7 @@ def ingest_flow(root: str | None = None) -> dict:
     paths = project_paths(root)
     params = load_stage_params(paths.params, paths.selection)
     # the stage run spans the work; opening it checks the store first (fails fast when unreachable)
-    with tracking.stage_run("ingest", paths.root, {"data": params.data.model_dump()}) as run_id:
+    with stage_run("ingest", paths.root, {"data": params.data.model_dump()}) as run_id:
         start = time.perf_counter()
         listing = list_source_files(params.data)
         report = build_store(listing, params.data, paths.store)

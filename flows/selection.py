@@ -9,11 +9,11 @@ from pathlib import Path
 from prefect import flow, unmapped
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from tlpipe.train import selection
-from tlpipe.tracking import runs as tracking
+from tasks.selection import decode_images, log_selection, probe, split_source, write_outputs
 from tlpipe.core.params import load_params
 from tlpipe.core.paths import project_paths
-from tasks.selection import decode_images, log_selection, probe, split_source, write_outputs
+from tlpipe.tracking.runs import stage_run
+from tlpipe.train import selection
 
 
 @flow(name="select", task_runner=ThreadPoolTaskRunner(max_workers=1))  # one probe at a time: each uses every core
@@ -27,7 +27,7 @@ def select_flow(root: str | None = None) -> dict:
     params = load_params(paths.params)
     stage_params = {"select": params.select.model_dump(), "data": params.data.model_dump(),
                     "features": {"backbone": params.features.backbone, "weights": params.features.weights}}
-    with tracking.stage_run("select", paths.root, stage_params) as run_id:
+    with stage_run("select", paths.root, stage_params) as run_id:
         start = time.perf_counter()
         candidates, excluded = selection.list_candidates(params), {}
         results, plan, budget = [], [], 0.0

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from prefect import flow
 
-from tlpipe.data import store
-from tlpipe.tracking import runs as tracking
-from tlpipe.core.params import load_stage_params
-from tlpipe.data.ingest import hash_manifest
-from tlpipe.core.paths import project_paths
 from tasks.svm import log_svms, train, write_metrics
+from tlpipe.core.params import load_stage_params
+from tlpipe.core.paths import project_paths
+from tlpipe.data import store
+from tlpipe.data.ingest import hash_manifest
+from tlpipe.tracking.runs import stage_run
 
 
 @flow(name="svm")
@@ -25,7 +25,7 @@ def svm_flow(root: str | None = None) -> dict:
     stage_params = {"svm": params.svm.model_dump(), "data": {"resize_mode": params.data.resize_mode},
                     "features": {"backbone": params.features.backbone, "weights": params.features.weights}}
     # the stage run spans the work; opening it checks the store first (fails fast when unreachable)
-    with tracking.stage_run("svm", paths.root, stage_params, data_hash) as run_id:
+    with stage_run("svm", paths.root, stage_params, data_hash) as run_id:
         summaries = train(paths.store, paths.features, paths.svm_models, params)
         write_metrics(summaries, paths.metrics / "svm.json")
         log_svms(run_id, paths.root, params, summaries, paths.svm_models, paths.store, paths.features, data_hash)

@@ -13,17 +13,22 @@ from pathlib import Path
 
 from prefect import task
 
-from tlpipe.evaluation import ensemble
-from tlpipe.evaluation import evaluate
-from tlpipe.tracking import registry
-from tlpipe.train import selection
-from tlpipe.data import store
-from tlpipe.tracking import runs as tracking
-from tlpipe.core.params import Params, resolve_task
-from tlpipe.render.formats import format_score, round_score
-from tlpipe.core.names import ENSEMBLE_MODEL, model_file
-from tlpipe.core.paths import ProjectPaths
 from tasks.common import get_logger, log_image_model
+from tlpipe.core.hashing import file_sha256
+from tlpipe.core.names import ENSEMBLE_MODEL, model_file
+from tlpipe.core.params import Params, resolve_task
+from tlpipe.core.paths import ProjectPaths
+from tlpipe.data import store
+from tlpipe.evaluation import ensemble, evaluate
+from tlpipe.evaluation.metrics import dvc_metrics
+from tlpipe.evaluation.report import build_report
+from tlpipe.render.formats import format_score, round_score
+from tlpipe.tracking import registry
+from tlpipe.tracking.connection import connect, ensure_experiment
+from tlpipe.tracking.records import find_model_run, log_datasets, log_metrics, log_params, log_test_metrics, set_tags
+from tlpipe.tracking.runs import model_run
+from tlpipe.tracking.tags import MODEL_ID_TAG, MODEL_SHA_TAG, MODEL_TAG, PYFUNC_URI_TAG, TASK_TAG
+from tlpipe.train import selection
 
 SCALARS = ("accuracy", "balanced_accuracy", "f1_macro", "roc_auc")
 DETAIL_METRICS = "evaluate_detail.json"
@@ -48,7 +53,7 @@ def evaluate_all(paths: ProjectPaths, params: Params) -> dict:
 @task(name="write-evaluate-metrics", retries=2, retry_delay_seconds=[1, 4])
 def write_metrics(result: dict, metrics_dir: Path) -> dict:
     """Write ``metrics/evaluate.json`` (``{model: {acc}}``) and ``metrics/evaluate_detail.json``; numbers only."""
-    accuracies, details = evaluate.dvc_metrics(result["metrics"])
+    accuracies, details = dvc_metrics(result["metrics"])
     store.write_json(Path(metrics_dir) / "evaluate.json", accuracies)
     store.write_json(Path(metrics_dir) / DETAIL_METRICS, details)
     return accuracies
@@ -65,41 +70,39 @@ def find_model_runs(client, experiment_id: str, paths: ProjectPaths, models: lis
     """The MLflow run that logged each model file (matched by the file's hash): run id and pyfunc URI."""
     found = {}
     for name in models:
-        ref = tracking.find_model_run(client, experiment_id, model_path(paths, name))
+        ref = find_model_run(client, experiment_id, model_path(paths, name))
         if ref is not None:
             found[name] = {"run_id": ref.run_id, "pyfunc_uri": ref.model_uri}
     return found
 
 
 @task(name="log-evaluation", retries=2, retry_delay_seconds=[2, 8], timeout_seconds=1800)
-def log_evaluation(paths: ProjectPaths, params: Params, result: dict, data_hash: str) -> dict:
+def log_evaluation(paths: ProjectPaths, params: Params, result: dict, data_hash: str, stage_run_id: str) -> dict:
     """Log test metrics per model and the report folder; make sure the gate's candidate has a logged pyfunc.
 
-    Only logs (a retry logs again, registers nothing). Returns the evaluate
-    stage run id (the key of this execution for the gate), the experiment id,
-    the candidate's pyfunc URI and each model's MLflow run.
+    Only logs (a retry logs again, registers nothing), onto the evaluate stage run
+    ``stage_run_id`` that the flow opened. Returns that run id (the key of this
+    execution for the gate), the experiment id, the candidate's pyfunc URI and each
+    model's MLflow run.
     """
-    import mlflow
-
     out_dir = paths.reports("evaluate")
-    client = tracking.connect(paths.root)
-    experiment_id = tracking.ensure_experiment(client, paths.root)
-    stage_params = {"evaluate": params.evaluate.model_dump(), "registry": params.registry.model_dump()}
-    with tracking.stage_run("evaluate", paths.root, stage_params, data_hash, client=client) as run_id:
-        log_ensemble_tries(client, run_id, result.get("ensemble"))
-        if ENSEMBLE_MODEL in result["metrics"]:  # its own model run first, so its test metrics land on it below
-            log_ensemble(client, experiment_id, run_id, paths, params, result, data_hash)
-        for name, values in result["metrics"].items():  # onto each model's own run and logged model
-            tracking.log_test_metrics(client, experiment_id, model_path(paths, name),
-                                      values, paths.store, params.data.source)
-        mlflow.log_artifacts(str(out_dir), "evaluate")
-        candidate = result["candidate"]
-        model_runs = find_model_runs(client, experiment_id, paths, list(result["metrics"]))
-        uri = model_runs.get(candidate, {}).get("pyfunc_uri")
-        if uri is None:  # trained outside this store: log its pyfunc here, once per attempt, never registered twice
-            uri = log_image_model(candidate, model_file(paths.svm_models, paths.finetune_models, candidate),
-                                  paths.store, paths.features, params)
-        mlflow.set_tags({"tlpipe.candidate": candidate, "tlpipe.best_on_test": result["best"]["model"]})
+    client = connect(paths.root)
+    experiment_id = ensure_experiment(client, paths.root)
+    run_id = stage_run_id
+    log_ensemble_tries(client, run_id, result.get("ensemble"))
+    if ENSEMBLE_MODEL in result["metrics"]:  # its own model run first, so its test metrics land on it below
+        log_ensemble(client, experiment_id, run_id, paths, params, result, data_hash)
+    for name, values in result["metrics"].items():  # onto each model's own run and logged model
+        log_test_metrics(client, experiment_id, model_path(paths, name), values, paths.store, params.data.source)
+    client.log_artifacts(run_id, str(out_dir), "evaluate")
+    candidate = result["candidate"]
+    model_runs = find_model_runs(client, experiment_id, paths, list(result["metrics"]))
+    uri = model_runs.get(candidate, {}).get("pyfunc_uri")
+    if uri is None:  # trained outside this store: log its pyfunc here, once per attempt, never registered twice
+        uri = log_image_model(client, run_id, candidate,
+                              model_file(paths.svm_models, paths.finetune_models, candidate),
+                              paths.store, paths.features, params)
+    set_tags(client, run_id, {"tlpipe.candidate": candidate, "tlpipe.best_on_test": result["best"]["model"]})
     return {"run_id": run_id, "experiment_id": experiment_id, "model_uri": uri,
             "model_runs": {name: found["run_id"] for name, found in model_runs.items()}}
 
@@ -110,7 +113,7 @@ def log_ensemble_tries(client, stage_run_id: str, plan: dict | None) -> None:
     for entry in (plan or {}).get("tries", []):
         values = {f"ensemble_{key}": entry.get(key) for key in
                   ("val_accuracy", "val_log_loss", "val_bound", "test_accuracy")}
-        tracking.log_metrics(client, stage_run_id, {**values, "ensemble_kept": float(entry["kept"])}, step=entry["k"])
+        log_metrics(client, stage_run_id, {**values, "ensemble_kept": float(entry["kept"])}, step=entry["k"])
 
 
 def log_ensemble(client, experiment_id: str, stage_run_id: str, paths: ProjectPaths, params: Params, result: dict,
@@ -119,33 +122,30 @@ def log_ensemble(client, experiment_id: str, stage_run_id: str, paths: ProjectPa
 
     The run records the members and temperatures (params), the validation scores it
     was kept by, ``ensemble.json`` and ``ensemble.csv`` (under ``selection/``), and one
-    logged model holding every member (:func:`tlpipe.serving.classifier.log_ensemble_classifier`).
+    logged model holding every member (:func:`tlpipe.tracking.logged_models.log_ensemble_classifier`).
     A run that already logged this very ``ensemble.json`` (same members, member files
     and temperatures, matched by hash) is reused, so a retry logs nothing twice.
     """
-    import mlflow
-
-    from tlpipe.serving.classifier import log_ensemble_classifier
+    from tlpipe.tracking.logged_models import log_ensemble_classifier
 
     spec = ensemble.spec_path(paths.reports("evaluate"))
-    logged = tracking.find_model_run(client, experiment_id, spec)
+    logged = find_model_run(client, experiment_id, spec)
     if logged is not None and logged.model_uri:
         return logged.model_uri
-    plan, sha = result["ensemble"], tracking.file_sha256(spec)
+    plan, sha = result["ensemble"], file_sha256(spec)
     members = {name: model_file(paths.svm_models, paths.finetune_models, name) for name in plan["members"]}
-    with tracking.model_run(ENSEMBLE_MODEL, stage_run_id, {"tlpipe.data_hash": data_hash,
-                                                           "tlpipe.family": "ensemble"}, client) as run_id:
-        tracking.log_params(client, run_id, ensemble.run_params(plan, result["classes"], data_hash))
-        val = tracking.log_datasets(client, run_id, paths.store, params.data.source, ("val",))["val"]
+    with model_run(client, ENSEMBLE_MODEL, stage_run_id, {"tlpipe.data_hash": data_hash,
+                                                          "tlpipe.family": "ensemble"}) as run_id:
+        log_params(client, run_id, ensemble.run_params(plan, result["classes"], data_hash))
+        val = log_datasets(client, run_id, paths.store, params.data.source, ("val",))["val"]
         scores = {key: plan[key] for key in ("val_accuracy", "val_log_loss", "val_bound")}
-        tracking.log_metrics(client, run_id, {**scores, "validation_score": plan["val_accuracy"]}, dataset=val)
+        log_metrics(client, run_id, {**scores, "validation_score": plan["val_accuracy"]}, dataset=val)
         for path in (spec, spec.with_name(ensemble.TRIES_FILE)):
             client.log_artifact(run_id, str(path), "selection")
-        info = log_ensemble_classifier(ENSEMBLE_MODEL, members, plan["temperatures"], paths.store, paths.features,
-                                       params, model_type="ensemble",
-                                       tags={tracking.MODEL_TAG: ENSEMBLE_MODEL, tracking.MODEL_SHA_TAG: sha})
-        mlflow.set_tags({tracking.MODEL_SHA_TAG: sha, tracking.PYFUNC_URI_TAG: info.model_uri,
-                         tracking.MODEL_ID_TAG: info.model_id})
+        info = log_ensemble_classifier(client, run_id, ENSEMBLE_MODEL, members, plan["temperatures"], paths.store,
+                                       paths.features, params, model_type="ensemble",
+                                       tags={MODEL_TAG: ENSEMBLE_MODEL, MODEL_SHA_TAG: sha})
+        set_tags(client, run_id, {MODEL_SHA_TAG: sha, PYFUNC_URI_TAG: info.model_uri, MODEL_ID_TAG: info.model_id})
     get_logger().info("ensemble (%s): logged to MLflow run %s", " + ".join(plan["members"]), run_id)
     return info.model_uri
 
@@ -162,7 +162,7 @@ def register_and_gate(paths: ProjectPaths, params: Params, result: dict, evaluat
     candidate = result["candidate"]
     data_task = resolve_task(params, paths.root)
     model_name = data_task.model_name
-    client = tracking.connect(paths.root)
+    client = connect(paths.root)
     images, labels = store.load_split(paths.store, "test")
     score = result["selection"].get(candidate)
     decision = registry.register_and_gate(
@@ -170,7 +170,7 @@ def register_and_gate(paths: ProjectPaths, params: Params, result: dict, evaluat
         result["metrics"][candidate]["accuracy"], images, labels, result["classes"],
         params.registry.min_improvement,
         {"tlpipe.data_hash": data_hash, "selection_score": "none" if score is None else format_score(score),
-         tracking.TASK_TAG: data_task.name},
+         TASK_TAG: data_task.name},
         execution_id=evaluation["run_id"])
     get_logger().info(decision.reason)
     return {**decision.to_dict(), "selection_scores": result["selection"],
@@ -200,14 +200,14 @@ def write_report(paths: ProjectPaths, result: dict, promotion: dict, evaluation:
     links = [*runs, ("Report folder", str(out_dir)),
              ("DVC", "dvc metrics show · make exps · dvc plots show")]
     section = selection.report_section(paths.reports("select"))
-    data = evaluate.build_report(out_dir, result, promotion, paths.features, facts, links,
+    data = build_report(out_dir, result, promotion, paths.features, facts, links,
                                  sections=[section] if section else None)
     data = ensemble.add_report_section(data, result)
     path = out_dir / "report.html"
     from tlpipe.render.html import write_report as write_html
 
     write_html(path, data)
-    client = tracking.connect(paths.root)
+    client = connect(paths.root)
     for name in ("promotion.json", "report.html"):
         client.log_artifact(evaluation["run_id"], str(out_dir / name), "evaluate")
     client.set_tag(evaluation["run_id"], "tlpipe.promoted", str(promotion["promoted"]))

@@ -11,10 +11,12 @@ from pathlib import Path
 
 from prefect import task
 
-from tlpipe.tracking import runs as tracking
+from tasks.common import get_logger, retry_unless_user_error
 from tlpipe.core.errors import UserError
 from tlpipe.ops.process_group import guarded_group
-from tasks.common import get_logger, retry_unless_user_error
+from tlpipe.tracking.connection import connect, ensure_experiment, experiment_name
+from tlpipe.tracking.records import log_datasets
+from tlpipe.tracking.runs import create_pipeline_run
 
 STAGE_LINE = re.compile(r"Running stage '([^']+)'")
 ERROR_LINE = re.compile(r"(^tlpipe [\w-]+: error: |^ERROR: )")
@@ -58,18 +60,18 @@ def dvc_command(overrides: list[str], experiment: bool, force_stages: list[str])
 def open_pipeline_run(root: Path, overrides: list[str]) -> tuple[str, str]:
     """Create the MLflow pipeline (parent) run that every stage run attaches to, in the experiment of the
     task the run is for (``params.yaml`` with ``overrides``); return its id and that experiment's name."""
-    client = tracking.connect(root)
-    experiment = tracking.experiment_name(root, overrides)
-    experiment_id = tracking.ensure_experiment(client, root, experiment)
+    client = connect(root)
+    experiment = experiment_name(root, overrides)
+    experiment_id = ensure_experiment(client, root, experiment)
     tags = {"tlpipe.overrides": " ".join(overrides)} if overrides else {}
-    return tracking.create_pipeline_run(client, experiment_id, root, tags), experiment
+    return create_pipeline_run(client, experiment_id, root, tags), experiment
 
 
 @task(name="close-pipeline-run", retries=2, retry_delay_seconds=[2, 8], timeout_seconds=120)
 def close_pipeline_run(root: Path, run_id: str, status: str, stages: list[str], metrics: dict) -> None:
     """Record what ran, the data set's splits (the runs table's Dataset column) and the resulting test
     accuracies on the pipeline run, then end it."""
-    client = tracking.connect(root)
+    client = connect(root)
     client.set_tag(run_id, "tlpipe.stages_ran", ",".join(stages) or "none")
     log_store_splits(client, root, run_id)
     for model, values in metrics.items():
@@ -83,16 +85,16 @@ def log_store_splits(client, root: Path, run_id: str) -> None:
 
     Never raises (it runs while the pipeline run is closed, maybe after a failure): a problem is a warning.
     """
-    from tlpipe.data import store
     from tlpipe.core.params import load_params
     from tlpipe.core.paths import project_paths
+    from tlpipe.data import store
 
     store_dir = project_paths(root).store
     if not (store_dir / store.MANIFEST).is_file():
         return
     try:
         source = load_params(Path(root) / "params.yaml").data.source
-        tracking.log_datasets(client, run_id, store_dir, source, store.SPLITS)
+        log_datasets(client, run_id, store_dir, source, store.SPLITS)
     except Exception as error:  # noqa: BLE001 - the pipeline's own outcome matters more
         get_logger().warning("could not log the data set on the pipeline run: %s: %s", type(error).__name__, error)
 
@@ -163,7 +165,7 @@ def publish_artifacts(root: Path, pipeline_run_id: str, metrics: dict, promotion
 
     detail = root / "metrics" / "evaluate_detail.json"
     metrics = summary.merge_metrics(metrics, json.loads(detail.read_text()) if detail.is_file() else {})
-    client = tracking.connect(root)
+    client = connect(root)
     pipeline, stages, models = summary.find_runs(client, pipeline_run_id)
     project = root.name
     keys = {name: summary.artifact_key(project, f"pipeline-{name}")

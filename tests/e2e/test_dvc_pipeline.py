@@ -105,8 +105,9 @@ def test_dvc_repro_runs_every_stage_once_and_tracks_it(pipeline_baseline, prefec
     assert skipped["retrained"] is False
 
     # changed source -> the pipeline flow reruns through DVC and the quality gate decides
-    from tests.conftest import make_image
     import numpy as np
+
+    from tests.conftest import make_image
 
     make_image(tiny_source / "bright" / "bright_new.jpg", np.random.default_rng(7), bright=True)
     # A deterministic gate: an accuracy gain can never exceed 1.0, so the new model must not be promoted,

@@ -41,8 +41,8 @@ def test_evaluate_flow_gates_once_reports_after_the_gate_and_publishes_artifacts
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
 
     from flows.evaluate import evaluate_flow
-    from tlpipe.tracking import registry
     from tlpipe.core.params import load_params, load_task
+    from tlpipe.tracking import registry
 
     state = evaluate_flow(root=str(project), return_state=True)
     assert state.is_completed(), state
@@ -130,9 +130,9 @@ def test_a_kept_ensemble_is_logged_registered_gated_and_served(ensemble_project:
     from PIL import Image
 
     from flows.evaluate import evaluate_flow
-    from tlpipe.tracking import registry
     from tlpipe.data import store
     from tlpipe.serving.predict import predict_images
+    from tlpipe.tracking import registry
 
     project = ensemble_project
     first = evaluate_flow(root=str(project))

@@ -17,8 +17,8 @@ from datetime import timedelta
 import pytest
 
 from tests.conftest import make_project
-from tlpipe.tracking import runs as tracking
 from tlpipe.core.names import MODEL_NAMES, NETWORK_MODELS, SVM_MODELS
+from tlpipe.tracking.connection import experiment_name
 
 pytestmark = pytest.mark.slow
 
@@ -43,13 +43,14 @@ def pipeline(tmp_path_factory, prefect_server):
         for key in ("MLFLOW_TRACKING_URI", "TLPIPE_PARENT_RUN_ID"):
             patch.delenv(key, raising=False)
         patch.setenv("TLPIPE_ROOT", str(root))
+        from prefect.client.orchestration import get_client
+        from prefect.logging.handlers import APILogWorker
+
         from flows.evaluate import evaluate_flow
         from flows.features import features_flow
         from flows.finetune import finetune_flow
         from flows.ingest import ingest_flow
         from flows.svm import svm_flow
-        from prefect.client.orchestration import get_client
-        from prefect.logging.handlers import APILogWorker
 
         flows = {"ingest": ingest_flow, "features": features_flow, "svm": svm_flow, "finetune": finetune_flow,
                  "evaluate": evaluate_flow}
@@ -78,7 +79,7 @@ def store(pipeline):
 
     root = pipeline[0]
     client = MlflowClient(f"sqlite:///{root}/mlflow.db")
-    experiment = client.get_experiment_by_name(tracking.experiment_name(root))  # the task's experiment
+    experiment = client.get_experiment_by_name(experiment_name(root))  # the task's experiment
     runs = client.search_runs([experiment.experiment_id], max_results=1000)
     return client, experiment, runs
 

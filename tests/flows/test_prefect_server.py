@@ -7,7 +7,6 @@ No test harness here: this is what a user's plain ``dvc repro`` does (``TLPIPE_P
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time

@@ -13,7 +13,6 @@ writes a marker file and then blocks (the deterministic kill point), a real ``ml
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import socket

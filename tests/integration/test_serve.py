@@ -23,7 +23,7 @@ import pytest
 from PIL import Image
 
 from tlpipe.data.images import decode_bytes
-from tlpipe.serving.classifier import save_keras_classifier
+from tlpipe.serving.packaging import save_keras_classifier
 
 pytestmark = pytest.mark.slow
 

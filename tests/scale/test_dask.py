@@ -17,11 +17,11 @@ from pathlib import Path
 
 import pytest
 
-from tlpipe.ops import cluster
-from tlpipe.features import extraction as features
-from tlpipe.data import ingest
 from tlpipe.core.params import DataParams, FeaturesParams
 from tlpipe.core.sources import list_source
+from tlpipe.data import ingest
+from tlpipe.features import extraction as features
+from tlpipe.ops import cluster
 
 TIMING = {"seconds", "images_per_second"}
 

@@ -18,15 +18,10 @@ import pytest
 from mlflow import MlflowClient
 
 from tests.tiny_data import CLASSES, SIZE, write_network_summary, write_row_network, write_tiny_store
-from tlpipe.data import store
-from tlpipe.serving.calibration import (
-    average_probabilities,
-    crossfit_temperature,
-    fit_temperature,
-    log_loss,
-    scale_temperature,
-)
+from tlpipe.core.names import ENSEMBLE_MODEL, MODEL_NAMES, REPORTED_MODELS, model_family, model_file
 from tlpipe.core.params import CGrid, EvaluateParams, Params, SvmParams
+from tlpipe.data import store
+from tlpipe.evaluation.choice import wilson_lower
 from tlpipe.evaluation.ensemble import (
     SPEC_FILE,
     TRIES_FILE,
@@ -37,8 +32,15 @@ from tlpipe.evaluation.ensemble import (
     rank_members,
     score_on_test,
 )
-from tlpipe.evaluation.evaluate import build_comparison, evaluate_models, predict_model, wilson_lower
-from tlpipe.core.names import ENSEMBLE_MODEL, MODEL_NAMES, REPORTED_MODELS, model_family, model_file
+from tlpipe.evaluation.evaluate import evaluate_models, predict_model
+from tlpipe.evaluation.outputs import build_comparison
+from tlpipe.serving.calibration import (
+    average_probabilities,
+    crossfit_temperature,
+    fit_temperature,
+    log_loss,
+    scale_temperature,
+)
 
 NETWORKS = {"frozen": 0, "concat": 1, "finetuned": 2}  # each sees one row of pixels
 COUNTS = {"train": 10, "val": 100, "test": 30}  # per class: a large validation split
@@ -227,7 +229,7 @@ def test_evaluate_keeps_a_helpful_ensemble_as_its_own_model(evaluated: tuple[Pat
     assert spec["members"] == plan["members"] and spec["temperatures"] == plan["temperatures"]
     assert {name: spec["files"][name]["file"] for name in plan["members"]} == {
         name: f"{name}.keras" for name in plan["members"]}
-    from tlpipe.tracking.runs import file_sha256
+    from tlpipe.core.hashing import file_sha256
 
     assert all(spec["files"][name]["sha256"] == file_sha256(world["finetune"] / f"{name}.keras")
                for name in plan["members"])
@@ -283,14 +285,17 @@ def tracking_store(tmp_path: Path):
 def test_logged_ensemble_loads_and_predicts_like_its_members_averaged(world: dict, tracking_store: Path) -> None:
     """Two networks and an SVM on pixels, one temperature-scaled: the pyfunc's probabilities are the members'
     calibrated probabilities averaged, from any input form."""
-    from tlpipe.serving.classifier import log_ensemble_classifier, to_image_frame
+    from mlflow import MlflowClient
+
+    from tlpipe.serving.classifier import to_image_frame
+    from tlpipe.tracking.logged_models import log_ensemble_classifier
 
     members = {"svm_pixels": model_file(world["svm"], world["finetune"], "svm_pixels"),
                "frozen": world["finetune"] / "frozen.keras", "concat": world["finetune"] / "concat.keras"}
     temperatures = {"svm_pixels": None, "frozen": 1.7, "concat": 0.6}
     params = Params.model_validate({"svm": {"pixel_size": SIZE}})
-    with mlflow.start_run():
-        info = log_ensemble_classifier(ENSEMBLE_MODEL, members, temperatures, world["store"], None, params)
+    with mlflow.start_run() as run:
+        info = log_ensemble_classifier(MlflowClient(), run.info.run_id, ENSEMBLE_MODEL, members, temperatures, world["store"], None, params)
     model = mlflow.pyfunc.load_model(info.model_uri)
     images = np.load(store.split_path(world["store"], "test"))
     frame = model.predict(to_image_frame(images))

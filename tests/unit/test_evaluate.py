@@ -13,27 +13,21 @@ from PIL import Image
 from sklearn.metrics import roc_auc_score
 
 from tests.tiny_data import CLASSES, SIZE, write_separable_features, write_tiny_store
-from tlpipe.render import plots
-from tlpipe.data import store
 from tlpipe.core.params import CGrid, DataParams, EvaluateParams, SvmParams
+from tlpipe.data import store
+from tlpipe.evaluation.choice import choose_candidate, selection_bounds, wilson_lower
 from tlpipe.evaluation.evaluate import (
     MODEL_NAMES,
     NoModelsError,
-    build_report,
-    choose_candidate,
-    choose_grid_rows,
-    compute_metrics,
-    curves_frame,
     describe_dataset,
-    describe_grid,
-    dvc_metrics,
     evaluate_models,
     name_source,
     predict_keras,
-    read_test_accuracies,
-    selection_bounds,
-    wilson_lower,
 )
+from tlpipe.evaluation.metrics import compute_metrics, dvc_metrics, read_test_accuracies
+from tlpipe.evaluation.outputs import choose_grid_rows, curves_frame, describe_grid
+from tlpipe.evaluation.report import build_report
+from tlpipe.render import plots
 from tlpipe.train.svm import train_svms
 
 COUNTS = {"train": 9, "val": 2, "test": 5}  # per class
@@ -344,7 +338,7 @@ def test_evaluate_without_models_fails_clearly(world: dict[str, Path], tmp_path:
 
 
 def test_report_holds_every_figure_and_the_decision(evaluated: tuple[Path, dict], world: dict[str, Path]) -> None:
-    from tlpipe.evaluation.evaluate import build_report
+    from tlpipe.evaluation.report import build_report
     from tlpipe.render.html import render_html
 
     out, result = evaluated

@@ -12,8 +12,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tlpipe.data import store
 from tlpipe.core.params import FeaturesParams
+from tlpipe.data import store
 
 SIZE = 32
 

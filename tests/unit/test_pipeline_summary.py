@@ -5,7 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 from tlpipe.evaluation.pipeline_summary import (
-    RunLink, artifact_key, comparison_rows, links_markdown, merge_metrics, promotion_markdown,
+    RunLink,
+    artifact_key,
+    comparison_rows,
+    links_markdown,
+    merge_metrics,
+    promotion_markdown,
 )
 
 

@@ -11,10 +11,14 @@ import pytest
 from PIL import Image
 
 from tlpipe.data.images import decode_file
+from tlpipe.serving.packaging import save_keras_classifier
 from tlpipe.serving.predict import (
-    ModelNotFoundError, collect_images, format_predictions, predict_images, resolve_model_uri,
+    ModelNotFoundError,
+    collect_images,
+    format_predictions,
+    predict_images,
+    resolve_model_uri,
 )
-from tlpipe.serving.classifier import save_keras_classifier
 
 SIZE = 32
 CLASSES = ["crack", "clean", "dust"]

@@ -15,7 +15,14 @@ from PIL import Image
 from tlpipe.render import plots
 from tlpipe.render.formats import format_score, round_score
 from tlpipe.render.html import (
-    DataSet, Picture, ReportData, Table, TableSection, data_uri, render_html, write_report,
+    DataSet,
+    Picture,
+    ReportData,
+    Table,
+    TableSection,
+    data_uri,
+    render_html,
+    write_report,
 )
 
 

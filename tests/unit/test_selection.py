@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tlpipe.train import selection
 from tlpipe.core.params import NATIVE_SIZES, parse_params
+from tlpipe.train import selection
 from tlpipe.train.selection import Candidate, ProbeResult
 
 
@@ -115,9 +115,9 @@ def test_choice_comes_from_train_cv_even_where_test_accuracy_would_choose_otherw
 
 def test_race_images_are_the_train_split_of_ingest_never_val_or_test(tmp_path) -> None:
     from tests.conftest import make_source
+    from tlpipe.core.sources import list_source
     from tlpipe.data import store
     from tlpipe.data.ingest import ingest
-    from tlpipe.core.sources import list_source
 
     source = make_source(tmp_path / "source", per_class=15)
     params = parse_params({"data": {"source": str(source), "max_per_class": None, "workers": 1, "cv_folds": 2}})

@@ -108,11 +108,12 @@ except OSError as error:
 def test_a_write_failure_while_building_keeps_the_published_store(tmp_path: Path) -> None:
     """The disk fills up (simulated: a per-process file size limit) while ingest builds the next store: the
     error names the cause, the published store is untouched and no staging folder is left."""
+    import numpy as np
+
     from tests.conftest import make_image, make_source
     from tlpipe.core.params import DataParams
-    from tlpipe.data.ingest import ingest
     from tlpipe.core.sources import list_folder
-    import numpy as np
+    from tlpipe.data.ingest import ingest
 
     source = make_source(tmp_path / "source", per_class=10)
     store_dir = tmp_path / "data" / "store"

@@ -14,9 +14,9 @@ from sklearn.datasets import make_classification
 from sklearn.model_selection import GridSearchCV
 from sklearn.svm import SVC
 
-from tests.tiny_data import CLASSES, SIZE, write_separable_features, write_tiny_store
-from tlpipe.data import store
+from tests.tiny_data import SIZE, write_separable_features, write_tiny_store
 from tlpipe.core.params import CGrid, SvmParams
+from tlpipe.data import store
 from tlpipe.evaluation.evaluate import predict_svm
 from tlpipe.train.svm import (
     CV_COLUMNS,

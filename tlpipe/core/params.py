@@ -7,7 +7,6 @@ silently ignored.
 
 from __future__ import annotations
 
-from tlpipe.core.errors import UserError
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +15,8 @@ from typing import Literal
 import numpy as np
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from tlpipe.core.errors import UserError
 
 
 class ConfigError(UserError, ValueError):

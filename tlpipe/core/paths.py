@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from tlpipe.core.errors import UserError
 import os
 from dataclasses import dataclass
 from pathlib import Path
+
+from tlpipe.core.errors import UserError
 
 ROOT_ENV = "TLPIPE_ROOT"
 DVC_STAGE_ENV = "DVC_STAGE"

@@ -6,11 +6,12 @@ and (for pre-split trees) their split, and rejects what is unsafe to read.
 
 from __future__ import annotations
 
-from tlpipe.core.errors import UserError
 import hashlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from tlpipe.core.errors import UserError
 
 SPLIT_DIRS = ("train", "val", "test")
 ELPV = "elpv"

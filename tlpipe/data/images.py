@@ -136,3 +136,11 @@ def decode_file(
     except OSError as error:
         raise ImageRejected(f"unreadable file: {error.strerror or error}") from None
     return decode_bytes(data, size, mode, min_side, max_pixels)
+
+
+def resize_batch(batch: np.ndarray, size: int) -> np.ndarray:
+    """Resize a uint8 (n, H, W, 3) batch to (n, size, size, 3) with PIL bilinear."""
+    if batch.shape[1:3] == (size, size):
+        return batch
+    return np.stack([np.asarray(Image.fromarray(image).resize((size, size), Image.BILINEAR))
+                     for image in batch])

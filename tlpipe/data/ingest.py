@@ -15,7 +15,6 @@ Steps, each a plain function:
 
 from __future__ import annotations
 
-from tlpipe.core.errors import UserError
 import hashlib
 import multiprocessing
 import os
@@ -26,10 +25,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from tlpipe.data import store
+from tlpipe.core.errors import UserError
 from tlpipe.core.params import DataParams
-from tlpipe.data.images import ImageRejected, decode_bytes, hash_bytes
 from tlpipe.core.sources import Candidate, SourceListing
+from tlpipe.data import store
+from tlpipe.data.images import ImageRejected, decode_bytes, hash_bytes
 
 RAW_NAME = "decoded.raw"
 RECORD_COLUMNS = ["relpath", "class_name", "source_split", "sha256", "width", "height", "mode", "row", "reason"]

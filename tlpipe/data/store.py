@@ -148,6 +148,11 @@ def split_path(store: Path, split: str) -> Path:
     return Path(store) / f"{split}.npy"
 
 
+def image_size(store: Path, split: str = "train") -> int:
+    """The side of the store's images, read from one split's ``.npy`` header (no data read)."""
+    return int(read_npy_header(split_path(store, split))[0][1])
+
+
 def load_manifest(store: Path) -> pd.DataFrame:
     """Read the manifest of a store, sorted by split order then row index."""
     frame = pd.read_csv(Path(store) / MANIFEST, dtype={"sha256": str, "relpath": str, "class_name": str})

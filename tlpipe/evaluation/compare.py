@@ -150,13 +150,14 @@ def load_mlflow_run(run_id: str, root: Path) -> ExperimentSummary:
     """An experiment from an MLflow pipeline run: its test accuracies and its stage runs' params."""
     from mlflow.exceptions import MlflowException
 
-    from tlpipe.tracking import runs as tracking
+    from tlpipe.tracking.connection import connect, tracking_uri
+    from tlpipe.tracking.tags import KIND_TAG, TASK_TAG
 
-    client = tracking.connect(root)
+    client = connect(root)
     try:
         run = client.get_run(run_id)
     except MlflowException:
-        raise ExperimentNotFoundError(f"no MLflow run {run_id} in {tracking.tracking_uri(root)}") from None
+        raise ExperimentNotFoundError(f"no MLflow run {run_id} in {tracking_uri(root)}") from None
     suffix = ".test_accuracy"
     accuracies = {key[:-len(suffix)]: value for key, value in run.data.metrics.items() if key.endswith(suffix)}
     params: dict[str, str] = {}
@@ -165,19 +166,19 @@ def load_mlflow_run(run_id: str, root: Path) -> ExperimentSummary:
     for child in sorted(children, key=lambda r: r.info.start_time or 0):
         params.update(child.data.params)
     params.update(run.data.params)
-    kind = run.data.tags.get(tracking.KIND_TAG, "run")
-    task = run.data.tags.get(tracking.TASK_TAG) or client.get_experiment(run.info.experiment_id).name
+    kind = run.data.tags.get(KIND_TAG, "run")
+    task = run.data.tags.get(TASK_TAG) or client.get_experiment(run.info.experiment_id).name
     return ExperimentSummary(run_id, f"{run_id[:8]} (MLflow {kind} run)", accuracies, params, "mlflow", task,
                              run_classes(client, run.info.experiment_id, [child.info.run_id for child in children]))
 
 
 def run_classes(client, experiment_id: str, stage_run_ids: list[str]) -> list[str] | None:
     """The class set of a pipeline run: the ``classes`` param of a model run under one of its stage runs."""
-    from tlpipe.tracking import runs as tracking
+    from tlpipe.tracking.tags import KIND_TAG
 
     if not stage_run_ids:
         return None
-    models = client.search_runs([experiment_id], f"tags.`{tracking.KIND_TAG}` = 'model'", max_results=1000)
+    models = client.search_runs([experiment_id], f"tags.`{KIND_TAG}` = 'model'", max_results=1000)
     for model in models:
         if model.data.tags.get("mlflow.parentRunId") in stage_run_ids and model.data.params.get("classes"):
             return sorted(model.data.params["classes"].split(","))

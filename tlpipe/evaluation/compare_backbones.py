@@ -34,8 +34,8 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
-from tlpipe.evaluation.compare import experiment_refs, read_at
 from tlpipe.core.errors import UserError
+from tlpipe.evaluation.compare import experiment_refs, read_at
 
 DEFAULT_BACKBONES = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")
 PIXEL_MODEL = "svm_pixels"
@@ -205,8 +205,8 @@ def read_run(root: Path, backbone: str, name: str) -> BackboneRun:
     missing = [path for path, text in texts.items() if text is None]
     if missing:
         raise ComparisonError(f"DVC experiment {name!r} has no {', '.join(missing)}")
-    from tlpipe.evaluation.compare import accuracies_from_metrics
     from tlpipe.core.params import parse_params
+    from tlpipe.evaluation.compare import accuracies_from_metrics
 
     params = parse_params(yaml.safe_load(texts["params.yaml"]) or {})
     features = json.loads(texts[FEATURES_METRICS])
@@ -284,21 +284,23 @@ def log_report(root: Path, table: pd.DataFrame, csv_path: Path, png_path: Path, 
     Returns:
         The run id.
     """
-    from tlpipe.tracking import runs as tracking
+    from tlpipe.tracking.connection import connect, ensure_experiment, experiment_name
+    from tlpipe.tracking.records import log_metrics, log_params
+    from tlpipe.tracking.tags import KIND_TAG
 
-    client = tracking.connect(root)
-    experiment_id = tracking.ensure_experiment(client, root, tracking.experiment_name(root, list(overrides)))
+    client = connect(root)
+    experiment_id = ensure_experiment(client, root, experiment_name(root, list(overrides)))
     run = client.create_run(experiment_id, run_name="compare-backbones",
-                            tags={tracking.KIND_TAG: "compare-backbones"})
+                            tags={KIND_TAG: "compare-backbones"})
     run_id = run.info.run_id
     try:
-        tracking.log_params(client, run_id, params)
+        log_params(client, run_id, params)
         metrics = {f"{row.backbone}.{row.model}.test_accuracy": float(row.accuracy)
                    for row in table.itertuples(index=False)}
         for backbone, rows in table.groupby("backbone"):
             metrics[f"{backbone}.gflops"] = float(rows["gflops"].iloc[0])
             metrics[f"{backbone}.images_per_second"] = float(rows["images_per_second"].iloc[0])
-        tracking.log_metrics(client, run_id, metrics)
+        log_metrics(client, run_id, metrics)
         client.log_artifact(run_id, str(csv_path), "compare_backbones")
         client.log_artifact(run_id, str(png_path), "compare_backbones")
         client.set_terminated(run_id)

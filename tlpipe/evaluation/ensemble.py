@@ -46,7 +46,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from tlpipe.core.hashing import file_sha256
+from tlpipe.core.names import ENSEMBLE_MODEL, MODEL_NAMES, model_family
 from tlpipe.data import store
+from tlpipe.evaluation.choice import selection_bounds, wilson_lower
+from tlpipe.evaluation.evaluate import predict_model
+from tlpipe.evaluation.metrics import check_predictions, compute_metrics, round_float
+from tlpipe.render.formats import format_score
 from tlpipe.serving.calibration import (
     average_probabilities,
     crossfit_temperature,
@@ -54,17 +60,6 @@ from tlpipe.serving.calibration import (
     log_loss,
     scale_temperature,
 )
-from tlpipe.evaluation.evaluate import (
-    check_predictions,
-    compute_metrics,
-    predict_model,
-    round_float,
-    selection_bounds,
-    wilson_lower,
-)
-from tlpipe.render.formats import format_score
-from tlpipe.core.names import ENSEMBLE_MODEL, MODEL_NAMES, model_family
-from tlpipe.tracking.runs import file_sha256
 
 TRIES_FILE = "ensemble.csv"
 SPEC_FILE = "ensemble.json"

@@ -47,7 +47,7 @@ def mlflow_ui_url() -> str:
 
 def run_url(link: RunLink, base: str | None = None) -> str:
     """The MLflow UI page of a run."""
-    from tlpipe.tracking.runs import ui_url
+    from tlpipe.tracking.connection import ui_url
 
     return ui_url(base or mlflow_ui_url(), link.experiment_id, link.run_id)
 
@@ -110,7 +110,7 @@ def links_markdown(pipeline: RunLink | None, stages: list[RunLink], models: Mapp
     lines += [f"- stage {link.label}: [{link.run_id}]({run_url(link, base)})" for link in stages]
     lines += [f"- model {name}: [{link.run_id}]({run_url(link, base)})" for name, link in sorted(models.items())]
     if models:
-        from tlpipe.tracking.runs import compare_url
+        from tlpipe.tracking.connection import compare_url
 
         first = next(iter(models.values()))
         url = compare_url(base, first.experiment_id, [link.run_id for link in models.values()])
@@ -132,7 +132,7 @@ def find_runs(client, pipeline_run_id: str) -> tuple[RunLink | None, list[RunLin
     Model runs are the runs tagged ``tlpipe.kind=model`` under a stage run (their
     ``tlpipe.model`` tag names the model); later runs of a model win.
     """
-    from tlpipe.tracking import runs as tracking
+    from tlpipe.tracking.tags import KIND_TAG, STAGE_TAG
 
     run = client.get_run(pipeline_run_id)
     experiment = run.info.experiment_id
@@ -145,11 +145,11 @@ def find_runs(client, pipeline_run_id: str) -> tuple[RunLink | None, list[RunLin
         return sorted(found, key=lambda r: r.info.start_time or 0)
 
     stage_runs = children([pipeline_run_id])
-    stages = [RunLink(r.data.tags.get(tracking.STAGE_TAG, r.info.run_name or "stage"), r.info.run_id, experiment)
-              for r in stage_runs if r.data.tags.get(tracking.KIND_TAG) != "model"]
+    stages = [RunLink(r.data.tags.get(STAGE_TAG, r.info.run_name or "stage"), r.info.run_id, experiment)
+              for r in stage_runs if r.data.tags.get(KIND_TAG) != "model"]
     models: dict[str, RunLink] = {}
     for candidate in [*stage_runs, *children([r.info.run_id for r in stage_runs])]:
         tags = candidate.data.tags
-        if tags.get(tracking.KIND_TAG) == "model" and tags.get("tlpipe.model"):
+        if tags.get(KIND_TAG) == "model" and tags.get("tlpipe.model"):
             models[tags["tlpipe.model"]] = RunLink(tags["tlpipe.model"], candidate.info.run_id, experiment)
     return pipeline, stages, models

@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from tlpipe.data import store
 from tlpipe.core.params import FeaturesParams
+from tlpipe.data import store
 
 KINDS = ("final", "mid")
 EXTRACTOR = "extractor.keras"  # the exact extractor used, so served SVMs see the same features
@@ -252,7 +252,7 @@ def extract_features(
     from tlpipe.features.backbones import check_weights, get_spec
 
     store_dir, out_dir = Path(store_dir), Path(out_dir)
-    image_size = store.read_npy_header(store.split_path(store_dir, "train"))[0][1]
+    image_size = store.image_size(store_dir)
     spec = get_spec(params.backbone)
     weights = normalise_weights(params.weights)
     include_top = spec.has_classifier and image_size == spec.default_size

@@ -39,8 +39,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from tlpipe.core.errors import UserError
-from tlpipe.ops.lock import file_lock
 from tlpipe.core.paths import tracking_root
+from tlpipe.ops.lock import file_lock
 from tlpipe.ops.process_identity import ProcessIdentity, identify, is_alive
 
 MODE_ENV = "TLPIPE_PREFECT_SERVER"

@@ -91,7 +91,7 @@ def start_watchdog(grace_s: float) -> tuple[subprocess.Popen, int]:
     """Start the watchdog of one group; return it and the write end of its pipe (held by this process only)."""
     read_end, write_end = os.pipe()  # both ends are non-inheritable; stdin= makes a copy of the read end
     try:
-        watchdog = subprocess.Popen([sys.executable, "-m", "tlpipe.process_group", str(grace_s)], stdin=read_end,
+        watchdog = subprocess.Popen([sys.executable, "-m", "tlpipe.ops.process_group", str(grace_s)], stdin=read_end,
                                     stdout=subprocess.DEVNULL, start_new_session=True, close_fds=True,
                                     cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # this tlpipe
     finally:

@@ -40,8 +40,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from tlpipe.core.errors import UserError
-from tlpipe.ops.process_identity import live_pid, write_pid_file
 from tlpipe.data.store import write_atomic
+from tlpipe.ops.process_identity import live_pid, write_pid_file
 
 HOST = "127.0.0.1"
 DEFAULT_PG_PORT = 55432

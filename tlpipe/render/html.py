@@ -16,8 +16,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tlpipe.render.formats import format_score
 from tlpipe.data.store import write_atomic
+from tlpipe.render.formats import format_score
 
 STYLE = """
 body { font-family: "DejaVu Sans", Arial, sans-serif; margin: 0 auto; max-width: 1300px; padding: 0 24px 48px;

@@ -22,8 +22,8 @@ from matplotlib.lines import Line2D
 from matplotlib.text import Text
 from matplotlib.ticker import MaxNLocator
 
-from tlpipe.render.formats import format_score
 from tlpipe.data.store import write_atomic
+from tlpipe.render.formats import format_score
 
 MISTAKE_COLOR = "tab:red"
 CORRECT_COLOR = "black"

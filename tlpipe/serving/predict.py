@@ -4,7 +4,7 @@ The model is any :class:`tlpipe.serving.classifier.ImageClassifier`: by default 
 ``@champion`` of the project's current task (:func:`identify_champion`; a model of
 another task answers only when named), else a ``models:/`` or ``runs:/`` URI or a
 local MLflow model folder. The caller points MLflow at the tracking store first
-(:func:`tlpipe.tracking.runs.connect`) when the URI is not a local folder.
+(:func:`tlpipe.tracking.connection.connect`) when the URI is not a local folder.
 """
 
 from __future__ import annotations

@@ -92,13 +92,6 @@ class Decision:
         return asdict(self)
 
 
-def select_best(selection_scores: dict[str, float]) -> str:
-    """The model with the highest selection score (ties: the first in the given order)."""
-    if not selection_scores:
-        raise ValueError("no model has a selection score (CV accuracy or best validation accuracy)")
-    return max(selection_scores, key=lambda name: (selection_scores[name], -list(selection_scores).index(name)))
-
-
 def same_task(classes: Sequence[str], champion_classes: Sequence[str]) -> bool:
     """Whether two models classify the same set of class names (label order may differ)."""
     return sorted(map(str, classes)) == sorted(map(str, champion_classes))
@@ -162,7 +155,7 @@ def describe(error: BaseException) -> str:
     return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 
-def score_version(name: str, version: str, images: np.ndarray, labels: np.ndarray,
+def score_version(client, name: str, version: str, images: np.ndarray, labels: np.ndarray,
                   classes: Sequence[str]) -> tuple[float, list[str]]:
     """Test accuracy of a registered version on uint8 images, through its pyfunc, and its class names.
 
@@ -172,7 +165,9 @@ def score_version(name: str, version: str, images: np.ndarray, labels: np.ndarra
     import mlflow
 
     from tlpipe.serving.classifier import to_image_frame
+    from tlpipe.tracking.fluent import use_store
 
+    use_store(client)  # a models:/ URI resolves through the fluent store
     model = mlflow.pyfunc.load_model(f"models:/{name}/{version}")
     inner = model.unwrap_python_model()
     model_classes = [str(c) for c in getattr(inner, "classes", [])]
@@ -199,7 +194,7 @@ def inspect_champion(client, name: str, version: str, images: np.ndarray, labels
     if champion_classes is not None and not same_task(classes, champion_classes):
         return Champion(version, champion_classes)
     try:
-        accuracy, model_classes = score_version(name, version, images, labels, classes)
+        accuracy, model_classes = score_version(client, name, version, images, labels, classes)
     except Exception as error:  # noqa: BLE001 - every failure blocks promotion, with its message
         return Champion(version, champion_classes, None, describe(error))
     champion_classes = champion_classes or model_classes or None
@@ -326,6 +321,8 @@ def register_and_gate(client, name: str, model: str, model_uri: str, accuracy: f
     """
     import mlflow
 
+    from tlpipe.tracking.fluent import use_store
+
     classes = [str(c) for c in classes]
     with file_lock(gate_lock_path(client.tracking_uri, name), f"the champion gate of '{name}'",
                    wait_s=GATE_LOCK_WAIT_S):
@@ -336,6 +333,7 @@ def register_and_gate(client, name: str, model: str, model_uri: str, accuracy: f
         if existing is None:
             version_tags = {**tags, "tlpipe.model": model, "test_accuracy": f"{accuracy:.4f}",
                             CLASSES_TAG: json.dumps(classes), EXECUTION_TAG: execution_id}
+            use_store(client)  # register_model has no client argument: it uses the fluent store
             version = str(mlflow.register_model(model_uri, name, tags=version_tags).version)
         else:
             version = str(existing.version)

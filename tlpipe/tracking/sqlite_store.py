@@ -41,7 +41,7 @@ def ensure_sqlite_store(db: Path) -> str:
 
     The first call in a process opens the store holding :func:`lock_path` (MLflow creates the schema when
     it is missing), so concurrent first users wait for one another instead of racing. A failure is logged,
-    not raised here: the caller's first real request reports it (e.g. :func:`tlpipe.tracking.runs.connect`, which
+    not raised here: the caller's first real request reports it (e.g. :func:`tlpipe.tracking.connection.connect`, which
     names the URI).
     """
     uri = sqlite_uri(db)

@@ -409,9 +409,9 @@ def split_train(params: Params, work_dir: Path, progress=lambda it: it) -> Train
     duplicates, rejections, the per-class cap and the seeded stratified split all match
     the real store's.
     """
+    from tlpipe.core.sources import list_source
     from tlpipe.data import store
     from tlpipe.data.ingest import ingest
-    from tlpipe.core.sources import list_source
 
     data = params.data
     listing = list_source(data.source, data.classes, data.elpv_label, data.elpv_threshold)

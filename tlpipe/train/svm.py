@@ -41,17 +41,17 @@ from pathlib import Path
 import joblib
 import numpy as np
 import pandas as pd
-from PIL import Image
 from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.calibration import CalibratedClassifierCV
 from sklearn.model_selection import GridSearchCV, StratifiedKFold
 from sklearn.svm import SVC
 
-from tlpipe.data import store
+from tlpipe.core.names import SVM_MODELS  # noqa: E402  (re-exported)
 from tlpipe.core.params import SvmParams
+from tlpipe.data import store
+from tlpipe.data.images import resize_batch
 from tlpipe.features.extraction import load_features
 
-from tlpipe.core.names import SVM_MODELS  # noqa: E402  (re-exported)
 SOURCES = ("final", "concat", "pixels")
 SEARCHES = ("linear", "precomputed")
 MAX_GRAM_SAMPLES = 20_000  # an n x n float64 Gram matrix of 3.2 GB
@@ -61,14 +61,6 @@ PRIMAL_TOLERANCE = 1e-4  # max |primal - dual| decision value, relative to the d
 CV_COLUMNS = ["C", "mean_test_score", "std_test_score", "rank", "mean_fit_time"]
 
 logger = logging.getLogger("tlpipe.svm")
-
-
-def resize_batch(batch: np.ndarray, size: int) -> np.ndarray:
-    """Resize a uint8 (n, H, W, 3) batch to (n, size, size, 3) with PIL bilinear."""
-    if batch.shape[1:3] == (size, size):
-        return batch
-    return np.stack([np.asarray(Image.fromarray(image).resize((size, size), Image.BILINEAR))
-                     for image in batch])
 
 
 def load_pixels(store_dir: Path, split: str, pixel_size: int) -> np.ndarray:

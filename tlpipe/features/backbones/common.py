@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from tlpipe.core.errors import UserError
 import os
 import re
 from dataclasses import dataclass
@@ -12,6 +11,8 @@ from typing import Any
 import h5py
 import keras
 from keras import ops
+
+from tlpipe.core.errors import UserError
 
 OFFLINE_HINT = (
     "Use the offline backbone efficientnet_lite0 instead, whose ImageNet weights ship with the "

@@ -95,7 +95,7 @@ def _write_one(job: tuple[SynthSpec, str, int]) -> None:
     spec, root, index = job
     import io
 
-    from tlpipe.data.store import write_atomic
+    from tlpipe.core.files import write_atomic
 
     buffer = io.BytesIO()
     render(spec, index).save(buffer, "JPEG", quality=spec.quality)

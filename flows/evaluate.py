@@ -13,8 +13,8 @@ from tasks.evaluate import (
     write_metrics,
     write_report,
 )
-from tlpipe.core.params import load_stage_params
 from tlpipe.core.paths import project_paths
+from tlpipe.core.task import load_stage_params
 from tlpipe.data import store
 from tlpipe.data.ingest import hash_manifest
 from tlpipe.tracking.runs import stage_run

@@ -7,8 +7,8 @@ from prefect import flow
 from tasks.features import check_backbone_weights
 from tasks.finetune import log_networks, train, write_metrics
 from tlpipe.core.names import NETWORK_MODELS
-from tlpipe.core.params import load_stage_params
 from tlpipe.core.paths import project_paths
+from tlpipe.core.task import load_stage_params
 from tlpipe.data import store
 from tlpipe.data.ingest import hash_manifest
 from tlpipe.tracking.runs import stage_run

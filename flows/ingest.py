@@ -7,8 +7,8 @@ import time
 from prefect import flow
 
 from tasks.ingest import build_store, list_source_files, log_ingest, write_data_report
-from tlpipe.core.params import load_stage_params
 from tlpipe.core.paths import project_paths
+from tlpipe.core.task import load_stage_params
 from tlpipe.tracking.runs import stage_run
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 from prefect import flow
 
 from tasks.svm import log_svms, train, write_metrics
-from tlpipe.core.params import load_stage_params
 from tlpipe.core.paths import project_paths
+from tlpipe.core.task import load_stage_params
 from tlpipe.data import store
 from tlpipe.data.ingest import hash_manifest
 from tlpipe.tracking.runs import stage_run

@@ -77,8 +77,8 @@ class StageInputs:
 
 def load_stage_inputs(root: str | Path | None) -> StageInputs:
     """The stage preamble: project paths, the params with the select stage's choice applied, the store's hash."""
-    from tlpipe.core.params import load_stage_params
     from tlpipe.core.paths import project_paths
+    from tlpipe.core.task import load_stage_params
     from tlpipe.data import store
     from tlpipe.data.ingest import hash_manifest
 

@@ -16,8 +16,9 @@ from prefect import task
 from tasks.common import get_logger, log_image_model
 from tlpipe.core.hashing import file_sha256
 from tlpipe.core.names import ENSEMBLE_MODEL, model_file
-from tlpipe.core.params import Params, resolve_task
+from tlpipe.core.params import Params
 from tlpipe.core.paths import ProjectPaths
+from tlpipe.core.task import resolve_task
 from tlpipe.data import store
 from tlpipe.evaluation import ensemble, evaluate
 from tlpipe.evaluation.metrics import dvc_metrics

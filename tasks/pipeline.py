@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import sys
@@ -13,6 +12,7 @@ from prefect import task
 
 from tasks.common import get_logger, retry_unless_user_error
 from tlpipe.core.errors import UserError
+from tlpipe.ops.dvc import capture_dvc, dvc_command, dvc_env
 from tlpipe.ops.process_group import guarded_group
 from tlpipe.tracking.connection import connect, ensure_experiment, experiment_name
 from tlpipe.tracking.records import log_datasets
@@ -44,14 +44,13 @@ def current_prefect_api_url() -> str | None:
         return None
 
 
-def dvc_command(overrides: list[str], experiment: bool, force_stages: list[str]) -> list[list[str]]:
+def dvc_commands(overrides: list[str], experiment: bool, force_stages: list[str]) -> list[list[str]]:
     """The DVC command lines to run: forced stages first, then the whole pipeline."""
-    dvc = [sys.executable, "-m", "dvc"]
-    commands = [[*dvc, "repro", "--force", "--single-item", stage] for stage in force_stages]
+    commands = [dvc_command("repro", "--force", "--single-item", stage) for stage in force_stages]
     if experiment or overrides:
-        commands.append([*dvc, "exp", "run", *[arg for o in overrides for arg in ("-S", o)]])
+        commands.append(dvc_command("exp", "run", *[arg for o in overrides for arg in ("-S", o)]))
     else:
-        commands.append([*dvc, "repro"])
+        commands.append(dvc_command("repro"))
     return commands
 
 
@@ -109,10 +108,8 @@ def run_dvc(root: Path, overrides: list[str], experiment: bool, force_stages: li
     """
     logger = get_logger()
     ran: list[str] = []
-    # dvc.yaml runs `python -m flows.<stage>`: make that this interpreter, activated venv or not
-    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
-    env = {**os.environ, **env, "PATH": path}
-    for command in dvc_command(overrides, experiment, force_stages):
+    env = dvc_env(env)  # dvc.yaml runs `bin/python -m flows.<stage>`: this interpreter, activated venv or not
+    for command in dvc_commands(overrides, experiment, force_stages):
         logger.info("$ %s", " ".join(command[2:]))
         # its own process group, stopped (with the stage processes) however this task ends; a watchdog
         # stops it if this process is SIGKILLed (tlpipe.ops.process_group). The pipeline lock outlives it.
@@ -209,8 +206,7 @@ def dvc_status(root: Path) -> dict[str, list]:
     Raises:
         DvcStatusError: When DVC fails, with its message.
     """
-    result = subprocess.run([sys.executable, "-m", "dvc", "status", "--json"], cwd=root, capture_output=True,
-                            text=True, timeout=3600)
+    result = capture_dvc(root, ["status", "--json"], timeout_s=3600)
     lines = [line for line in result.stdout.splitlines() if line.strip()]
     if result.returncode != 0 or not lines:
         detail = (result.stderr or result.stdout).strip().splitlines()

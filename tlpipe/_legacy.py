@@ -26,7 +26,7 @@ LEGACY_MODULES = {
     "ensemble": "evaluation.ensemble",
     "errors": "core.errors",
     "evaluate": "evaluation.evaluate",
-    "finetune": "train.networks",
+    "finetune": "train.networks.training",
     "formats": "render.formats",
     "images": "data.images",
     "imagenet": "features.imagenet",

@@ -53,7 +53,7 @@ def test_dvc_repro_runs_every_stage_once_and_tracks_it(pipeline_baseline, prefec
     # MLflow: one pipeline run with a child run per stage, all ended; a champion
     from mlflow import MlflowClient
 
-    from tlpipe.core.params import load_task
+    from tlpipe.core.task import load_task
 
     task = load_task(project)  # each data set is its own task: its experiment and registered model
     client = MlflowClient(f"sqlite:///{project}/mlflow.db")

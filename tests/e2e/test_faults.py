@@ -374,7 +374,7 @@ def test_tracking_server_dying_mid_stage_fails_clearly_and_rerun_logs_once(casca
 
         from mlflow import MlflowClient
 
-        from tlpipe.core.params import load_task
+        from tlpipe.core.task import load_task
 
         client = MlflowClient(uri)
         experiment = client.get_experiment_by_name(load_task(cascade.project).name)

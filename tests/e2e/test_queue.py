@@ -148,7 +148,7 @@ def test_readme_exp_run_without_venv_then_queued_experiments_track_into_the_proj
     assert re.findall(r"Running stage '([^']+)'", output) == ["select", "ingest", "features", "svm", "finetune", "evaluate"]
 
     client = MlflowClient(f"sqlite:///{project}/mlflow.db")
-    from tlpipe.core.params import load_task
+    from tlpipe.core.task import load_task
 
     task = load_task(project)  # the queued variants keep the source: one task, one experiment, one registry
     experiment_id = client.get_experiment_by_name(task.name).experiment_id

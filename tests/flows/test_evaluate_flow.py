@@ -41,7 +41,8 @@ def test_evaluate_flow_gates_once_reports_after_the_gate_and_publishes_artifacts
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
 
     from flows.evaluate import evaluate_flow
-    from tlpipe.core.params import load_params, load_task
+    from tlpipe.core.params import load_params
+    from tlpipe.core.task import load_task
     from tlpipe.tracking import registry
 
     state = evaluate_flow(root=str(project), return_state=True)

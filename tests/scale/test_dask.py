@@ -113,7 +113,7 @@ def test_scheduler_resolution_and_errors(monkeypatch):
     with pytest.raises(cluster.ClusterError, match=f"{cluster.SCHEDULER_ENV}: 'my-laptop' is not a Dask cluster"):
         cluster.resolve_scheduler(None)
     monkeypatch.setattr(cluster, "CONNECT_TIMEOUT_S", 2)
-    from tlpipe.ops.services import free_port
+    from tlpipe.ops.processes import free_port
 
     address = f"tcp://127.0.0.1:{free_port()}"
     with pytest.raises(cluster.ClusterError, match="is unreachable"):

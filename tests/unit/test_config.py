@@ -10,18 +10,8 @@ import pydantic
 import pytest
 import yaml
 
-from tlpipe.core.params import (
-    NATIVE_SIZES,
-    CGrid,
-    ConfigError,
-    DataParams,
-    Params,
-    load_params,
-    load_stage_params,
-    needs_selection,
-    parse_params,
-    resolve_choice,
-)
+from tlpipe.core.params import NATIVE_SIZES, CGrid, ConfigError, DataParams, Params, load_params, parse_params
+from tlpipe.core.task import load_stage_params, needs_selection, resolve_choice
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 PARAMS_YAML = REPO_ROOT / "params.yaml"

@@ -26,10 +26,10 @@ from mlflow import MlflowClient
 from sklearn.dummy import DummyClassifier
 from sklearn.linear_model import LogisticRegression
 
+from tlpipe.evaluation.choice import select_best
 from tlpipe.tracking import registry
 from tlpipe.tracking.logged_models import log_svm_classifier
 from tlpipe.tracking.registry import ALIAS, Champion, decide, register_and_gate
-from tlpipe.evaluation.choice import select_best
 
 CLASSES = ["dark", "bright"]
 OTHER_CLASSES = ["cat", "dog", "bird"]

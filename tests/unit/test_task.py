@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tlpipe.core.params import ConfigError, Params, load_task, parse_params, resolve_task
+from tlpipe.core.params import ConfigError, Params, parse_params
+from tlpipe.core.task import load_task, resolve_task
 from tlpipe.core.sources import SourceError, class_set_suffix, folder_class_names, slugify
 from tlpipe.tracking.connection import (
     EXPERIMENT,

@@ -8,7 +8,6 @@ silently ignored.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -23,13 +22,17 @@ class ConfigError(UserError, ValueError):
     """Raised when ``params.yaml`` is missing, unreadable or invalid."""
 
 
-#: A Dask cluster for a heavy stage (see tlpipe.ops.cluster): ``local:N`` or a scheduler address.
-DASK_PATTERN = re.compile(r"^(local:[1-9][0-9]*|(tcp|tls)://\S+)$")
+#: A Dask cluster for a heavy stage (see tlpipe.ops.cluster): ``local:N`` (N >= 1) or a scheduler address.
+DASK_PATTERN = re.compile(r"^(local:0*[1-9][0-9]*|(tcp|tls|inproc|ucx)://\S+)$")
 DASK_HELP = "Dask cluster: local:N (N workers here) or tcp://host:port; null: $TLPIPE_DASK_SCHEDULER or local"
 
 
 def check_dask_address(value: str | None) -> str | None:
-    """Accept null, ``local:N`` (N >= 1) or a ``tcp://``/``tls://`` scheduler address."""
+    """Accept null, ``local:N`` (N >= 1) or a ``tcp://``/``tls://``/``inproc://``/``ucx://`` scheduler address.
+
+    The one check of a cluster address, for the ``dask`` params and ``$TLPIPE_DASK_SCHEDULER``
+    (:func:`tlpipe.ops.cluster.resolve_scheduler`).
+    """
     if value is not None and not DASK_PATTERN.match(value):
         raise ValueError(f"'{value}' is not a Dask cluster: use local:N (N >= 1 workers on this machine), "
                          "a scheduler address such as tcp://host:8786, or null")
@@ -46,7 +49,7 @@ FIXRES = "fixres"
 FIXRES_SCALE = 1.3
 NATIVE_SIZES: dict[str, int] = {"efficientnet_lite0": 224, "efficientnet_lite1": 240, "efficientnet_lite2": 260,
                                 "resnet50": 224}
-"""Native input side per backbone (``tlpipe.features.backbones.get_spec(name).default_size``; a test keeps them equal).
+"""Native input side per backbone, the one list (``tlpipe.features.backbones.get_spec(name).default_size`` reads it).
 In ``params.yaml``, ``data.image_size: native`` (or no value) stores images at this size, so ingest
 reruns when the backbone changes; :class:`Params` resolves it to an int when parsing."""
 
@@ -360,154 +363,6 @@ def load_params(path: Path | str = "params.yaml") -> Params:
     return parse_params(raw, path)
 
 
-def side_for(size: int | str, backbone: str) -> int:
-    """A pinned ``data.image_size`` as a side for ``backbone``: an int as it is, ``native`` or ``fixres``.
-
-    Raises:
-        ConfigError: For ``auto``, which only the select stage turns into a side.
-    """
-    if isinstance(size, int):
-        return size
-    if size in (NATIVE, FIXRES):
-        return NATIVE_SIZES[backbone] if size == NATIVE else fixres_size(NATIVE_SIZES[backbone])
-    raise ConfigError(f"data.image_size {size!r} is chosen by the select stage, not a side")
-
-
-def needs_selection(params: Params) -> bool:
-    """Whether the backbone or the input side is left to the select stage (or a word for a chosen backbone)."""
-    return params.features.backbone == AUTO or not isinstance(params.data.image_size, int)
-
-
-def resolve_choice(params: Params, selection: dict | None) -> Params:
-    """The params with the select stage's choice applied: a concrete backbone and an int side.
-
-    A value pinned in ``params.yaml`` wins over the selection (the select stage writes the
-    pinned value itself, so they agree); ``native``/``fixres`` are resolved for the backbone.
-
-    Raises:
-        ConfigError: When a value is ``auto`` and there is no selection.
-    """
-    if not needs_selection(params):
-        return params
-    if params.features.backbone == AUTO or params.data.image_size == AUTO:
-        if not selection:
-            raise ConfigError("features.backbone or data.image_size is 'auto' and the select stage has not run: "
-                              "run `tlpipe repro` (or `dvc repro select`), or pin both in params.yaml")
-    backbone = params.features.backbone if params.features.backbone != AUTO else str(selection["backbone"])
-    size = params.data.image_size
-    if size == AUTO:
-        size = int(selection["image_size"])
-    else:
-        size = side_for(size, backbone)
-    return params.model_copy(update={
-        "features": params.features.model_copy(update={"backbone": backbone}),
-        "data": params.data.model_copy(update={"image_size": int(size)}),
-    })
-
-
-def read_selection(path: Path | str) -> dict | None:
-    """The select stage's choice (``data/selection.json``), or None when it has not run."""
-    import json
-
-    try:
-        return json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError) as error:
-        raise ConfigError(f"{path} is unreadable ({error}): run `dvc repro select` again") from None
-
-
-def load_stage_params(params_path: Path | str, selection_path: Path | str) -> Params:
-    """``params.yaml`` parsed, with the select stage's choice applied (what every stage after it reads)."""
-    params = load_params(params_path)
-    return resolve_choice(params, read_selection(selection_path) if needs_selection(params) else None)
-
-
 # ---------------------------------------------------------------- the task
 
-@dataclass(frozen=True)
-class Task:
-    """What the pipeline's MLflow runs and registered models are filed under.
 
-    ``name`` is the MLflow experiment; ``model_name`` the registered model whose
-    ``@champion`` answers ``tlpipe predict``; ``classes`` the source's class set
-    (None when ``registry.task`` names the task: the source is then not listed).
-    """
-
-    name: str
-    model_name: str
-    classes: list[str] | None = None
-
-
-def resolve_task(params: Params, root: Path | str | None = None) -> Task:
-    """The task of ``params``: each data set (source and class set) is its own task, unless named.
-
-    ``registry.task: auto`` derives the name from the source (:func:`tlpipe.core.sources.name_source_task`:
-    ``elpv-defect``, ``elpv-type``, ``hymenoptera-ants-bees``); a folder source that is gone
-    (e.g. a clone on another machine) is named from the project store's classes instead.
-    ``registry.model_name: auto`` is the task's name.
-
-    Args:
-        params: The parsed params.
-        root: The project (a relative folder source is taken from it; default: the working directory).
-
-    Raises:
-        ConfigError: When the source can be neither listed nor replaced by the store's classes.
-    """
-    from tlpipe.core.sources import ELPV, SourceError, folder_task, name_source_task, source_folder
-
-    registry, data = params.registry, params.data
-    if registry.task != AUTO:
-        return Task(registry.task, registry.task if registry.model_name == AUTO else registry.model_name)
-    try:
-        found = name_source_task(data.source, data.classes, data.elpv_label, data.elpv_threshold,
-                                 Path(root) if root is not None else None)
-    except SourceError as error:
-        stored = Path(root or ".") / "data" / "store" / "classes.json"
-        if data.source == ELPV or not stored.is_file():
-            raise ConfigError(f"cannot name the task: {error}; fix data.source or set registry.task in "
-                              "params.yaml") from None
-        import json
-
-        found = folder_task(source_folder(data.source, Path(root or ".")), json.loads(stored.read_text()))
-    return Task(found.name, found.name if registry.model_name == AUTO else registry.model_name, found.classes)
-
-
-def apply_overrides(raw: dict, overrides: list[str]) -> dict:
-    """``params.yaml``'s mapping with ``dvc exp run -S key=value`` overrides applied (values read as YAML).
-
-    ``params.yaml:key=value`` and Hydra's ``+key=value`` mean the same; ``~key`` removes a key;
-    overrides of other files are left to DVC.
-    """
-    import copy
-
-    result = copy.deepcopy(raw or {})
-    for item in overrides:
-        key, _, value = item.partition("=")
-        file, colon, path = key.rpartition(":")
-        if colon and file != "params.yaml":
-            continue
-        remove = path.startswith("~")
-        parts = path.lstrip("+~").split(".")
-        node = result
-        for part in parts[:-1]:
-            if not isinstance(node.get(part), dict):
-                node[part] = {}
-            node = node[part]
-        if remove:
-            node.pop(parts[-1], None)
-        else:
-            node[parts[-1]] = yaml.safe_load(value) if value.strip() else None
-    return result
-
-
-def load_task(root: Path | str, overrides: list[str] | None = None) -> Task:
-    """The task of the project at ``root`` (its ``params.yaml``, with ``-S`` overrides applied)."""
-    path = Path(root) / "params.yaml"
-    if not overrides:
-        return resolve_task(load_params(path), root)
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except FileNotFoundError:
-        raise ConfigError(f"params file not found: {path}") from None
-    return resolve_task(parse_params(apply_overrides(raw, overrides), path), root)

@@ -24,10 +24,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 from tlpipe.core.errors import UserError
+from tlpipe.core.params import check_dask_address
 
 SCHEDULER_ENV = "TLPIPE_DASK_SCHEDULER"
 LOCAL = re.compile(r"^local:(\d+)$")
-REMOTE = re.compile(r"^(tcp|tls|inproc|ucx)://\S+$")
 CONNECT_TIMEOUT_S = 30
 
 
@@ -44,24 +44,13 @@ class ClusterInfo:
     local: bool
 
 
-def validate_address(address: str) -> str:
-    """Return ``address`` when it is ``local:N`` (N >= 1) or a scheduler URL; raise ``ValueError`` otherwise."""
-    match = LOCAL.match(address)
-    if match and int(match.group(1)) >= 1:
-        return address
-    if REMOTE.match(address):
-        return address
-    raise ValueError(f"'{address}' is not a Dask cluster: use local:N (N >= 1 workers on this machine) or a "
-                     "scheduler address such as tcp://host:8786")
-
-
 def resolve_scheduler(param: str | None) -> str | None:
     """The cluster a stage should use: its param, else ``$TLPIPE_DASK_SCHEDULER``, else None (local path)."""
     address = param or os.environ.get(SCHEDULER_ENV) or None
     if address is None:
         return None
     try:
-        return validate_address(address.strip())
+        return check_dask_address(address.strip())
     except ValueError as error:
         source = "the stage's dask param" if param else SCHEDULER_ENV
         raise ClusterError(f"{source}: {error}") from None
@@ -81,7 +70,7 @@ def dask_client(address: str) -> Iterator[tuple[object, ClusterInfo]]:
     """
     from distributed import Client, LocalCluster
 
-    match = LOCAL.match(validate_address(address))
+    match = LOCAL.match(check_dask_address(address))
     if match:
         workers = int(match.group(1))
         cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, host="127.0.0.1",

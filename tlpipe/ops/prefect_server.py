@@ -29,12 +29,9 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -42,11 +39,11 @@ from tlpipe.core.errors import UserError
 from tlpipe.core.paths import tracking_root
 from tlpipe.ops.lock import file_lock
 from tlpipe.ops.process_identity import ProcessIdentity, identify, is_alive
+from tlpipe.ops.processes import HOST, choose_port, healthy, stop_process_group
 
 MODE_ENV = "TLPIPE_PREFECT_SERVER"
 PORT_ENV = "TLPIPE_PREFECT_PORT"
 DEFAULT_PORT = 4200
-HOST = "127.0.0.1"
 START_TIMEOUT_S = 180.0
 HOME_DIR = ".prefect"
 
@@ -95,11 +92,7 @@ def read_info(root: Path | str) -> ServerInfo | None:
 
 def is_healthy(url: str, timeout: float = 2.0) -> bool:
     """Whether the Prefect API at ``url`` answers its health check."""
-    try:
-        with urllib.request.urlopen(f"{url.rstrip('/')}/health", timeout=timeout) as response:
-            return response.status == 200
-    except (OSError, ValueError):
-        return False
+    return healthy(f"{url.rstrip('/')}/health", timeout)
 
 
 def server_is_alive(info: ServerInfo) -> bool:
@@ -113,25 +106,6 @@ def running_url(root: Path | str) -> str | None:
     if info is None or not server_is_alive(info) or not is_healthy(info.url):
         return None
     return info.url
-
-
-def port_is_free(port: int) -> bool:
-    """Whether a local TCP port can be bound right now."""
-    with socket.socket() as sock:
-        try:
-            sock.bind((HOST, port))
-        except OSError:
-            return False
-    return True
-
-
-def choose_port(preferred: int) -> int:
-    """``preferred`` when free, else (or when it is 0) any free local port."""
-    if preferred and port_is_free(preferred):
-        return preferred
-    with socket.socket() as sock:
-        sock.bind((HOST, 0))
-        return sock.getsockname()[1]
 
 
 def server_command(port: int) -> list[str]:
@@ -174,7 +148,7 @@ def start_server(root: Path | str, port: int | None = None, timeout: float = STA
         time.sleep(0.25)
     info = ServerInfo(pid=process.pid, port=port, url=url, started=time.time(),
                       created=identify(process.pid).started)
-    from tlpipe.data.store import write_atomic
+    from tlpipe.core.files import write_atomic
 
     write_atomic(folder / "server.json", json.dumps(asdict(info)))
     start_watchdog(folder, info.pid)
@@ -205,29 +179,6 @@ def ensure_server(root: Path | str, port: int | None = None, timeout: float = ST
         print(f"tlpipe: starting the project's Prefect server (runs kept in {home(root)}; log "
               f"{home(root) / 'server.log'}; stop it with `make prefect-stop`)", file=sys.stderr, flush=True)
         return start_server(root, port, timeout).url
-
-
-def stop_process_group(pid: int, timeout: float = 20.0) -> None:
-    """SIGTERM the process group of ``pid`` (server and workers), SIGKILL after ``timeout``."""
-    import psutil
-
-    try:
-        os.killpg(pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
-                break
-        except psutil.NoSuchProcess:
-            break
-        time.sleep(0.2)
-    else:
-        try:
-            os.killpg(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
 
 
 def stop_server(root: Path | str) -> bool:

@@ -29,21 +29,17 @@ import os
 import pwd
 import secrets
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from tlpipe.core.errors import UserError
-from tlpipe.data.store import write_atomic
+from tlpipe.core.files import write_atomic
 from tlpipe.ops.process_identity import live_pid, write_pid_file
+from tlpipe.ops.processes import HOST, healthy, port_free, stop_process_group, tail
 
-HOST = "127.0.0.1"
 DEFAULT_PG_PORT = 55432
 DEFAULT_MLFLOW_PORT = 5010
 DB_USER = "tlpipe"
@@ -305,36 +301,6 @@ def backend_store_uri(port: int) -> str:
 # ---------------------------------------------------------------- MLflow server
 
 
-def port_free(port: int) -> bool:
-    """Whether nothing listens on 127.0.0.1:``port``."""
-    with socket.socket() as probe:
-        return probe.connect_ex((HOST, port)) != 0
-
-
-def free_port() -> int:
-    """A port that is free on 127.0.0.1 right now."""
-    with socket.socket() as probe:
-        probe.bind((HOST, 0))
-        return probe.getsockname()[1]
-
-
-def tail(path: Path, lines: int = 15) -> str:
-    """The last lines of a log file (empty when missing)."""
-    try:
-        return "\n".join(Path(path).read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return ""
-
-
-def healthy(url: str, timeout_s: float = 2.0) -> bool:
-    """Whether ``GET url`` answers 200."""
-    try:
-        with urllib.request.urlopen(url, timeout=timeout_s) as response:
-            return response.status == 200
-    except (urllib.error.URLError, OSError, ValueError):
-        return False
-
-
 def read_pid(path: Path) -> int | None:
     """The pid in a pid file while that very process runs (same pid and start time), else None.
 
@@ -382,26 +348,6 @@ def start_mlflow(state: StateDir, pg_port: int, port: int = DEFAULT_MLFLOW_PORT,
     state.mlflow_pid.unlink(missing_ok=True)
     raise ServiceError(f"the MLflow server was not healthy after {timeout_s} s (see {state.mlflow_log}):\n"
                        f"{tail(state.mlflow_log)}")
-
-
-def stop_process_group(pid: int, timeout_s: float = 20.0) -> None:
-    """SIGTERM the process group led by ``pid``, then SIGKILL what is left after ``timeout_s``."""
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        try:
-            os.killpg(pid, sig)
-        except ProcessLookupError:
-            return
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            try:
-                os.waitpid(pid, os.WNOHANG)  # reap the leader when it is our child
-            except ChildProcessError:
-                pass  # not our child (or reaped): poll the group
-            try:
-                os.killpg(pid, 0)
-            except ProcessLookupError:
-                return
-            time.sleep(0.1)
 
 
 def stop_mlflow(state: StateDir) -> bool:

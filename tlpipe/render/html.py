@@ -16,7 +16,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tlpipe.data.store import write_atomic
+from tlpipe.core.files import write_atomic
 from tlpipe.render.formats import format_score
 
 STYLE = """

@@ -3,7 +3,7 @@
 Figures are built with :class:`matplotlib.figure.Figure` directly (no pyplot),
 so nothing here touches global matplotlib state or needs a display. Every
 ``plot_*`` function returns the PNG bytes; given a path it also writes them
-atomically (:func:`tlpipe.data.store.write_atomic`).
+atomically (:func:`tlpipe.core.files.write_atomic`).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from matplotlib.lines import Line2D
 from matplotlib.text import Text
 from matplotlib.ticker import MaxNLocator
 
-from tlpipe.data.store import write_atomic
+from tlpipe.core.files import write_atomic
 from tlpipe.render.formats import format_score
 
 MISTAKE_COLOR = "tab:red"

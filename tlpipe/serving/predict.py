@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import json
 import re
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -19,6 +20,9 @@ import numpy as np
 import pandas as pd
 
 from tlpipe.core.errors import UserError
+
+CLASSES_TAG = "tlpipe.classes"
+"""Model-version tag: the JSON list of class names the model outputs, in label order."""
 
 BATCH_SIZE = 32
 EAGER_MAX_FILES = 8
@@ -119,8 +123,6 @@ def identify_registered(uri: str, name: str, alias: str | None, version: str | N
         missing = f"alias @{alias}" if alias else f"version {version}"
         raise ModelNotFoundError(f"registered model {name!r} has no {missing} (aliases: {aliases}); "
                                  f"pick one with --model models:/{name}@ALIAS or models:/{name}/VERSION") from None
-    from tlpipe.tracking.registry import read_classes_tag
-
     return ModelIdentity(uri=uri, load_uri=f"models:/{name}/{found.version}", name=name,
                          version=str(found.version), alias=alias, run_id=found.run_id,
                          classes=read_classes_tag(found.tags or {}))
@@ -147,8 +149,6 @@ def identify_champion(task: str, name: str, client) -> ModelIdentity:
 def describe_champions(client, exclude: str | None = None, limit: int = 50) -> list[str]:
     """``NAME vN [class, ...]`` for each registered model with a ``@champion`` (but ``exclude``), by name."""
     from mlflow.exceptions import MlflowException
-
-    from tlpipe.tracking.registry import read_classes_tag
 
     found = []
     for model in sorted(client.search_registered_models(max_results=limit), key=lambda m: m.name):
@@ -393,3 +393,13 @@ def format_predictions(rows: list[dict], as_json: bool) -> str:
             line += "  [" + ", ".join(f"{name} {prob:.4f}" for name, prob in row["top"]) + "]"
         lines.append(line)
     return "\n".join(lines)
+
+
+
+def read_classes_tag(tags: Mapping[str, str]) -> list[str] | None:
+    """The class names recorded on a model version, or None when absent or unreadable."""
+    try:
+        classes = json.loads(tags[CLASSES_TAG])
+    except (KeyError, ValueError):
+        return None
+    return [str(c) for c in classes] if isinstance(classes, list) else None

@@ -202,7 +202,7 @@ def experiment_name(root: Path, overrides: list[str] | None = None) -> str:
         return name
     if not (Path(root) / "params.yaml").is_file():
         return EXPERIMENT
-    from tlpipe.core.params import load_task
+    from tlpipe.core.task import load_task
 
     return load_task(root, overrides).name
 

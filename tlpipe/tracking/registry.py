@@ -42,12 +42,11 @@ from pathlib import Path
 import numpy as np
 
 from tlpipe.ops.lock import file_lock
+from tlpipe.serving.predict import CLASSES_TAG, read_classes_tag
 
 ALIAS = "champion"
 EXECUTION_TAG = "tlpipe.evaluate_run_id"
 """Model-version tag: the evaluate execution (its MLflow stage run id) that registered it."""
-CLASSES_TAG = "tlpipe.classes"
-"""Model-version tag: the JSON list of class names the model outputs, in label order."""
 GATE_TAG = "tlpipe.gate"
 PROMOTED_TAG = "tlpipe.promoted"
 DECISION_TAG = "tlpipe.decision"
@@ -138,15 +137,6 @@ def find_champion(client, name: str) -> str | None:
         return str(client.get_model_version_by_alias(name, ALIAS).version)
     except MlflowException:
         return None
-
-
-def read_classes_tag(tags: Mapping[str, str]) -> list[str] | None:
-    """The class names recorded on a model version, or None when absent or unreadable."""
-    try:
-        classes = json.loads(tags[CLASSES_TAG])
-    except (KeyError, ValueError):
-        return None
-    return [str(c) for c in classes] if isinstance(classes, list) else None
 
 
 def describe(error: BaseException) -> str:

@@ -32,7 +32,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from tlpipe.core.params import NATIVE_SIZES, Params, SelectParams, SvmParams, scaled_size, side_for
+from tlpipe.core.params import NATIVE_SIZES, Params, SelectParams, SvmParams, scaled_size
+from tlpipe.core.task import side_for
 
 NATIVE_GFLOPS: dict[str, float] = {"efficientnet_lite0": 0.3839, "efficientnet_lite1": 0.5989,
                                    "efficientnet_lite2": 0.8585, "resnet50": 3.8559}

@@ -13,6 +13,7 @@ import keras
 from keras import ops
 
 from tlpipe.core.errors import UserError
+from tlpipe.core.params import NATIVE_SIZES
 
 OFFLINE_HINT = (
     "Use the offline backbone efficientnet_lite0 instead, whose ImageNet weights ship with the "
@@ -45,11 +46,16 @@ class BackboneSpec:
     has_classifier: bool
 
 
+# native sides: the one list is tlpipe.core.params.NATIVE_SIZES (params validation needs them without Keras)
 SPECS: dict[str, BackboneSpec] = {
-    "efficientnet_lite0": BackboneSpec("efficientnet_lite0", 224, 1280, "block5_expand_relu", 240, True),
-    "efficientnet_lite1": BackboneSpec("efficientnet_lite1", 240, 1280, "block7_expand_relu", 240, True),
-    "efficientnet_lite2": BackboneSpec("efficientnet_lite2", 260, 1280, "block7_expand_relu", 288, True),
-    "resnet50": BackboneSpec("resnet50", 224, 2048, "conv3_block4_out", 512, True),
+    "efficientnet_lite0": BackboneSpec("efficientnet_lite0", NATIVE_SIZES["efficientnet_lite0"],
+                              1280, "block5_expand_relu", 240, True),
+    "efficientnet_lite1": BackboneSpec("efficientnet_lite1", NATIVE_SIZES["efficientnet_lite1"],
+                              1280, "block7_expand_relu", 240, True),
+    "efficientnet_lite2": BackboneSpec("efficientnet_lite2", NATIVE_SIZES["efficientnet_lite2"],
+                              1280, "block7_expand_relu", 288, True),
+    "resnet50": BackboneSpec("resnet50", NATIVE_SIZES["resnet50"],
+                              2048, "conv3_block4_out", 512, True),
 }
 
 

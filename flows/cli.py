@@ -233,8 +233,8 @@ def compare_backbones(
     root: RootOption = None,
 ) -> None:
     """Run the pipeline once per backbone (DVC's experiment queue) and chart test accuracy against compute."""
-    from tlpipe.evaluation.compare_backbones import DEFAULT_BACKBONES
     from flows.compare_backbones import compare_backbones as run_comparison
+    from tlpipe.evaluation.compare_backbones import DEFAULT_BACKBONES
 
     project = prepare_prefect(root)
     table, csv_path, png_path = run_comparison(project, backbone or DEFAULT_BACKBONES, set_ or [], name)

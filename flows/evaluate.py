@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from prefect import flow
 
-from tasks.common import check_tracking
+from tasks.common import check_tracking, load_stage_inputs
 from tasks.evaluate import (
     evaluate_all,
     log_evaluation,
@@ -13,10 +13,6 @@ from tasks.evaluate import (
     write_metrics,
     write_report,
 )
-from tlpipe.core.paths import project_paths
-from tlpipe.core.task import load_stage_params
-from tlpipe.data import store
-from tlpipe.data.ingest import hash_manifest
 from tlpipe.tracking.runs import stage_run
 
 
@@ -30,14 +26,13 @@ def evaluate_flow(root: str | None = None) -> dict:
     Args:
         root: Project root (default: found from the working directory).
     """
-    paths = project_paths(root)
-    params = load_stage_params(paths.params, paths.selection)
+    stage = load_stage_inputs(root)
+    paths, params, data_hash = stage.paths, stage.params, stage.data_hash
     check_tracking(paths.root)
-    data_hash = hash_manifest(store.load_manifest(paths.store))
     stage_params = {"evaluate": params.evaluate.model_dump(), "registry": params.registry.model_dump()}
     with stage_run("evaluate", paths.root, stage_params, data_hash) as run_id:  # spans the stage's work
         result = evaluate_all(paths, params)
-        accuracies = write_metrics(result, paths.metrics)
+        accuracies = write_metrics(result, paths)
         evaluation = log_evaluation(paths, params, result, data_hash, run_id)
         promotion = register_and_gate(paths, params, result, evaluation, data_hash)
         report = write_report(paths, result, promotion, evaluation, data_hash)

@@ -26,7 +26,7 @@ def ingest_flow(root: str | None = None) -> dict:
         start = time.perf_counter()
         listing = list_source_files(params.data)
         report = build_store(listing, params.data, paths.store)
-        artifacts = write_data_report(report, paths.reports("ingest"), paths.metrics / "ingest.json")
+        artifacts = write_data_report(report, paths.reports("ingest"), paths.stage_metrics("ingest"))
         log_ingest(run_id, paths.root, params.data, report, artifacts, time.perf_counter() - start, paths.store)
     return {k: report[k] for k in ("images_kept", "files_found", "rejected", "counts", "data_hash")}
 

@@ -52,7 +52,7 @@ def select_flow(root: str | None = None) -> dict:
         table = selection.candidates_table(candidates, results, choice, excluded)
         summary = selection.race_summary(table, choice, plan, budget, time.perf_counter() - start)
         report_dir = paths.reports("select")
-        write_outputs(choice, table, summary, paths.selection, report_dir, paths.metrics / "select.json")
+        write_outputs(choice, table, summary, paths.selection, report_dir, paths.stage_metrics("select"))
         log_selection(run_id, paths.root, choice, summary, report_dir)
     return selection.selection_payload(choice)
 

@@ -31,8 +31,7 @@ from tlpipe.tracking.runs import model_run
 from tlpipe.tracking.tags import MODEL_ID_TAG, MODEL_SHA_TAG, MODEL_TAG, PYFUNC_URI_TAG, TASK_TAG
 from tlpipe.train import selection
 
-SCALARS = ("accuracy", "balanced_accuracy", "f1_macro", "roc_auc")
-DETAIL_METRICS = "evaluate_detail.json"
+DETAIL_METRICS = "evaluate_detail"
 """Second metrics file of the stage (next to ``evaluate.json``): balanced accuracy, macro F1, ROC AUC."""
 
 
@@ -52,11 +51,11 @@ def evaluate_all(paths: ProjectPaths, params: Params) -> dict:
 
 
 @task(name="write-evaluate-metrics", retries=2, retry_delay_seconds=[1, 4])
-def write_metrics(result: dict, metrics_dir: Path) -> dict:
+def write_metrics(result: dict, paths: ProjectPaths) -> dict:
     """Write ``metrics/evaluate.json`` (``{model: {acc}}``) and ``metrics/evaluate_detail.json``; numbers only."""
     accuracies, details = dvc_metrics(result["metrics"])
-    store.write_json(Path(metrics_dir) / "evaluate.json", accuracies)
-    store.write_json(Path(metrics_dir) / DETAIL_METRICS, details)
+    store.write_json(paths.stage_metrics("evaluate"), accuracies)
+    store.write_json(paths.stage_metrics(DETAIL_METRICS), details)
     return accuracies
 
 

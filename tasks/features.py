@@ -15,10 +15,11 @@ from tlpipe.tracking.records import log_datasets, log_metrics, set_tags
 
 
 @task(name="check-weights")
-def check_backbone_weights(params: FeaturesParams, image_size: int) -> None:
-    """Fail before any work when the backbone's weights cannot be found."""
+def check_backbone_weights(params: FeaturesParams, store_dir: Path) -> None:
+    """Fail before any work when the backbone's weights cannot be found (for the store's image size)."""
     from tlpipe.features.backbones import check_weights, get_spec
 
+    image_size = store.image_size(store_dir)
     spec = get_spec(params.backbone)
     check_weights(params.backbone, features.normalise_weights(params.weights),
                   include_top=spec.has_classifier and image_size == spec.default_size)

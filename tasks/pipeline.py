@@ -12,6 +12,7 @@ from prefect import task
 
 from tasks.common import get_logger, retry_unless_user_error
 from tlpipe.core.errors import UserError
+from tlpipe.core.paths import project_paths
 from tlpipe.ops.dvc import capture_dvc, dvc_command, dvc_env
 from tlpipe.ops.process_group import guarded_group
 from tlpipe.tracking.connection import connect, ensure_experiment, experiment_name
@@ -160,7 +161,7 @@ def publish_artifacts(root: Path, pipeline_run_id: str, metrics: dict, promotion
 
     from tlpipe.evaluation import pipeline_summary as summary
 
-    detail = root / "metrics" / "evaluate_detail.json"
+    detail = project_paths(root).stage_metrics("evaluate_detail")
     metrics = summary.merge_metrics(metrics, json.loads(detail.read_text()) if detail.is_file() else {})
     client = connect(root)
     pipeline, stages, models = summary.find_runs(client, pipeline_run_id)
@@ -188,7 +189,7 @@ def read_results(root: Path) -> tuple[dict, dict]:
     def read(path: Path) -> dict:
         return json.loads(path.read_text()) if path.exists() else {}
 
-    return read(root / "metrics" / "evaluate.json"), read(root / "reports" / "evaluate" / "promotion.json")
+    return read(project_paths(root).stage_metrics("evaluate")), read(root / "reports" / "evaluate" / "promotion.json")
 
 
 class DvcStatusError(UserError, RuntimeError):

@@ -57,3 +57,6 @@ def model_file(svm_dir: Path, finetune_dir: Path, name: str) -> Path:
     if model_family(name) == "svm":
         return Path(svm_dir) / f"{name}.joblib"
     return Path(finetune_dir) / f"{name}.keras"
+
+TEST_METRICS = ("accuracy", "balanced_accuracy", "f1_macro", "roc_auc")
+"""The evaluate stage's scalar test metrics, the one list: DVC metrics (short keys), MLflow ``test_<name>``."""

@@ -66,6 +66,14 @@ def tracking_root(root: Path | str) -> Path:
     return resolved
 
 
+METRICS_FOLDER = "metrics"
+
+
+def metrics_file(name: str) -> str:
+    """A DVC metrics file relative to the project root (as git and dvc.yaml name it): ``metrics/<name>.json``."""
+    return f"{METRICS_FOLDER}/{name}.json"
+
+
 @dataclass(frozen=True)
 class ProjectPaths:
     """Every stage input and output, relative to one root (as listed in dvc.yaml)."""
@@ -99,7 +107,11 @@ class ProjectPaths:
 
     @property
     def metrics(self) -> Path:
-        return self.root / "metrics"
+        return self.root / METRICS_FOLDER
+
+    def stage_metrics(self, name: str) -> Path:
+        """A DVC metrics file: ``metrics/<name>.json`` (a stage's, or ``evaluate_detail``)."""
+        return self.root / metrics_file(name)
 
     def reports(self, stage: str) -> Path:
         """The reports folder of one stage."""

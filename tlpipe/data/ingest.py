@@ -88,6 +88,30 @@ def resolve_workers(workers: int) -> int:
         return os.cpu_count() or 1
 
 
+def decode_jobs(candidates: list[Candidate], params: DataParams) -> list[DecodeJob]:
+    """One decode job per candidate, in listing order, with the store's size and the image limits."""
+    return [DecodeJob(i, str(c.path), params.image_size, params.resize_mode, params.min_side, params.max_pixels)
+            for i, c in enumerate(candidates)]
+
+
+def keep_first(candidate: Candidate, info: dict, decoded: bool, first_seen: dict[str, str]) -> tuple[bool, str]:
+    """Whether a candidate is kept: decoded and the first of its SHA-256 in listing order (``first_seen``:
+    hash -> relpath of the kept one, updated); and the reason it is not (its decode error, or the duplicate)."""
+    sha, reason = info.get("sha256", ""), info.get("reason", "")
+    if decoded and sha in first_seen:
+        return False, f"duplicate of {first_seen[sha]}"
+    if decoded:
+        first_seen[sha] = candidate.relpath
+        return True, reason
+    return False, reason
+
+
+def candidate_record(candidate: Candidate, info: dict, row: int, reason: str) -> tuple:
+    """One row of the decode records (:data:`RECORD_COLUMNS`): the candidate, its decode info, its row or -1."""
+    return (candidate.relpath, candidate.class_name, candidate.split or "", info.get("sha256", ""),
+            info.get("width", 0), info.get("height", 0), info.get("mode", ""), row, reason)
+
+
 def decode_candidates(
     candidates: list[Candidate],
     params: DataParams,
@@ -102,24 +126,18 @@ def decode_candidates(
         One row per candidate: relpath, class_name, source_split, sha256, width,
         height, mode, row (position in the raw file, -1 when not kept), reason.
     """
-    jobs = [
-        DecodeJob(i, str(c.path), params.image_size, params.resize_mode, params.min_side, params.max_pixels)
-        for i, c in enumerate(candidates)
-    ]
+    jobs = decode_jobs(candidates, params)
     records: list[tuple] = []  # tuples, not dicts: metadata stays small per file
     first_seen: dict[str, str] = {}
     with open(raw_path, "wb") as raw:
         for position, pixels, info in progress(_iter_decoded(jobs, resolve_workers(params.workers))):
             candidate = candidates[position]
-            sha, reason, row = info.get("sha256", ""), info.get("reason", ""), -1
-            if pixels is not None and sha in first_seen:
-                reason = f"duplicate of {first_seen[sha]}"
-            elif pixels is not None:
-                first_seen[sha] = candidate.relpath
+            kept, reason = keep_first(candidate, info, pixels is not None, first_seen)
+            row = -1
+            if kept:
                 row = raw.tell() // len(pixels)
                 raw.write(pixels)
-            records.append((candidate.relpath, candidate.class_name, candidate.split or "", sha,
-                            info.get("width", 0), info.get("height", 0), info.get("mode", ""), row, reason))
+            records.append(candidate_record(candidate, info, row, reason))
     del jobs
     return pd.DataFrame.from_records(records, columns=RECORD_COLUMNS)
 
@@ -346,8 +364,7 @@ def decode_candidates_on_dask(
     from tlpipe.ops.cluster import even_chunks
 
     shard_dir.mkdir(parents=True, exist_ok=True)
-    jobs = [DecodeJob(i, str(c.path), params.image_size, params.resize_mode, params.min_side, params.max_pixels)
-            for i, c in enumerate(candidates)]
+    jobs = decode_jobs(candidates, params)
     chunks = even_chunks(len(jobs), SHARD_FILES)
     shard_paths = [shard_dir / f"shard-{k:06d}.raw" for k in range(len(chunks))]
     futures = [client.submit(decode_shard, jobs[chunk.start:chunk.stop], str(path), pure=False)
@@ -363,15 +380,12 @@ def decode_candidates_on_dask(
     for shard, results in enumerate(shard_results):
         for position, shard_row, info in results:
             candidate = candidates[position]
-            sha, reason, row = info.get("sha256", ""), info.get("reason", ""), -1
-            if shard_row >= 0 and sha in first_seen:
-                reason = f"duplicate of {first_seen[sha]}"
-            elif shard_row >= 0:
-                first_seen[sha] = candidate.relpath
+            kept, reason = keep_first(candidate, info, shard_row >= 0, first_seen)
+            row = -1
+            if kept:
                 row = len(locations)
                 locations.append((shard, shard_row))
-            records.append((candidate.relpath, candidate.class_name, candidate.split or "", sha,
-                            info.get("width", 0), info.get("height", 0), info.get("mode", ""), row, reason))
+            records.append(candidate_record(candidate, info, row, reason))
     return pd.DataFrame.from_records(records, columns=RECORD_COLUMNS), locations, shard_paths
 
 
@@ -436,12 +450,10 @@ def ingest(
         DataError: When the data cannot support the task.
     """
     if client is None:
-        from tlpipe.ops.cluster import dask_client, log_cluster, resolve_scheduler
+        from tlpipe.ops.cluster import stage_cluster
 
-        address = resolve_scheduler(params.dask)
-        if address is not None:
-            with dask_client(address) as (dask, info):
-                log_cluster("ingest", info)
+        with stage_cluster("ingest", params.dask) as dask:
+            if dask is not None:
                 return ingest(listing, params, store_dir, progress, client=dask)
     staging = store.staging_dir(Path(store_dir))
     try:

@@ -20,9 +20,10 @@ from pathlib import Path
 import yaml
 
 from tlpipe.core.errors import UserError
+from tlpipe.core.paths import metrics_file
 
 RUN_ID = re.compile(r"^[0-9a-f]{32}$")
-METRICS_FILE = "metrics/evaluate.json"
+METRICS_FILE = metrics_file("evaluate")
 WORKSPACE = "workspace"
 
 
@@ -104,8 +105,8 @@ def describe_task(raw: dict, root: Path) -> tuple[str | None, list[str] | None]:
     """The task and class set of params as written (:func:`tlpipe.core.params.resolve_task`); None where unknown
     (params that do not parse, a source that cannot be listed)."""
     from tlpipe.core.params import parse_params
-    from tlpipe.core.task import resolve_task
     from tlpipe.core.sources import SourceError, name_source_task
+    from tlpipe.core.task import resolve_task
 
     try:
         params = parse_params(raw)

@@ -30,11 +30,12 @@ from pathlib import Path
 import pandas as pd
 
 from tlpipe.core.errors import UserError
+from tlpipe.core.paths import metrics_file
 
 DEFAULT_BACKBONES = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")
 PIXEL_MODEL = "svm_pixels"
-EVALUATE_METRICS = "metrics/evaluate.json"
-FEATURES_METRICS = "metrics/features.json"
+EVALUATE_METRICS = metrics_file("evaluate")
+FEATURES_METRICS = metrics_file("features")
 REPORT_FOLDER = Path("reports") / "compare_backbones"
 CSV_NAME = "backbones.csv"
 PNG_NAME = "backbones.png"

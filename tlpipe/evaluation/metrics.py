@@ -15,12 +15,14 @@ from sklearn.metrics import (
     roc_auc_score,
 )
 
+from tlpipe.core.names import TEST_METRICS
 from tlpipe.render.formats import SCORE_DIGITS
 
 DIGITS = SCORE_DIGITS
 
 
-METRIC_KEYS = {"accuracy": "acc", "balanced_accuracy": "bal_acc", "f1_macro": "f1", "roc_auc": "auc"}
+METRIC_KEYS = dict(zip(TEST_METRICS, ("acc", "bal_acc", "f1", "auc"), strict=True))
+"""Each test metric's key in the DVC metrics files."""
 """Test metric -> its short key in ``metrics/evaluate*.json`` (what ``dvc metrics show`` prints)."""
 
 

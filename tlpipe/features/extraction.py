@@ -240,12 +240,10 @@ def extract_features(
         The metadata: backbone, dims, per-split counts, images/s, precision.
     """
     if client is None:
-        from tlpipe.ops.cluster import dask_client, log_cluster, resolve_scheduler
+        from tlpipe.ops.cluster import stage_cluster
 
-        address = resolve_scheduler(params.dask)
-        if address is not None:
-            with dask_client(address) as (dask, info):
-                log_cluster("features", info)
+        with stage_cluster("features", params.dask) as dask:
+            if dask is not None:
                 return extract_features(store_dir, out_dir, params, progress, client=dask)
     import keras
 

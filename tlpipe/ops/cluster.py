@@ -108,3 +108,16 @@ def log_cluster(stage: str, info: ClusterInfo) -> None:
     kind = "a local cluster" if info.local else "the scheduler"
     logging.getLogger("tlpipe.cluster").warning("%s runs on Dask: %s %s with %d worker(s)", stage, kind,
                                                 info.address, info.workers)
+
+
+@contextmanager
+def stage_cluster(stage: str, param: str | None) -> Iterator[object | None]:
+    """The Dask client a heavy stage runs on, if one is configured: ``param`` (the stage's ``dask``), else
+    ``$TLPIPE_DASK_SCHEDULER``; the cluster is logged and closed after the block. None: the local path."""
+    address = resolve_scheduler(param)
+    if address is None:
+        yield None
+        return
+    with dask_client(address) as (client, info):
+        log_cluster(stage, info)
+        yield client

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tlpipe.core.hashing import file_sha256
+from tlpipe.core.names import TEST_METRICS
 from tlpipe.tracking.tags import MODEL_ID_TAG, MODEL_SHA_TAG, MODEL_TAG
 
 DATASET_CONTEXT_TAG = "mlflow.data.context"
@@ -20,8 +21,6 @@ DATASET_CONTEXTS = {"train": "train", "val": "validation", "test": "test"}
 """Store split -> the MLflow dataset input context it is logged with."""
 
 
-TEST_METRICS = ("accuracy", "balanced_accuracy", "f1_macro", "roc_auc")
-"""The evaluate stage's scalar test metrics, logged as ``test_<name>``."""
 
 
 def log_params(client, run_id: str, params: Mapping[str, object]) -> None:

@@ -21,7 +21,7 @@ export TF_CPP_MIN_LOG_LEVEL := 2
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 120
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: setup run test test-fast bench bench-full ui prefect-server prefect-stop deploy worker serve serve-model tracking-server tracking-stop remote clean
+.PHONY: setup run lint test test-fast bench bench-full ui prefect-server prefect-stop deploy worker serve serve-model tracking-server tracking-stop remote clean
 
 setup: $(STAMP)
 
@@ -35,10 +35,17 @@ $(STAMP): pyproject.toml requirements.lock
 run: setup
 	$(BIN)/tlpipe repro
 
-test: setup
+# ruff (its pin: the `test` extra of pyproject.toml; installed here until requirements.lock carries it)
+RUFF_PIN := $(shell grep -o '"ruff==[^"]*"' pyproject.toml | tr -d '"')
+
+lint: setup
+	@test -x $(BIN)/ruff || $(BIN)/uv pip install -q -p $(PY) "$(RUFF_PIN)"
+	$(BIN)/ruff check .
+
+test: lint
 	$(PY) -m pytest -q -n 2 --dist loadgroup --durations=15
 
-test-fast: setup
+test-fast: lint
 	$(PY) -m pytest -q -n 2 --dist loadgroup -m "not slow"
 
 bench: setup

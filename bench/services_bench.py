@@ -101,21 +101,21 @@ def prefect_times(base: Path) -> dict[str, float]:
                 "PREFECT_SERVER_ANALYTICS_ENABLED": "false"})
     logs = base / "prefect.log"
     base.mkdir(parents=True, exist_ok=True)
-    processes = []
+    started = []
     try:
         start = time.perf_counter()
         with open(logs, "ab") as log_file:
-            processes.append(subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host",
+            started.append(subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host",
                                                processes.HOST, "--port", str(port)], env=env, stdout=log_file,
                                               stderr=subprocess.STDOUT, start_new_session=True))
         while not processes.healthy(f"{url}/health"):
-            if processes[0].poll() is not None or time.perf_counter() - start > 300:
+            if started[0].poll() is not None or time.perf_counter() - start > 300:
                 raise RuntimeError(f"prefect server failed:\n{processes.tail(logs)}")
             time.sleep(0.2)
         server = time.perf_counter() - start
         start = time.perf_counter()
         with open(logs, "ab") as log_file:
-            processes.append(subprocess.Popen([sys.executable, "-m", "prefect", "worker", "start", "--pool", "bench",
+            started.append(subprocess.Popen([sys.executable, "-m", "prefect", "worker", "start", "--pool", "bench",
                                                "--type", "process", "--name", "bench-worker", "--install-policy",
                                                "never"], env=env, stdout=log_file, stderr=subprocess.STDOUT,
                                               start_new_session=True))
@@ -123,13 +123,13 @@ def prefect_times(base: Path) -> dict[str, float]:
                  "with get_client(sync_client=True) as c:\n"
                  "    print(any(w.name == 'bench-worker' for w in c.read_workers_for_work_pool('bench')))"]
         while subprocess.run(probe, env=env, capture_output=True, text=True).stdout.strip() != "True":
-            if processes[1].poll() is not None or time.perf_counter() - start > 300:
+            if started[1].poll() is not None or time.perf_counter() - start > 300:
                 raise RuntimeError(f"prefect worker failed:\n{processes.tail(logs)}")
             time.sleep(0.5)
         worker = time.perf_counter() - start
         return {"server": round(server, 2), "worker": round(worker, 2)}
     finally:
-        for process in reversed(processes):
+        for process in reversed(started):
             processes.stop_process_group(process.pid)
 
 

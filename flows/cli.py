@@ -18,7 +18,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import Annotated, NoReturn, Optional
+from typing import Annotated, NoReturn
 
 import typer
 
@@ -39,7 +39,7 @@ from tlpipe.tracking.connection import connect, experiment_name, quiet_telemetry
 
 @app.command()
 def repro(
-    set_: Annotated[Optional[list[str]], typer.Option("--set", "-S", metavar="KEY=VALUE",
+    set_: Annotated[list[str] | None, typer.Option("--set", "-S", metavar="KEY=VALUE",
                                                       help="param override (runs dvc exp run)")] = None,
     exp: Annotated[bool, typer.Option("--exp", help="run as a DVC experiment")] = False,
     root: RootOption = None,
@@ -84,21 +84,23 @@ def retrain(
 
     with prefect_context(root):
         result = retrain_flow(root=str(root), force=force)
-    typer.echo(json.dumps({k: v for k, v in result.items() if k in ("retrained", "reason", "stale", "stages_ran", "promotion")},
-                          indent=2, default=str))
+    shown = ("retrained", "reason", "stale", "stages_ran", "promotion")
+    typer.echo(json.dumps({k: v for k, v in result.items() if k in shown}, indent=2, default=str))
 
 
 @app.command()
 def predict(
     images: Annotated[list[str], typer.Argument(metavar="IMAGE", help="image files or folders")],
-    model: Annotated[Optional[str], typer.Option(
+    model: Annotated[str | None, typer.Option(
         metavar="URI", help="models:/NAME@ALIAS (default: the champion of the current task), models:/NAME/VERSION, "
                             "runs:/RUN_ID/NAME or a local model folder")] = None,
     top: Annotated[int, typer.Option(min=1, metavar="N", help="classes to show per image")] = 1,
     as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
-    imagenet: Annotated[bool, typer.Option("--imagenet", help="top ImageNet classes of the pretrained backbone")] = False,
+    imagenet: Annotated[bool, typer.Option("--imagenet",
+                                           help="top ImageNet classes of the pretrained backbone")] = False,
     backbone: Annotated[str, typer.Option(metavar="NAME", help="backbone for --imagenet")] = "efficientnet_lite0",
-    weights: Annotated[str, typer.Option(metavar="WEIGHTS", help="weights for --imagenet: imagenet or a file")] = "imagenet",
+    weights: Annotated[str, typer.Option(metavar="WEIGHTS",
+                                         help="weights for --imagenet: imagenet or a file")] = "imagenet",
     root: RootOption = None,
 ) -> None:
     """Classify images with the champion of the project's current task (or ImageNet classes with --imagenet).
@@ -193,7 +195,8 @@ def report(
 def compare(
     first: Annotated[str, typer.Argument(metavar="A", help="DVC experiment name or MLflow pipeline run id")],
     second: Annotated[str, typer.Argument(metavar="B", help="DVC experiment name or MLflow pipeline run id")],
-    all_params: Annotated[bool, typer.Option("--all-params", help="list every param, not only those that differ")] = False,
+    all_params: Annotated[bool, typer.Option("--all-params",
+                                             help="list every param, not only those that differ")] = False,
     root: RootOption = None,
 ) -> None:
     """Compare two experiments: each model's test accuracy, and the params that differ."""
@@ -223,12 +226,12 @@ def exps(root: RootOption = None) -> None:
 
 @app.command("compare-backbones")
 def compare_backbones(
-    backbone: Annotated[Optional[list[str]], typer.Option(
+    backbone: Annotated[list[str] | None, typer.Option(
         "--backbone", "-b", metavar="NAME",
         help="backbone to run (repeat; default efficientnet_lite0, _lite1, _lite2)")] = None,
-    set_: Annotated[Optional[list[str]], typer.Option("--set", "-S", metavar="KEY=VALUE",
+    set_: Annotated[list[str] | None, typer.Option("--set", "-S", metavar="KEY=VALUE",
                                                       help="param override for every run")] = None,
-    name: Annotated[Optional[str], typer.Option("--name", metavar="PREFIX",
+    name: Annotated[str | None, typer.Option("--name", metavar="PREFIX",
                                                 help="DVC experiment name prefix (default cmp-<UTC time>)")] = None,
     root: RootOption = None,
 ) -> None:
@@ -269,7 +272,7 @@ def ui(
 
 @app.command("serve-model")
 def serve_model(
-    model: Annotated[Optional[str], typer.Option(metavar="URI", help=(
+    model: Annotated[str | None, typer.Option(metavar="URI", help=(
         "model URI (default: the champion of the current task, models:/TASK@champion)"))] = None,
     host: HostOption = "127.0.0.1",
     port: PortOption = 5001,
@@ -289,8 +292,9 @@ def serve_model(
 
 @app.command()
 def deploy(
-    cron: Annotated[Optional[str], typer.Option(metavar="CRON", help="cron schedule (default: schedule.cron in params.yaml)")] = None,
-    work_pool: Annotated[Optional[str], typer.Option("--work-pool", metavar="NAME", help=(
+    cron: Annotated[str | None, typer.Option(metavar="CRON",
+                                             help="cron schedule (default: schedule.cron in params.yaml)")] = None,
+    work_pool: Annotated[str | None, typer.Option("--work-pool", metavar="NAME", help=(
         "register on this Prefect process work pool (created if missing); `tlpipe worker --pool NAME` "
         "executes its runs"))] = None,
     api_url: ApiUrlOption = None,
@@ -312,7 +316,7 @@ def deploy(
 
 @app.command()
 def serve(
-    cron: Annotated[Optional[str], typer.Option(metavar="CRON", help="cron schedule (default: params.yaml)")] = None,
+    cron: Annotated[str | None, typer.Option(metavar="CRON", help="cron schedule (default: params.yaml)")] = None,
     api_url: ApiUrlOption = None,
     root: RootOption = None,
 ) -> None:
@@ -326,8 +330,8 @@ def serve(
 @app.command()
 def worker(
     pool: Annotated[str, typer.Option("--pool", metavar="NAME", help="the process work pool to poll")] = "tlpipe",
-    name: Annotated[Optional[str], typer.Option(metavar="NAME", help="worker name (default: Prefect's)")] = None,
-    limit: Annotated[Optional[int], typer.Option(metavar="N", help="at most N flow runs at once")] = None,
+    name: Annotated[str | None, typer.Option(metavar="NAME", help="worker name (default: Prefect's)")] = None,
+    limit: Annotated[int | None, typer.Option(metavar="N", help="at most N flow runs at once")] = None,
     api_url: ApiUrlOption = None,
     root: RootOption = None,
 ) -> None:
@@ -341,7 +345,7 @@ def worker(
 
 @prefect_app.command("start")
 def prefect_start(
-    port: Annotated[Optional[int], typer.Option(metavar="PORT", help="port (default: $TLPIPE_PREFECT_PORT or 4200; "
+    port: Annotated[int | None, typer.Option(metavar="PORT", help="port (default: $TLPIPE_PREFECT_PORT or 4200; "
                                                                      "a free one when taken)")] = None,
     root: RootOption = None,
 ) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import typer
 from typer.core import TyperGroup
@@ -77,7 +77,7 @@ prefect_app = typer.Typer(cls=CliGroup, no_args_is_help=True, rich_markup_mode=N
 app.add_typer(prefect_app, name="prefect-server")
 
 
-RootOption = Annotated[Optional[Path], typer.Option("--root", metavar="DIR",
+RootOption = Annotated[Path | None, typer.Option("--root", metavar="DIR",
                                                     help="project root (default: found from the working directory)")]
 
 
@@ -87,7 +87,7 @@ HostOption = Annotated[str, typer.Option(metavar="HOST", help="bind address")]
 PortOption = Annotated[int, typer.Option(metavar="PORT", help="port")]
 
 
-ApiUrlOption = Annotated[Optional[str], typer.Option(
+ApiUrlOption = Annotated[str | None, typer.Option(
     metavar="URL", help="Prefect API URL (default: $PREFECT_API_URL, else the project's server)")]
 
 

@@ -83,9 +83,7 @@ class QuietUserErrors(logging.Filter):
                 f"{name}: " in message for name in user_error_names()):
             self.seen_user_error = True
             return False
-        if self.seen_user_error and message.startswith(self.AFTER_ERROR):
-            return False
-        return True
+        return not (self.seen_user_error and message.startswith(self.AFTER_ERROR))
 
 
 def user_error_names() -> set[str]:
@@ -146,9 +144,9 @@ def prefect_context(root: Path) -> Iterator[None]:
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     url = use_project_prefect(root)
-    with temporary_settings(updates={PREFECT_API_URL: url}) if url else nullcontext():
-        with prefect.tags(*stage_tags(root)):
-            yield
+    with temporary_settings(updates={PREFECT_API_URL: url}) if url else nullcontext(), \
+            prefect.tags(*stage_tags(root)):
+        yield
 
 
 def run_stage(flow_fn: Callable[..., Any], **parameters: Any) -> None:

@@ -48,9 +48,10 @@ def log_features(run_id: str, root: Path, params: FeaturesParams, meta: dict, ou
     client = get_client(root)
     log_metrics(client, run_id, {
         "images_per_second": meta["images_per_second"], "seconds": meta["seconds"],
-        "final_dim": meta["final_dim"], "mid_dim": meta["mid_dim"], **{f"count.{s}": n for s, n in meta["counts"].items()}})
+        "final_dim": meta["final_dim"], "mid_dim": meta["mid_dim"],
+        **{f"count.{s}": n for s, n in meta["counts"].items()}})
     set_tags(client, run_id, {"tlpipe.device": meta["device"], "tlpipe.precision": meta["precision"],
-                                       "tlpipe.keras_backend": meta["keras_backend"], "tlpipe.mid_layer": meta["mid_layer"]})
+                              "tlpipe.keras_backend": meta["keras_backend"], "tlpipe.mid_layer": meta["mid_layer"]})
     client.log_artifact(run_id, str(out_dir / "meta.json"), "features")
     if (out_dir / "imagenet_top1.csv").exists():
         client.log_artifact(run_id, str(out_dir / "imagenet_top1.csv"), "features")

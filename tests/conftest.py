@@ -22,6 +22,7 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import UTC
 from pathlib import Path
 
 import numpy as np
@@ -387,14 +388,14 @@ def pipeline_baseline(tmp_path_factory, prefect_server) -> PipelineRun:
     project; the fault tests compare their reruns with ``digests``, recorded before anyone changed it, and
     build their projects from ``code``, the snapshot of the code this run used.
     """
-    from datetime import datetime, timezone
+    from datetime import datetime
 
     base = tmp_path_factory.mktemp("baseline")
     code = base / "code"
     copy_project_files(REPO, code)
     source = make_source(base / "source")
     project = make_project(base / "project", source, code=code)
-    since = datetime.now(timezone.utc)
+    since = datetime.now(UTC)
     result = subprocess.run([sys.executable, "-m", "dvc", "repro"], cwd=project, env=stage_env(prefect_server),
                             capture_output=True, text=True, timeout=1800)
     output = result.stdout + result.stderr

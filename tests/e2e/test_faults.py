@@ -309,7 +309,7 @@ def start_mlflow_server(folder: Path, port: int) -> subprocess.Popen:
         [str(mlflow_bin), "server", "--backend-store-uri", f"sqlite:///{folder}/mlflow.db",
          "--artifacts-destination", str(folder / "mlartifacts"), "--host", "127.0.0.1", "--port", str(port),
          "--workers", "1"],
-        cwd=folder, stdout=open(folder / f"server-{port}.log", "a"), stderr=subprocess.STDOUT,
+        cwd=folder, stdout=open(folder / f"server-{port}.log", "a"),  # noqa: SIM115 (the server keeps it) stderr=subprocess.STDOUT,
         start_new_session=True)  # its own process group: stopping it stops its workers too
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline:

@@ -178,7 +178,7 @@ def test_readme_exp_run_without_venv_then_queued_experiments_track_into_the_proj
             time.sleep(5)
         else:
             subprocess.run([*dvc, "queue", "stop", "--kill"], cwd=project, env=env, timeout=120)
-    for name, log in logs.items():
+    for _name, log in logs.items():
         assert "database is locked" not in log and "Traceback" not in log, log[-3000:]
         assert re.findall(r"Running stage '([^']+)'", log) == ["svm", "evaluate"], log[-3000:]
 

@@ -78,10 +78,9 @@ def test_stages_start_one_project_server_and_report_user_errors_in_one_line(tmp_
         from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterTags
         from prefect.settings import PREFECT_API_URL, temporary_settings
 
-        with temporary_settings({PREFECT_API_URL: info["url"]}):
-            with get_client(sync_client=True) as client:
-                runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(
-                    tags=FlowRunFilterTags(all_=["tlpipe", "project:srvproj"])))
+        with temporary_settings({PREFECT_API_URL: info["url"]}), get_client(sync_client=True) as client:
+            runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(
+                tags=FlowRunFilterTags(all_=["tlpipe", "project:srvproj"])))
         assert [run.state.type.value for run in runs] == ["FAILED"]  # the run is kept by the project's server
 
         # `tlpipe prefect-server stop` stops it; status then says so

@@ -116,7 +116,6 @@ def test_scheduler_resolution_and_errors(monkeypatch):
     from tlpipe.ops.processes import free_port
 
     address = f"tcp://127.0.0.1:{free_port()}"
-    with pytest.raises(cluster.ClusterError, match="is unreachable"):
-        with cluster.dask_client(address):
-            pass
+    with pytest.raises(cluster.ClusterError, match="is unreachable"), cluster.dask_client(address):
+        pass
     assert [r.start for r in cluster.even_chunks(10, 3, align=2)] == [0, 4, 8]

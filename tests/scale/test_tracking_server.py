@@ -87,7 +87,7 @@ def test_pipeline_on_postgres_mlflow_server(tmp_path, tiny_source, prefect_serve
     assert sorted(r.data.tags["tlpipe.stage"] for r in stages) == sorted(STAGES)
     assert all(r.info.status == "FINISHED" for r in runs)
     models = {r.data.tags.get("tlpipe.model") for r in runs if r.data.tags.get("tlpipe.kind") == "model"}
-    assert MODELS <= models
+    assert models >= MODELS
     ingest_run = next(r for r in stages if r.data.tags["tlpipe.stage"] == "ingest")
     assert ingest_run.data.metrics["images_kept"] == 24
     assert [a.path for a in client.list_artifacts(ingest_run.info.run_id)] == ["ingest"]

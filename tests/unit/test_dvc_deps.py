@@ -150,7 +150,7 @@ def project_imports(entry: str, root: Path = REPO) -> dict[str, tuple[str, ...]]
     changed = True
     while changed:
         changed = False
-        for rel, (name, scopes) in list(modules.items()):
+        for rel, (_name, scopes) in list(modules.items()):
             for key, scope in scopes.items():
                 if (rel, key) in running or (key is not None and key not in names):
                     continue
@@ -196,9 +196,9 @@ def test_stage_deps_list_no_unused_project_module(stage):
     unused = []
     for dep in map(str, spec.get("deps", [])):
         path = REPO / dep
-        if path.suffix == ".py" or (path.is_dir() and any(path.glob("*.py"))):
-            if not any(covered(rel, [dep]) for rel in imports):
-                unused.append(dep)
+        is_code = path.suffix == ".py" or (path.is_dir() and any(path.glob("*.py")))
+        if is_code and not any(covered(rel, [dep]) for rel in imports):
+            unused.append(dep)
     assert not unused, (
         f"dvc.yaml stage '{stage}' depends on project code its process never imports (a change there reruns "
         f"it for nothing): {', '.join(unused)}. Remove them from stages.{stage}.deps in dvc.yaml.")

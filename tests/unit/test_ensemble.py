@@ -196,7 +196,7 @@ def evaluated(world: dict) -> tuple[Path, dict]:
 
 
 def test_models_list_the_ensemble_apart_from_the_trained_models() -> None:
-    assert ENSEMBLE_MODEL not in MODEL_NAMES and REPORTED_MODELS == (*MODEL_NAMES, ENSEMBLE_MODEL)
+    assert ENSEMBLE_MODEL not in MODEL_NAMES and (*MODEL_NAMES, ENSEMBLE_MODEL) == REPORTED_MODELS
     assert model_family(ENSEMBLE_MODEL) == "ensemble"
     with pytest.raises(ValueError, match="not a trained model"):
         model_file(Path("svm"), Path("finetune"), ENSEMBLE_MODEL)

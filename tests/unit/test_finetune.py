@@ -14,7 +14,8 @@ import tlpipe.features.backbones  # noqa: F401  (registers the custom layer for 
 from tlpipe.core.params import AugmentParams, FinetuneParams
 from tlpipe.data import store
 from tlpipe.features.backbones import build_backbone
-from tlpipe.train.networks import caches, data, fitting, layers, training
+from tlpipe.train.networks import caches, fitting, layers, training
+from tlpipe.train.networks import data as network_data
 
 SIZE = 32
 BACKBONE = "efficientnet_lite0"
@@ -121,7 +122,7 @@ def runs(store_dir: Path, weights_file: Path, tmp_path_factory: pytest.TempPathF
 @pytest.fixture(scope="module")
 def cache(store_dir: Path, weights_file: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple:
     """(data, frozen backbone, feature cache with 2 copies) of the tiny store."""
-    data = data.load_store_data(store_dir)
+    data = network_data.load_store_data(store_dir)
     backbone = layers.load_frozen_backbone(BACKBONE, str(weights_file), SIZE, seed=0)
     return data, backbone, caches.compute_feature_cache(backbone, data, tmp_path_factory.mktemp("cache"),
                                                           tiny_params())
@@ -139,7 +140,7 @@ def test_outputs_and_metrics(runs: dict, mode: str) -> None:
         for suffix in (".keras", "_history.csv", "_curves.png", "_metrics.json"):
             assert (run["out"] / f"{kind}{suffix}").is_file()
         history = pd.read_csv(run["out"] / f"{kind}_history.csv")
-        assert list(history.columns) == list(data.HISTORY_COLUMNS)
+        assert list(history.columns) == list(network_data.HISTORY_COLUMNS)
         assert history["epoch"].tolist() == [1, 2] and set(history["phase"]) == {1}
         metrics = run["metrics"][kind]
         assert metrics["mode"] == mode and metrics["best_epoch"] in (1, 2)
@@ -198,13 +199,13 @@ def test_summary_reports_the_epoch_whose_weights_are_kept(store_dir: Path, kind:
     the finetuned model (monitoring val loss) keeps epoch 2, and the summary (gate score, logged step,
     curves' star) must name the same epoch and its val accuracy."""
     history = pd.DataFrame([(1, 1, 0.5, 0.9, 0.9, 1.0, 1.0), (2, 1, 0.4, 0.8, 0.3, 0.9, 1.0),
-                            (3, 2, 0.3, 0.9, 0.6, 0.8, 1.0)], columns=list(data.HISTORY_COLUMNS))
+                            (3, 2, 0.3, 0.9, 0.6, 0.8, 1.0)], columns=list(network_data.HISTORY_COLUMNS))
     model = keras.Sequential([keras.Input((1,)), keras.layers.Dense(1)])
     training = fitting.BestEpoch(monitor="val_loss" if kind == layers.TUNED_KIND else "val_accuracy")
     for row in history.to_dict("records"):
         training.update(model, row)
     assert training.epoch == kept
-    metrics = training.summarize(kind, history, None, BACKBONE, None, data.load_store_data(store_dir), 1.0)
+    metrics = training.summarize(kind, history, None, BACKBONE, None, network_data.load_store_data(store_dir), 1.0)
     assert (metrics["best_epoch"], metrics["best_phase"]) == (kept, 1)
     assert (metrics["best_val_accuracy"], metrics["best_val_loss"]) == (training.val_accuracy, training.val_loss)
 
@@ -226,7 +227,7 @@ def test_same_seed_same_history(runs: dict, store_dir: Path, weights_file: Path,
     first = runs[mode]["out"]
     training.train_models(store_dir, tmp_path / "again", ["concat"], BACKBONE, str(weights_file),
                           tiny_params(feature_cache=MODES[mode]), on_epoch=lambda *a: None)
-    columns = [c for c in data.HISTORY_COLUMNS if c != "seconds"]
+    columns = [c for c in network_data.HISTORY_COLUMNS if c != "seconds"]
     want = pd.read_csv(first / "concat_history.csv")[columns]
     pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "again" / "concat_history.csv")[columns], want)
     again = keras.saving.load_model(tmp_path / "again" / "concat.keras")
@@ -288,13 +289,13 @@ def test_array_batches_shuffle_each_epoch_and_cover_all_rows() -> None:
     labels = np.eye(2, dtype="float32")[np.arange(10) % 2]
     orders = []
     for epoch in range(2):
-        batches = data.ArrayBatches([data], labels, 4, data.epoch_order(10, 42, epoch))
+        batches = network_data.ArrayBatches([data], labels, 4, network_data.epoch_order(10, 42, epoch))
         assert len(batches) == 3
         rows = np.concatenate([batches[i][0][:, 0] for i in range(len(batches))])
         assert sorted(rows) == list(range(10))
         orders.append(rows)
     assert not np.array_equal(*orders)
-    np.testing.assert_array_equal(data.epoch_order(10, 42, 1), data.epoch_order(10, 42, 1))
+    np.testing.assert_array_equal(network_data.epoch_order(10, 42, 1), network_data.epoch_order(10, 42, 1))
 
 
 def test_augmentation_only_in_training() -> None:
@@ -392,7 +393,7 @@ def test_phase2_trains_the_top_blocks_only(store_dir: Path, weights_file: Path, 
     """Forcing phase 2 to win (no head epochs to speak of, a large step): top kernels move, nothing else."""
     params = tuned_params(finetuned_head_epochs=1, finetuned_head_learning_rate=1e-6, finetuned_epochs=3,
                           finetuned_learning_rate=1e-3, finetuned_tta="none")
-    data = data.load_store_data(store_dir)
+    data = network_data.load_store_data(store_dir)
     model, history, _ = fitting.train_finetuned(data, BACKBONE, str(weights_file), params, tmp_path / "cache",
                                                  on_epoch=lambda *a: None)
     assert history["phase"].tolist() == [1, 2, 2, 2]
@@ -403,7 +404,7 @@ def test_phase2_trains_the_top_blocks_only(store_dir: Path, weights_file: Path, 
 
 def test_tuned_cache_reproduces_the_backbone(store_dir: Path, weights_file: Path, tmp_path: Path) -> None:
     """Bottom + top on the cached activations give the backbone's own features (float16 cache)."""
-    data = data.load_store_data(store_dir)
+    data = network_data.load_store_data(store_dir)
     backbone = build_backbone(BACKBONE, str(weights_file), SIZE)
     bottom, top = tlpipe.features.backbones.split_top_blocks(backbone, 2)
     cache = caches.compute_tune_cache(bottom, data, tmp_path / "cache", tuned_params(), 2)
@@ -420,7 +421,7 @@ def test_tuned_cache_reproduces_the_backbone(store_dir: Path, weights_file: Path
 
 def test_tuned_blocks_are_capped_at_the_tunable_ones(store_dir: Path, weights_file: Path, tmp_path: Path) -> None:
     params = tuned_params(finetuned_blocks=99, finetuned_head_epochs=1, finetuned_epochs=0, finetuned_copies=1)
-    model, history, cache = fitting.train_finetuned(data.load_store_data(store_dir), BACKBONE,
+    model, history, cache = fitting.train_finetuned(network_data.load_store_data(store_dir), BACKBONE,
                                                      str(weights_file), params, tmp_path / "cache",
                                                      on_epoch=lambda *a: None)
     assert cache.blocks == 10 and history["phase"].tolist() == [1]

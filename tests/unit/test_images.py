@@ -264,7 +264,7 @@ def test_bad_input_rejected_with_reason(name: str) -> None:
     before = Image.MAX_IMAGE_PIXELS
     with pytest.raises(ImageRejected, match=word):
         decode_bytes(data, SIZE, **kwargs)
-    assert Image.MAX_IMAGE_PIXELS == before  # the global limit is restored
+    assert before == Image.MAX_IMAGE_PIXELS  # the global limit is restored
 
 
 @pytest.mark.parametrize("name", sorted(BAD))

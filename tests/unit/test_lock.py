@@ -28,9 +28,8 @@ def test_second_holder_fails_at_once_naming_the_first(tmp_path: Path) -> None:
     child = hold_in_child(tmp_path)
     try:
         start = time.monotonic()
-        with pytest.raises(LockHeldError) as caught:
-            with pipeline_lock(tmp_path):
-                pass
+        with pytest.raises(LockHeldError) as caught, pipeline_lock(tmp_path):
+            pass
         assert time.monotonic() - start < 1.0
         message = str(caught.value)
         assert f"a tlpipe pipeline run in {tmp_path} is already running: pid {child.pid} since " in message
@@ -46,16 +45,15 @@ def test_a_killed_holder_leaves_no_blocking_lock(tmp_path: Path) -> None:
     child.wait()
     assert pipeline_lock_path(tmp_path).read_text()  # the note of the killed holder is still there...
     with pipeline_lock(tmp_path):  # ...but the kernel released its lock
-        assert f'"pid": ' in pipeline_lock_path(tmp_path).read_text()
+        assert '"pid": ' in pipeline_lock_path(tmp_path).read_text()
     assert pipeline_lock_path(tmp_path).read_text() == ""  # released cleanly: the note is cleared
 
 
 def test_waiting_holder_gets_the_lock_when_it_is_released(tmp_path: Path) -> None:
     child = hold_in_child(tmp_path)
     try:
-        with pytest.raises(LockHeldError):
-            with file_lock(pipeline_lock_path(tmp_path), "x", wait_s=0.5):
-                pass
+        with pytest.raises(LockHeldError), file_lock(pipeline_lock_path(tmp_path), "x", wait_s=0.5):
+            pass
     finally:
         child.kill()
         child.wait()

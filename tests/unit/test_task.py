@@ -12,8 +12,8 @@ import pytest
 import yaml
 
 from tlpipe.core.params import ConfigError, Params, parse_params
-from tlpipe.core.task import load_task, resolve_task
 from tlpipe.core.sources import SourceError, class_set_suffix, folder_class_names, slugify
+from tlpipe.core.task import load_task, resolve_task
 from tlpipe.tracking.connection import (
     EXPERIMENT,
     EXPERIMENT_ENV,

@@ -155,9 +155,8 @@ def test_stage_run_id_is_passed_to_a_task_in_another_thread_and_the_run_ends_onc
 
 def test_stage_run_ends_failed_when_its_work_fails(root: Path, store) -> None:
     client, experiment_id = store
-    with pytest.raises(RuntimeError, match="boom"):
-        with stage_run("features", root):
-            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError, match="boom"), stage_run("features", root):
+        raise RuntimeError("boom")
     [run] = client.search_runs([experiment_id], "tags.`tlpipe.stage` = 'features'")
     assert run.info.status == "FAILED"
 

@@ -135,7 +135,7 @@ class CGrid(_Section):
     num: int = Field(13, ge=1)
 
     @model_validator(mode="after")
-    def _ordered(self) -> "CGrid":
+    def _ordered(self) -> CGrid:
         if self.stop < self.start:
             raise ValueError("c_grid.stop must be >= c_grid.start")
         return self

@@ -188,7 +188,7 @@ def source_folder(source: str, root: Path | None = None) -> Path:
 
 def _holds_a_file(class_dir: Path, root: Path) -> bool:
     """Whether a class folder holds a file ingest would try (not hidden, not a link leaving ``root``)."""
-    for dirpath, dirnames, filenames in os.walk(class_dir, followlinks=False):
+    for dirpath, _dirnames, filenames in os.walk(class_dir, followlinks=False):
         for name in filenames:
             path = Path(dirpath) / name
             if not name.startswith(".") and path.is_file() and not (path.is_symlink() and not _inside(path, root)):

@@ -50,7 +50,7 @@ def resolve_choice(params: Params, selection: dict | None) -> Params:
     """
     if not needs_selection(params):
         return params
-    if params.features.backbone == AUTO or params.data.image_size == AUTO:
+    if params.features.backbone == AUTO or params.data.image_size == AUTO:  # noqa: SIM102 (one message each)
         if not selection:
             raise ConfigError("features.backbone or data.image_size is 'auto' and the select stage has not run: "
                               "run `tlpipe repro` (or `dvc repro select`), or pin both in params.yaml")

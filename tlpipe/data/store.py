@@ -38,7 +38,7 @@ class NpyWriter:
         self.row_shape = tuple(row_shape)
         self.dtype = np.dtype(dtype)
         self.written = 0
-        self._handle = open(self.path, "wb")
+        self._handle = open(self.path, "wb")  # noqa: SIM115 (open until close())
         header = {"descr": np.lib.format.dtype_to_descr(self.dtype), "fortran_order": False,
                   "shape": (rows, *self.row_shape)}
         np.lib.format.write_array_header_1_0(self._handle, header)
@@ -58,7 +58,7 @@ class NpyWriter:
         if self.written != self.rows:
             raise ValueError(f"{self.path}: wrote {self.written} of {self.rows} rows")
 
-    def __enter__(self) -> "NpyWriter":
+    def __enter__(self) -> NpyWriter:
         return self
 
     def __exit__(self, *exc: object) -> None:

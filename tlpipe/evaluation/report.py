@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from tlpipe.data import store
@@ -80,7 +80,7 @@ def build_report(out_dir: Path, result: dict, decision: dict | None, features_di
                            f"{describe_sizes(result.get('selection_sizes'))}.")
     notes["predictions"] = ("Each image is titled with its true and predicted class; mistakes come first, in red "
                             "with a ✗ and a red frame, then correctly classified images.")
-    now = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    now = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     dataset = dataset_section(result.get("dataset"))
     header = [("Generated", now), *([("Data set", dataset.name)] if dataset else []),
               ("Classes", ", ".join(result.get("classes", []))), *(facts or [])]

@@ -167,7 +167,8 @@ def extract_rows(extractor_path: str, images_path: str, start: int, stop: int, b
     model = worker_extractor(extractor_path)
     top1 = []
     rows = range(start, stop)
-    for offset, batch in zip(range(start, stop, batch_size), store.iter_npy_batches(Path(images_path), batch_size, rows)):
+    batches = store.iter_npy_batches(Path(images_path), batch_size, rows)
+    for offset, batch in zip(range(start, stop, batch_size), batches):
         result = model.predict_on_batch(batch)
         for kind in KINDS:
             store.write_rows_at(Path(outputs[kind]), offset, np.asarray(result[kind], dtype=np.float32))

@@ -49,7 +49,7 @@ def file_lock(path: Path, what: str, wait_s: float | None = 0.0) -> Iterator[Non
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle = open(path, "a+")
+    handle = open(path, "a+")  # noqa: SIM115 (held for the lock's lifetime)
     held = False
     try:
         deadline = None if wait_s is None else time.monotonic() + wait_s

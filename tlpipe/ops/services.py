@@ -309,7 +309,8 @@ def read_pid(path: Path) -> int | None:
     return live_pid(path)
 
 
-def start_mlflow(state: StateDir, pg_port: int, port: int = DEFAULT_MLFLOW_PORT, timeout_s: int = 180) -> tuple[int, float]:
+def start_mlflow(state: StateDir, pg_port: int, port: int = DEFAULT_MLFLOW_PORT,
+                 timeout_s: int = 180) -> tuple[int, float]:
     """Start ``mlflow server`` on PostgreSQL with proxied artifacts, detached; wait for ``/health``.
 
     Returns:

@@ -58,7 +58,7 @@ class ModelIdentity:
             text += f", classes: [{', '.join(self.classes)}]"
         return text + (f", run {self.run_id}" if self.run_id else "")
 
-    def with_classes(self, classes: list[str] | None) -> "ModelIdentity":
+    def with_classes(self, classes: list[str] | None) -> ModelIdentity:
         """The identity with the model's class names, when they were not known yet."""
         return self if self.classes or not classes else replace(self, classes=list(classes))
 
@@ -290,8 +290,9 @@ def load_image_model(model_uri: str):
 
 
 def run_eagerly(model) -> None:
-    """Have a tlpipe image model run its Keras networks eagerly (:attr:`tlpipe.serving.classifier.ImageClassifier.eager`):
-    for a few images that skips tracing their graphs, 1-3 s. Other pyfunc models are left as they are."""
+    """Have a tlpipe image model run its Keras networks eagerly
+    (:attr:`tlpipe.serving.classifier.ImageClassifier.eager`): for a few images that skips tracing their
+    graphs, 1-3 s. Other pyfunc models are left as they are."""
     try:
         inner = model.unwrap_python_model()
     except Exception:  # noqa: BLE001 - not a Python model: nothing to choose

@@ -197,7 +197,8 @@ def compare_url(base_url: str, experiment_id: str, run_ids: list[str]) -> str:
 
 def experiment_name(root: Path, overrides: list[str] | None = None) -> str:
     """The MLflow experiment of the project at ``root``: ``$TLPIPE_EXPERIMENT``, else its task's name
-    (:func:`tlpipe.core.params.load_task`, with ``-S`` overrides applied); :data:`EXPERIMENT` without ``params.yaml``."""
+    (:func:`tlpipe.core.task.load_task`, with ``-S`` overrides applied); :data:`EXPERIMENT` without
+    ``params.yaml``."""
     if name := os.environ.get(EXPERIMENT_ENV):
         return name
     if not (Path(root) / "params.yaml").is_file():

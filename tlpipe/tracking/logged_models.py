@@ -53,8 +53,8 @@ def log_keras_classifier(client, run_id: str, name: str, keras_model_path: Path,
                           **log_options)
 
 
-def log_svm_classifier(client, run_id: str, name: str, svm_path: Path, feature: str, classes: list[str], image_size: int,
-                       resize_mode: str, backbone: str, weights: str | None, pixel_size: int,
+def log_svm_classifier(client, run_id: str, name: str, svm_path: Path, feature: str, classes: list[str],
+                       image_size: int, resize_mode: str, backbone: str, weights: str | None, pixel_size: int,
                        registered_model_name: str | None = None, extractor_path: Path | None = None,
                        **log_options):
     """Log an SVM with its input preparation as a pyfunc model in run ``run_id``.
@@ -87,8 +87,8 @@ def log_svm_classifier(client, run_id: str, name: str, svm_path: Path, feature: 
                           **log_options)
 
 
-def log_trained_model(client, run_id: str, name: str, model_path: Path, store_dir: Path, features_dir: Path | None, params,
-                      **log_options):
+def log_trained_model(client, run_id: str, name: str, model_path: Path, store_dir: Path,
+                      features_dir: Path | None, params, **log_options):
     """Log one of the pipeline's trained models as its image-taking pyfunc, in run ``run_id``.
 
     Picks the SVM or network logger from the model's family
@@ -113,8 +113,9 @@ def log_trained_model(client, run_id: str, name: str, model_path: Path, store_di
         return log_pyfunc(client, run_id, name, store.load_classes(store_dir), artifacts, **log_options)
 
 
-def log_ensemble_classifier(client, run_id: str, name: str, members: dict[str, Path], temperatures: dict[str, float | None],
-                            store_dir: Path, features_dir: Path | None, params, **log_options):
+def log_ensemble_classifier(client, run_id: str, name: str, members: dict[str, Path],
+                            temperatures: dict[str, float | None], store_dir: Path, features_dir: Path | None,
+                            params, **log_options):
     """Log the evaluate stage's ensemble as one pyfunc model, in run ``run_id`` (:func:`ensemble_artifacts`).
 
     Returns:

@@ -59,7 +59,7 @@ def network_model_params(kind: str, summary: Mapping, params, data_hash: str, cl
     """Params of a network's model run: :func:`common_model_params` plus ``net.*`` (optimizer, schedule, head,
     augmentation); see :func:`svm_model_params` for the prefix."""
     tune = params.finetune
-    if kind == "finetuned":  # its own schedule (tlpipe.train.networks.fitting.train_finetuned): the shared keys say what it used
+    if kind == "finetuned":  # its own schedule (networks.fitting.train_finetuned): the shared keys say what it used
         augment = tune.finetuned_augmentation()
         schedule = {"net.learning_rate": tune.finetuned_head_learning_rate,
                     "net.epochs": tune.finetuned_head_epochs + tune.finetuned_epochs,

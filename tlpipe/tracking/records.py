@@ -164,7 +164,8 @@ def log_test_metrics(client, experiment_id: str, model_path: Path, metrics: Mapp
     dataset = log_datasets(client, ref.run_id, store_dir, source, ("test",))["test"]
     held: set[tuple[str, float, str | None]] = set()
     if ref.model_id:
-        held = {(m.key, round(m.value, 12), m.dataset_digest) for m in client.get_logged_model(ref.model_id).metrics or []}
+        logged = client.get_logged_model(ref.model_id).metrics or []
+        held = {(m.key, round(m.value, 12), m.dataset_digest) for m in logged}
     new = {f"test_{name}": float(metrics[name]) for name in TEST_METRICS if metrics.get(name) is not None}
     new = {key: value for key, value in new.items() if (key, round(value, 12), dataset.digest) not in held}
     if new:

@@ -1,4 +1,4 @@
-"""Pipeline, stage and model runs: their lifecycle, owners and stale runs (the store: :mod:`tlpipe.tracking.connection`).
+"""Pipeline, stage and model runs: their lifecycle, owners and stale runs (store: :mod:`tlpipe.tracking.connection`).
 
 * Store: ``$MLFLOW_TRACKING_URI`` or ``sqlite:///<root>/mlflow.db``; a SQLite store keeps its
   artifacts beside it in ``mlartifacts/``. One experiment per task (each data set and class

@@ -212,7 +212,7 @@ class PrimalLinearSVC(ClassifierMixin, BaseEstimator):
         self.C = C
 
     @classmethod
-    def from_svc(cls, svc: SVC, X: np.ndarray) -> "PrimalLinearSVC":
+    def from_svc(cls, svc: SVC, X: np.ndarray) -> PrimalLinearSVC:
         """Convert a fitted SVC whose kernel was ``X @ X.T`` (linear or precomputed)."""
         model = cls(C=float(svc.C))
         model.coef_ = dual_to_primal(svc, X)
@@ -221,7 +221,7 @@ class PrimalLinearSVC(ClassifierMixin, BaseEstimator):
         model.n_features_in_ = int(X.shape[1])
         return model
 
-    def fit(self, X: np.ndarray, y: np.ndarray) -> "PrimalLinearSVC":
+    def fit(self, X: np.ndarray, y: np.ndarray) -> PrimalLinearSVC:
         """Fit ``SVC(kernel="precomputed", C)`` on ``X @ X.T`` and keep its primal form."""
         svc = SVC(kernel="precomputed", C=self.C).fit(compute_gram(X), y)
         fitted = self.from_svc(svc, np.asarray(X))
@@ -290,7 +290,7 @@ class LinearSVM(ClassifierMixin, BaseEstimator):
         self.seed = seed
         self.n_jobs = n_jobs
 
-    def fit(self, X: np.ndarray, y: np.ndarray, gram: np.ndarray | None = None) -> "LinearSVM":
+    def fit(self, X: np.ndarray, y: np.ndarray, gram: np.ndarray | None = None) -> LinearSVM:
         """Fit on ``X`` through its Gram matrix (``gram`` when given, else computed; a linear kernel
         on ``X`` itself beyond :data:`MAX_GRAM_SAMPLES` rows).
 

@@ -155,7 +155,7 @@ def has_classifier_weights(path: str | os.PathLike[str]) -> bool:
         True if a classifier layer is present.
     """
     with h5py.File(path, "r") as f:
-        group = f["model_weights"] if "model_weights" in f else f
+        group = f["model_weights"] if "model_weights" in f else f  # noqa: SIM401 (h5py groups)
         if "layer_names" in group.attrs:
             names = {n.decode() if isinstance(n, bytes) else str(n) for n in group.attrs["layer_names"]}
             return bool(names & {"predictions", "fc1000", "logits"})

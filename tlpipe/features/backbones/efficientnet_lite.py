@@ -267,7 +267,8 @@ def list_weight_pairs(variant: Variant) -> list[tuple[str, str, str]]:
     for index, _kernel, _stride, expand, _fin, _fout in iterate_blocks(variant):
         torch, keras_ = f"_blocks.{index}.", f"block{index}_"
         if expand != 1:
-            pairs += [(keras_ + "expand_conv", torch + "_expand_conv", "conv"), (keras_ + "expand_bn", torch + "_bn0", "bn")]
+            pairs += [(keras_ + "expand_conv", torch + "_expand_conv", "conv"),
+                      (keras_ + "expand_bn", torch + "_bn0", "bn")]
         pairs += [
             (keras_ + "dwconv", torch + "_depthwise_conv", "dw"),
             (keras_ + "dw_bn", torch + "_bn1", "bn"),

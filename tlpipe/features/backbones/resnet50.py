@@ -95,7 +95,7 @@ def probe_host(host: str, port: int = 443, timeout: float = PROBE_TIMEOUT_S) -> 
     Returns:
         None if reachable, else a short reason.
     """
-    result: list[str | None] = ["timed out after %.0f s" % timeout]
+    result: list[str | None] = [f"timed out after {timeout:.0f} s"]
 
     def connect() -> None:
         try:

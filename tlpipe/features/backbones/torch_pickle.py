@@ -310,7 +310,8 @@ class RestrictedUnpickler(pickle.Unpickler):
             return root
         view_key, offset, view_size = view
         return self.storages.setdefault(
-            str(view_key), Storage(str(view_key), root.dtype, int(view_size), root.bfloat16, root=root, offset=int(offset))
+            str(view_key),
+            Storage(str(view_key), root.dtype, int(view_size), root.bfloat16, root=root, offset=int(offset))
         )
 
     def get_storage(self, key: str, storage_type: StorageType, numel: int) -> Storage:

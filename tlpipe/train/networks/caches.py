@@ -72,7 +72,8 @@ def open_writers(folder: Path, split: str, rows: int, backbone: keras.Model) -> 
             for k in ("final", "mid")}
 
 
-def compute_feature_cache(backbone: keras.Model, data: StoreData, folder: Path, params: FinetuneParams) -> ActivationCache:
+def compute_feature_cache(backbone: keras.Model, data: StoreData, folder: Path,
+                          params: FinetuneParams) -> ActivationCache:
     """Run ``cache_copies`` augmented copies of the train images and the plain val images through the backbone.
 
     Augmentation runs eagerly with the layers of :func:`build_augmentation`

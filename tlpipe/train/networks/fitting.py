@@ -151,7 +151,8 @@ def train_head_on_cache(kind: str, cache: ActivationCache, data: StoreData, para
 
 
 def train_model(kind: str, data: StoreData, backbone: keras.Model, params: FinetuneParams,
-                cache: ActivationCache | None, on_epoch: EpochCallback | None = None) -> tuple[keras.Model, pd.DataFrame]:
+                cache: ActivationCache | None,
+                on_epoch: EpochCallback | None = None) -> tuple[keras.Model, pd.DataFrame]:
     """Train one model (phase 1 in the mode ``cache`` implies, then optional phase 2).
 
     Args:

@@ -57,7 +57,7 @@ def remove_stale_siblings(target: Path) -> list[Path]:
     """Remove what killed writers of ``target`` left next to it; return the removed paths.
 
     A process building ``target`` writes ``.<name>.tmp-<pid>`` (a staging folder, or
-    a temp file for :func:`write_json`), and :func:`publish_dir` parks the previous
+    a temp file for :func:`tlpipe.data.store.write_json`), and :func:`tlpipe.data.store.publish_dir` parks the previous
     output as ``.<name>.old-<pid>``. A process killed half-way (``kill -9``, out of
     memory) leaves them behind; they are removed here, at the start of the next write,
     once their owner is gone (see :func:`owner_alive`). Assumes writers on one host.

@@ -261,7 +261,7 @@ REGISTRY_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 class RegistryParams(_Section):
     """Which task the pipeline's runs and models belong to, and how the best model is registered.
 
-    ``auto`` names the task after the data set (:func:`resolve_task`); the MLflow experiment
+    ``auto`` names the task after the data set (:func:`tlpipe.core.task.resolve_task`); the MLflow experiment
     is the task's name, and so is the registered model unless ``model_name`` names one.
     """
 
@@ -303,7 +303,7 @@ class Params(_Section):
     def _native_image_size(cls, raw: object) -> object:
         """With a pinned backbone, ``data.image_size: native`` stores at its native input size and
         ``fixres`` at :func:`fixres_size` of it; with ``features.backbone: auto`` the word stays
-        until :func:`resolve_choice` applies the select stage's choice."""
+        until :func:`tlpipe.core.task.resolve_choice` applies the select stage's choice."""
         if not isinstance(raw, dict) or not isinstance(raw.get("data", {}), dict):
             return raw
         data = dict(raw.get("data") or {})

@@ -86,7 +86,7 @@ def choose_candidate(scores: dict[str, float], metrics: dict[str, dict],
     that accuracy (:func:`selection_bounds`), so a network's accuracy on a small validation split
     (1.0 on 24 images: bound 0.86) does not outrank an SVM's CV accuracy over a larger train split
     (0.96 on 221 images: bound 0.93); on equal sizes the order is the plain scores' order. Ties go
-    to the first in :data:`MODEL_NAMES` order. Without any selection score (models trained outside
+    to the first in :data:`tlpipe.core.names.MODEL_NAMES` order. Without any selection score (models trained outside
     the pipeline) the best on test is taken.
     """
     ranked = selection_bounds(scores, split_sizes) if split_sizes is not None else scores

@@ -102,7 +102,7 @@ def resolved_params(raw: dict) -> dict:
 
 
 def describe_task(raw: dict, root: Path) -> tuple[str | None, list[str] | None]:
-    """The task and class set of params as written (:func:`tlpipe.core.params.resolve_task`); None where unknown
+    """The task and class set of params as written (:func:`tlpipe.core.task.resolve_task`); None where unknown
     (params that do not parse, a source that cannot be listed)."""
     from tlpipe.core.params import parse_params
     from tlpipe.core.sources import SourceError, name_source_task

@@ -35,7 +35,7 @@ Outputs in the evaluate report folder: ``ensemble.csv`` (every try: members,
 validation accuracy, log-loss and bound, test accuracy for information, kept)
 and, when kept, ``ensemble.json`` (the model: members, the SHA-256 of each
 member's file, temperatures, its validation scores). The logged MLflow pyfunc
-holds every member (:func:`tlpipe.serving.classifier.log_ensemble_classifier`) and averages
+holds every member (:func:`tlpipe.tracking.logged_models.log_ensemble_classifier`) and averages
 their calibrated probabilities, so it is registered and served like any model.
 """
 

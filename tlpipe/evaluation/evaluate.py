@@ -14,7 +14,7 @@ Outputs in ``out_dir`` (a plain folder, each file written atomically):
   ``confusion_<model>.png`` (counts in every cell);
 * ``comparison.png``; ``grid.png`` (test images as the gate's candidate model
   classifies them: mistakes from every true class, marked in red, then some
-  correct ones; :func:`choose_grid_rows`);
+  correct ones; :func:`tlpipe.evaluation.outputs.choose_grid_rows`);
 * ``curves.csv`` and ``curves.png`` (training curves of the networks, best
   epoch marked), when the finetune folder has histories;
 * ``imagenet_top1.md``, when the features folder has ``imagenet_top1.csv``;
@@ -172,7 +172,7 @@ def evaluate_models(store_dir: Path, features_dir: Path, svm_dir: Path | None, f
         "best": {"model", "accuracy", "balanced_accuracy"}`` (best on test),
         ``"selection": {model: score}``, ``"candidate"`` (the model the gate
         considers, chosen by selection score), ``"classes"``, ``"test_images"``,
-        ``"grid": {"model", "caption"}`` (what ``grid.png`` shows, :func:`describe_grid`),
+        ``"grid": {"model", "caption"}`` (what ``grid.png`` shows, :func:`tlpipe.evaluation.outputs.describe_grid`),
         ``"ensemble"`` (every ensemble try and the keep decision, :func:`tlpipe.evaluation.ensemble.add_ensemble`;
         when kept, ``ensemble`` is in ``metrics`` and ``selection`` like any model)}.
 

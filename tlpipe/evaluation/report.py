@@ -25,7 +25,8 @@ def read_png(path: Path) -> bytes | None:
 
 
 def dataset_section(dataset: dict | None) -> report.DataSet | None:
-    """The report's data-set section from :func:`describe_dataset`'s dict (None: no section)."""
+    """The report's data-set section from :func:`tlpipe.evaluation.evaluate.describe_dataset`'s dict
+    (None: no section)."""
     if not dataset:
         return None
     columns = {"class": "class", **{split: split for split in store.SPLITS}, "total": "total"}
@@ -37,13 +38,15 @@ def build_report(out_dir: Path, result: dict, decision: dict | None, features_di
                  facts: list[tuple[str, str]] | None = None, links: list[tuple[str, str]] | None = None,
                  max_imagenet_rows: int = 200, sections: list[report.TableSection] | None = None,
                  ) -> report.ReportData:
-    """Gather the report's content from an :func:`evaluate_models` result and its output folder.
+    """Gather the report's content from an :func:`tlpipe.evaluation.evaluate.evaluate_models` result and its
+    output folder.
 
-    The data-set section comes from ``result["dataset"]`` (:func:`describe_dataset`, added by the
+    The data-set section comes from ``result["dataset"]``
+    (:func:`tlpipe.evaluation.evaluate.describe_dataset`, added by the
     evaluate task), the grid's caption from ``result["grid"]``.
 
     Args:
-        out_dir: The folder :func:`evaluate_models` wrote.
+        out_dir: The folder :func:`tlpipe.evaluation.evaluate.evaluate_models` wrote.
         result: Its return value.
         decision: The gate's decision (``promotion.json``), or None.
         features_dir: Where ``imagenet_top1.csv`` is (None: no ImageNet table).

@@ -3,7 +3,7 @@
 :func:`render_html` is pure (a :class:`ReportData` in, an HTML string out): every
 image is embedded as a base64 ``data:`` URI and the styles are inline, so the
 page needs no server, no network and no other file. :func:`write_report` writes
-it atomically. The evaluate stage builds the data (``tlpipe.evaluation.evaluate.build_report``)
+it atomically. The evaluate stage builds the data (``tlpipe.evaluation.report.build_report``)
 after the champion gate, so the page carries the promotion decision.
 """
 

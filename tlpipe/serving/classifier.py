@@ -202,7 +202,7 @@ def load_keras(path: str | Path):
 class ImageClassifier(mlflow.pyfunc.PythonModel):
     """An MLflow pyfunc model: images in, class names and probabilities out.
 
-    Logged "from code" (:data:`MODEL_CODE`): MLflow stores no pickled instance,
+    Logged "from code" (:data:`tlpipe.serving.packaging.MODEL_CODE`): MLflow stores no pickled instance,
     the code file creates an empty one and :meth:`load_context` reads the model
     state from the artifacts.
     """

@@ -147,7 +147,8 @@ def trained_artifacts(folder: Path, name: str, model_path: Path, store_dir: Path
                       params) -> dict[str, str]:
     """The artifacts of one of the pipeline's trained models (:func:`keras_artifacts` or :func:`svm_artifacts`).
 
-    Arguments as :func:`log_trained_model`; the config (and a rebuilt extractor) is written in ``folder``.
+    Arguments as :func:`tlpipe.tracking.logged_models.log_trained_model`; the config (and a rebuilt extractor)
+    is written in ``folder``.
     """
     from tlpipe.core.names import SVM_MODELS, model_family
     from tlpipe.data import store
@@ -172,7 +173,7 @@ def ensemble_artifacts(folder: Path, members: dict[str, Path], temperatures: dic
         folder: An empty working folder.
         members: ``{model name: its .joblib or .keras file}``, in the ensemble's order.
         temperatures: ``{model name: T}`` (None: the member's probabilities as they are).
-        store_dir, features_dir, params: As :func:`log_trained_model`.
+        store_dir, features_dir, params: As :func:`tlpipe.tracking.logged_models.log_trained_model`.
     """
     import shutil
 

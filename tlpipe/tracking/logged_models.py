@@ -36,7 +36,7 @@ def log_pyfunc(client, run_id: str, name: str, classes: list[str], artifacts: di
 
 def log_keras_classifier(client, run_id: str, name: str, keras_model_path: Path, classes: list[str], image_size: int,
                          resize_mode: str, registered_model_name: str | None = None, **log_options):
-    """Log a network as a pyfunc model in run ``run_id`` (see :func:`save_keras_classifier`).
+    """Log a network as a pyfunc model in run ``run_id`` (see :func:`tlpipe.serving.packaging.save_keras_classifier`).
 
     Args:
         client: An ``MlflowClient`` on the run's store.

@@ -42,7 +42,6 @@ atomically) and loaded from there afterwards.
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import math
 import os
@@ -54,6 +53,7 @@ from pathlib import Path
 import keras
 import numpy as np
 
+from tlpipe.core.hashing import file_sha256
 from tlpipe.features.backbones.common import (
     PixelPreprocessing,
     WeightsUnavailableError,
@@ -351,22 +351,13 @@ def get_packaged_pth(variant: Variant) -> Path:
     return path
 
 
-def hash_file(path: Path) -> str:
-    """Return the SHA-256 hex digest of a file."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def get_converted_path(variant: Variant, pth: Path) -> Path:
     """Return where the converted weights of a ``.pth`` are cached.
 
     Returns:
         ``$TLPIPE_CACHE_DIR/weights/<variant>-<sha256[:16]>.weights.h5``.
     """
-    return get_cache_dir() / "weights" / f"{variant.name}-{hash_file(pth)[:16]}.weights.h5"
+    return get_cache_dir() / "weights" / f"{variant.name}-{file_sha256(pth)[:16]}.weights.h5"
 
 
 def save_weights_atomically(net: keras.Model, target: Path) -> None:

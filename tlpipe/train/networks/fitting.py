@@ -156,13 +156,13 @@ def train_model(kind: str, data: StoreData, backbone: keras.Model, params: Finet
     """Train one model (phase 1 in the mode ``cache`` implies, then optional phase 2).
 
     Args:
-        kind: A value of :data:`MODEL_KINDS`.
+        kind: A value of :data:`tlpipe.core.names.NETWORK_MODELS`.
         data: The store.
         backbone: A frozen backbone; phase 2 changes its top layers, so give
             each model its own when ``params.unfreeze_layers`` is set.
         params: Training params.
         cache: Train the head on these features; end to end when None.
-        on_epoch: See :func:`train_models`.
+        on_epoch: See :func:`tlpipe.train.networks.training.train_models`.
 
     Returns:
         The full image model holding the best epoch's weights, and its history.

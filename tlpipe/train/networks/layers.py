@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import keras
 import numpy as np
 
-from tlpipe.core.names import NETWORK_MODELS as MODEL_KINDS  # noqa: E402
+from tlpipe.core.names import NETWORK_MODELS as MODEL_KINDS
 from tlpipe.core.params import AugmentParams, FinetuneParams
 from tlpipe.features.backbones import build_backbone
 

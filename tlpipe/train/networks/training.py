@@ -20,7 +20,7 @@ statistics; phase 2 keeps every BatchNormalization layer frozen for that reason.
 Two training modes (``FinetuneParams.feature_cache``):
 
 * end to end: every epoch streams the memory-mapped ``train.npy`` through
-  augmentation and the frozen backbone (a :class:`ArrayBatches` per epoch, in a
+  augmentation and the frozen backbone (a :class:`tlpipe.train.networks.data.ArrayBatches` per epoch, in a
   seeded shuffled order).
 * feature cache: ``cache_copies`` augmented copies of every training image go
   through the backbone once (:func:`compute_feature_cache`); only the head is
@@ -103,7 +103,7 @@ def train_models(store_dir: Path, out_dir: Path, kinds: Sequence[str], backbone_
     Args:
         store_dir: Image store (``train``/``val`` splits are used).
         out_dir: Output folder, replaced as a whole on success.
-        kinds: Values of :data:`MODEL_KINDS`.
+        kinds: Values of :data:`tlpipe.core.names.NETWORK_MODELS`.
         backbone_name: Backbone name.
         weights: ``"imagenet"``, a weights file path, or None/``"none"`` (random).
         params: Training params.

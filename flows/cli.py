@@ -149,12 +149,19 @@ def identify_requested_model(model: str | None, project: Path):
     task (``params.yaml``): a model of another task answers only when named."""
     from tlpipe.core.task import load_task
     from tlpipe.serving.predict import identify_champion, identify_model, resolve_model_uri
+    from tlpipe.tracking.fluent import use_store
 
     if model is None:
         task = load_task(project)
-        return identify_champion(task.name, task.model_name, connect(project))
+        client = connect(project)
+        use_store(client)  # the model loads from a models:/ URI, which MLflow resolves through its fluent store
+        return identify_champion(task.name, task.model_name, client)
     uri = resolve_model_uri(model, project)
-    return identify_model(uri, None if Path(uri).is_dir() else connect(project))
+    if Path(uri).is_dir():
+        return identify_model(uri, None)
+    client = connect(project)
+    use_store(client)
+    return identify_model(uri, client)
 
 
 def print_predictions(identity: dict, rows: list[dict], as_json: bool) -> None:

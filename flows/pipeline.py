@@ -17,7 +17,7 @@ from tasks.pipeline import (
 )
 from tlpipe.core.paths import ProjectPaths, project_paths
 from tlpipe.ops.lock import pipeline_lock
-from tlpipe.tracking.connection import EXPERIMENT_ENV
+from tlpipe.tracking.connection import EXPERIMENT_ENV, tracking_uri
 from tlpipe.tracking.tags import PARENT_ENV
 
 
@@ -50,7 +50,7 @@ def run_pipeline(paths: ProjectPaths, overrides: list[str], experiment: bool, fo
     tags = tag_pipeline_run([*stage_tags(paths.root), f"pipeline:{flow_run.id}"])
     parent, experiment_name = open_pipeline_run(paths.root, overrides)  # the task's MLflow experiment
     env = {PARENT_ENV: parent, EXPERIMENT_ENV: experiment_name, "TLPIPE_ROOT": str(paths.root),
-           TAGS_ENV: ",".join(tags)}
+           TAGS_ENV: ",".join(tags), "MLFLOW_TRACKING_URI": tracking_uri(paths.root)}  # the parent run's store
     if api_url := current_prefect_api_url():
         env["PREFECT_API_URL"] = api_url  # stage flows report to this flow's Prefect server
     status, stages = "FAILED", []

@@ -139,9 +139,10 @@ def store_reachable(client, uri: str) -> bool:
 def connect(root: Path, attempts: int = 3, backoff_s: float = 1.0):
     """Return an ``MlflowClient`` on the project store, after a bounded reachability check.
 
-    Sets MLflow's bounded HTTP retries (:func:`configure_http_retries`) and the
-    fluent tracking URI. The check itself probes once per attempt (5 s timeout),
-    so an unreachable store fails in seconds.
+    Sets MLflow's bounded HTTP retries (:func:`configure_http_retries`); the client is
+    the caller's to pass on (MLflow's process-wide fluent state is left alone:
+    :mod:`tlpipe.tracking.fluent`). The check itself probes once per attempt (5 s
+    timeout), so an unreachable store fails in seconds.
 
     Raises:
         TrackingUnavailableError: Naming the URI, after ``attempts`` tries with
@@ -149,11 +150,9 @@ def connect(root: Path, attempts: int = 3, backoff_s: float = 1.0):
     """
     quiet_telemetry()
     configure_http_retries()
-    import mlflow
     from mlflow import MlflowClient
 
     uri = tracking_uri(root)
-    mlflow.set_tracking_uri(uri)
     client = MlflowClient(tracking_uri=uri)
     error: Exception | None = None
     for attempt in range(attempts):

@@ -9,7 +9,7 @@ from pathlib import Path
 from prefect import flow, unmapped
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from tasks.selection import decode_images, log_selection, probe, split_source, write_outputs
+from tasks.selection import decide, decode_images, log_selection, probe, split_source, write_outputs
 from tlpipe.core.params import load_params
 from tlpipe.core.paths import project_paths
 from tlpipe.tracking.runs import stage_run
@@ -47,10 +47,7 @@ def select_flow(root: str | None = None) -> dict:
                         scored = [future.result() for future in futures]
                         results += scored
                         alive = selection.next_candidates(alive, scored, params.select.eta)
-        last = [r for r in results if r.round == len(plan) - 1]
-        choice = selection.choose(candidates, last)
-        table = selection.candidates_table(candidates, results, choice, excluded)
-        summary = selection.race_summary(table, choice, plan, budget, time.perf_counter() - start)
+        choice, table, summary = decide(candidates, results, excluded, plan, budget, time.perf_counter() - start)
         report_dir = paths.reports("select")
         write_outputs(choice, table, summary, paths.selection, report_dir, paths.stage_metrics("select"))
         log_selection(run_id, paths.root, choice, summary, report_dir)

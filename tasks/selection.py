@@ -47,6 +47,15 @@ def probe(candidate: selection.Candidate, images_path: Path, labels: np.ndarray,
     return result
 
 
+def decide(candidates: list[selection.Candidate], results: list, excluded: dict, plan: list[int], budget: float,
+           seconds: float) -> tuple[selection.Candidate, pd.DataFrame, dict]:
+    """The race's outcome: the choice (by the last round's scores), the candidates table and the summary."""
+    last = [r for r in results if r.round == len(plan) - 1]
+    choice = selection.choose(candidates, last)
+    table = selection.candidates_table(candidates, results, choice, excluded)
+    return choice, table, selection.race_summary(table, choice, plan, budget, seconds)
+
+
 @task(name="write-selection", cache_policy=NO_CACHE)
 def write_outputs(choice: selection.Candidate, table: pd.DataFrame, summary: dict, selection_path: Path,
                   report_dir: Path, metrics_path: Path) -> None:

@@ -201,13 +201,13 @@ def test_summary_reports_the_epoch_whose_weights_are_kept(store_dir: Path, kind:
     history = pd.DataFrame([(1, 1, 0.5, 0.9, 0.9, 1.0, 1.0), (2, 1, 0.4, 0.8, 0.3, 0.9, 1.0),
                             (3, 2, 0.3, 0.9, 0.6, 0.8, 1.0)], columns=list(network_data.HISTORY_COLUMNS))
     model = keras.Sequential([keras.Input((1,)), keras.layers.Dense(1)])
-    training = fitting.BestEpoch(monitor="val_loss" if kind == layers.TUNED_KIND else "val_accuracy")
+    best = fitting.BestEpoch(monitor="val_loss" if kind == layers.TUNED_KIND else "val_accuracy")
     for row in history.to_dict("records"):
-        training.update(model, row)
-    assert training.epoch == kept
+        best.update(model, row)
+    assert best.epoch == kept
     metrics = training.summarize(kind, history, None, BACKBONE, None, network_data.load_store_data(store_dir), 1.0)
     assert (metrics["best_epoch"], metrics["best_phase"]) == (kept, 1)
-    assert (metrics["best_val_accuracy"], metrics["best_val_loss"]) == (training.val_accuracy, training.val_loss)
+    assert (metrics["best_val_accuracy"], metrics["best_val_loss"]) == (best.val_accuracy, best.val_loss)
 
 
 @pytest.mark.parametrize("mode", MODES)

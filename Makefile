@@ -21,7 +21,7 @@ export TF_CPP_MIN_LOG_LEVEL := 2
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 120
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: setup run test test-fast bench bench-full ui prefect-server prefect-stop deploy worker serve serve-model tracking-server tracking-stop remote clean
+.PHONY: setup run lint test test-fast bench bench-full ui prefect-server prefect-stop deploy worker serve serve-model tracking-server tracking-stop remote clean
 
 # Set-up: .venv from uv.lock (`uv sync --frozen`), on CPython 3.11-3.13, Linux x86_64 or aarch64 (README "Set-up").
 # The interpreter: PYTHON=/path/to/python3.X when given, else the existing .venv's when it is supported, else the
@@ -78,10 +78,14 @@ $(STAMP): pyproject.toml uv.lock
 run: setup
 	$(BIN)/tlpipe repro
 
-test: setup
+# ruff: pinned in the `test` extra of pyproject.toml (uv.lock), configured in [tool.ruff]
+lint: setup
+	$(BIN)/ruff check .
+
+test: lint
 	$(PY) -m pytest -q -n 2 --dist loadgroup --durations=15
 
-test-fast: setup
+test-fast: lint
 	$(PY) -m pytest -q -n 2 --dist loadgroup -m "not slow"
 
 bench: setup
@@ -129,10 +133,10 @@ serve-model: setup
 
 # Shared tracking: PostgreSQL + MLflow server (artifacts proxied) on 127.0.0.1, state in .tlpipe/.
 tracking-server: setup
-	$(PY) -m tlpipe.services start --pg-port $(PG_PORT) --port $(TRACKING_PORT)
+	$(PY) -m tlpipe.ops.services start --pg-port $(PG_PORT) --port $(TRACKING_PORT)
 
 tracking-stop: setup
-	$(PY) -m tlpipe.services stop
+	$(PY) -m tlpipe.ops.services stop
 
 # Default DVC remote for `dvc push`/`dvc pull`: make remote REMOTE=/path/or/s3://bucket/prefix
 remote: setup

@@ -48,8 +48,8 @@ def format_row(r: dict[str, Any]) -> str:
 
 
 def write_json(path: Path, payload: Any) -> None:
-    """Write JSON atomically (the project's one atomic writer, :func:`tlpipe.store.write_atomic`)."""
-    from tlpipe.store import write_atomic
+    """Write JSON atomically (the project's one atomic writer, :func:`tlpipe.core.files.write_atomic`)."""
+    from tlpipe.core.files import write_atomic
 
     write_atomic(path, json.dumps(payload, indent=2, sort_keys=False, default=str) + "\n")
 

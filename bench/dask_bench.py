@@ -1,6 +1,6 @@
 """Figure 7: ingest and features on Dask (1 and 2 workers) against the embedded local path, side by side.
 
-Ours here is the Dask path: :func:`tlpipe.ingest.ingest` and :func:`tlpipe.features.extract_features`
+Ours here is the Dask path: :func:`tlpipe.data.ingest.ingest` and :func:`tlpipe.features.extraction.extract_features`
 given a ``distributed.Client`` on a ``LocalCluster`` of 1 or 2 single-threaded worker processes. The
 baseline is the embedded local path of the same functions in the same process: ingest with one decode
 process (against 1 Dask worker) and with every core (the default; against 2 workers), features in this
@@ -30,8 +30,8 @@ from typing import Any
 
 from bench import synth
 from bench.common import HYMENOPTERA, OUT_DIR, log, machine, quiet_tf, row, warm_page_cache, write_json
-from tlpipe.config import DataParams, FeaturesParams
-from tlpipe.sources import SourceListing, list_folder
+from tlpipe.core.params import DataParams, FeaturesParams
+from tlpipe.core.sources import SourceListing, list_folder
 
 SIZE = 224
 WORKERS = (1, 2)
@@ -64,7 +64,7 @@ def timed(fn, client=None) -> tuple[float, float]:
 
 def timed_ingest(listing: SourceListing, out: Path, workers: int, client=None) -> tuple[float, float]:
     """Wall and CPU seconds of one ingest of ``listing`` into ``out``."""
-    from tlpipe.ingest import ingest
+    from tlpipe.data.ingest import ingest
 
     params = DataParams(source="bench", max_per_class=None, image_size=SIZE, workers=workers)
     return timed(lambda: ingest(listing, params, out, client=client), client)
@@ -72,7 +72,7 @@ def timed_ingest(listing: SourceListing, out: Path, workers: int, client=None) -
 
 def timed_features(store_dir: Path, out: Path, client=None) -> tuple[float, float]:
     """Wall and CPU seconds of one features extraction (model build included, as in the stage)."""
-    from tlpipe.features import extract_features
+    from tlpipe.features.extraction import extract_features
 
     params = FeaturesParams(batch_size=32, mixed_precision="off")
     return timed(lambda: extract_features(store_dir, out, params, client=client), client)
@@ -93,7 +93,7 @@ def datasets(quick: bool) -> dict[str, SourceListing]:
 
 def measure(quick: bool) -> dict[str, Any]:
     """Run every side; return seconds per side and repetition, cluster start-ups and equality checks."""
-    from tlpipe.cluster import dask_client
+    from tlpipe.ops.cluster import dask_client
 
     reps = 1 if quick else 2
     sets = datasets(quick)
@@ -149,7 +149,7 @@ def measure(quick: bool) -> dict[str, Any]:
         for context, _ in clusters.values():
             context.__exit__(None, None, None)
     images = {name.split()[0]: len(listing.candidates) for name, listing in sets.items()}
-    from tlpipe import store
+    from tlpipe.data import store
 
     images["features"] = sum(store.npy_rows(store.split_path(feature_store, s)) for s in store.SPLITS)
     shutil.rmtree(work, ignore_errors=True)

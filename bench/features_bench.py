@@ -1,11 +1,11 @@
 """Figure 2: features on CPU, our streaming path vs a bare ``model.predict``.
 
-Ours: :func:`tlpipe.features.extract_split` with the model of
-:func:`tlpipe.features.build_extractor` (uint8 input, cast inside), streaming
+Ours: :func:`tlpipe.features.extraction.extract_split` with the model of
+:func:`tlpipe.features.extraction.build_extractor` (uint8 input, cast inside), streaming
 batches of 32 from a uint8 store ``.npy`` and streaming the pooled features to
 ``.npy`` files. Baseline: ``model.predict(x, batch_size=32)`` of the very same
 backbone (the sub-model inside our extractor, as built by
-``tlpipe.backbones.build_backbone(name, weights=None)``, random weights) on the
+``tlpipe.features.backbones.build_backbone(name, weights=None)``, random weights) on the
 same images preloaded as one float32 array. Warm-up (tracing) is excluded on both
 sides; the sides alternate (ABBA) and each figure is the median over repetitions.
 The features of both sides must agree (same weights), which is checked.
@@ -34,7 +34,7 @@ QUICK = {"efficientnet_lite0": 64, "resnet50": 32}
 
 def write_images(path: Path, count: int, size: int, seed: int = 0) -> Path:
     """Write ``count`` seeded random uint8 images as a store ``.npy`` (as the ingest stage would)."""
-    from tlpipe import store
+    from tlpipe.data import store
 
     path.parent.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
@@ -53,8 +53,8 @@ def inner_backbone(extractor):
 
 def bench_backbone(name: str, count: int, reps: int) -> dict[str, Any]:
     """Time ours and the bare predict for one backbone; return seconds and a feature check."""
-    from tlpipe.backbones import get_spec
-    from tlpipe.features import build_extractor, extract_split
+    from tlpipe.features.backbones import get_spec
+    from tlpipe.features.extraction import build_extractor, extract_split
 
     size = get_spec(name).default_size
     images = write_images(OUT_DIR / "features" / f"images_{count}_{size}.npy", count, size)

@@ -77,7 +77,7 @@ def npy_layout(path: Path) -> tuple[tuple[int, ...], int]:
 def iter_batches(path: Path, batch: int, out: Callable[[int], np.ndarray] | None = None) -> Iterator[np.ndarray]:
     """Yield consecutive row blocks of a uint8 ``.npy`` with one ``readinto`` each, in order.
 
-    Same reads as ``tlpipe.store.iter_npy_batches`` (one batch resident); with
+    Same reads as ``tlpipe.data.store.iter_npy_batches`` (one batch resident); with
     ``out``, rows are read into the buffer ``out(i)`` returns for batch ``i``
     (e.g. pinned memory) instead of a fresh array.
     """
@@ -106,7 +106,7 @@ def build_keras_models():
     import keras
 
     try:
-        from tlpipe.features import build_extractor
+        from tlpipe.features.extraction import build_extractor
 
         extractor = build_extractor("resnet50", None, SIZE, include_top=False)
         return extractor, next(x for x in extractor.layers if isinstance(x, keras.Model)), "tlpipe"

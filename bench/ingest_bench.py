@@ -1,6 +1,6 @@
 """Figure 1: ingest throughput, ours vs the course's per-image ``load_img`` loop.
 
-Ours: :func:`tlpipe.ingest.ingest` on a source listing (all cores, JPEG draft
+Ours: :func:`tlpipe.data.ingest.ingest` on a source listing (all cores, JPEG draft
 mode, validation, split, ``.npy`` store written and published), timed end to end.
 Baseline: ``keras.utils.load_img(path, target_size=(224, 224))`` +
 ``keras.utils.img_to_array`` for every file of the same listing, stacked with
@@ -33,10 +33,10 @@ import numpy as np
 
 from bench import synth
 from bench.common import HYMENOPTERA, OUT_DIR, log, machine, quiet_tf, row, timed, warm_page_cache, write_json
-from tlpipe import store
-from tlpipe.config import DataParams
-from tlpipe.ingest import ingest, resolve_workers
-from tlpipe.sources import SourceListing, list_folder
+from tlpipe.core.params import DataParams
+from tlpipe.core.sources import SourceListing, list_folder
+from tlpipe.data import store
+from tlpipe.data.ingest import ingest, resolve_workers
 
 SIZE = 224
 TARGET_RATIO = 3.0
@@ -142,16 +142,16 @@ def cumulative(profiler: cProfile.Profile, names: dict[str, str]) -> dict[str, f
 
 
 OURS_PARTS = {  # label -> "file suffix:function"; missing functions read 0
-    "ingest total": "tlpipe/ingest.py:ingest",
-    "decode, all files": "tlpipe/ingest.py:decode_candidates",
+    "ingest total": "tlpipe/data/ingest.py:ingest",
+    "decode, all files": "tlpipe/data/ingest.py:decode_candidates",
     "  JPEG decode (ImageFile.load)": "PIL/ImageFile.py:load",
-    "  resize (bilinear, antialiased)": "tlpipe/images.py:resize_image",
-    "  open + checks": "tlpipe/images.py:_open_checked",
+    "  resize (bilinear, antialiased)": "tlpipe/data/images.py:resize_image",
+    "  open + checks": "tlpipe/data/images.py:_open_checked",
     "  exif_transpose": "PIL/ImageOps.py:exif_transpose",
-    "  sha256": "tlpipe/images.py:hash_bytes",
-    "split": "tlpipe/ingest.py:assign_splits",
-    "write_store": "tlpipe/ingest.py:write_store",
-    "report": "tlpipe/ingest.py:summarize",
+    "  sha256": "tlpipe/data/images.py:hash_bytes",
+    "split": "tlpipe/data/ingest.py:assign_splits",
+    "write_store": "tlpipe/data/ingest.py:write_store",
+    "report": "tlpipe/data/ingest.py:summarize",
 }
 BASE_PARTS = {
     "course loop total": "bench/ingest_bench.py:load_course",

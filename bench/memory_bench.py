@@ -4,7 +4,7 @@ For each N (1k, 4k, 16k small synthetic JPEGs; ``--quick``: 1k, 4k) three fresh
 subprocesses run one after another, each measured on its own:
 
 * ``ingest``: our ingest core (all cores) writes a uint8 store of ``SIZE`` px images;
-* ``features``: our features stage (:func:`tlpipe.features.extract_features`,
+* ``features``: our features stage (:func:`tlpipe.features.extraction.extract_features`,
   efficientnet_lite0, random weights) streams that store;
 * ``course``: ``load_img`` + ``img_to_array`` of every file into a list, then
   ``np.array`` (the course's notebook), then ``model.predict`` through the same
@@ -104,8 +104,8 @@ def run_measured(args: list[str], interval: float = 0.1) -> dict[str, Any]:
 
 def point_ingest(count: int, store_dir: Path) -> dict[str, Any]:
     """Our ingest of the first ``count`` small synthetic files into ``store_dir``."""
-    from tlpipe.config import DataParams
-    from tlpipe.ingest import ingest
+    from tlpipe.core.params import DataParams
+    from tlpipe.data.ingest import ingest
 
     paths = synth.ensure_set(synth.SMALL, count)
     params = DataParams(source="bench", max_per_class=None, image_size=SIZE, workers=0)
@@ -117,8 +117,8 @@ def point_ingest(count: int, store_dir: Path) -> dict[str, Any]:
 def point_features(store_dir: Path, out_dir: Path) -> dict[str, Any]:
     """Our features stage (Lite0, random weights, float32) over the store at ``store_dir``."""
     quiet_tf()
-    from tlpipe.config import FeaturesParams
-    from tlpipe.features import extract_features
+    from tlpipe.core.params import FeaturesParams
+    from tlpipe.features.extraction import extract_features
 
     params = FeaturesParams(backbone="efficientnet_lite0", weights="none", batch_size=BATCH, mixed_precision="off")
     start = time.perf_counter()
@@ -132,7 +132,7 @@ def point_course(count: int) -> dict[str, Any]:
     import numpy as np
     from keras.utils import img_to_array, load_img
 
-    from tlpipe.backbones import build_backbone
+    from tlpipe.features.backbones import build_backbone
 
     paths = synth.ensure_set(synth.SMALL, count)
     start = time.perf_counter()

@@ -5,7 +5,7 @@ its own git + DVC repo (as ``tests/conftest.make_project`` does). Every DVC call
 ``python -m dvc`` with the venv's ``bin`` first on ``PATH`` (so ``dvc.yaml``'s ``python -m
 flows.<stage>`` is this venv), telemetry off, ``TF_CPP_MIN_LOG_LEVEL=2``, and
 ``PREFECT_API_URL`` unset: as in a user's first ``dvc repro``, the first stage starts the
-project's own Prefect server (``tlpipe.prefect_server``, in ``<temp project>/.prefect``) and the
+project's own Prefect server (``tlpipe.ops.prefect_server``, in ``<temp project>/.prefect``) and the
 later stages reuse it; the bench stops it at the end. ``PREFECT_HOME`` is a temp folder (its
 database is created by an unmeasured warm-up flow first), so the bench never touches ``~/.prefect``.
 
@@ -26,7 +26,7 @@ database is created by an unmeasured warm-up flow first), so the bench never tou
   timing) vs Prefect's per-process ephemeral server (``TLPIPE_PREFECT_SERVER=ephemeral``, the
   old default) vs a ``prefect server start`` the bench starts (``PREFECT_API_URL``) vs the
   same steps without Prefect (each task's ``.fn``, MLflow logging kept) vs the core
-  ``tlpipe.ingest.ingest`` only; and a do-nothing flow vs ``python -c pass``. Each variant is
+  ``tlpipe.data.ingest.ingest`` only; and a do-nothing flow vs ``python -c pass``. Each variant is
   a fresh process, alternating, median of ``REPS``. Target: the default's overhead over the
   no-Prefect path at most 2 s per stage process.
 
@@ -69,16 +69,16 @@ TELEMETRY_OFF = {"DVC_NO_ANALYTICS": "1", "DO_NOT_TRACK": "1", "MLFLOW_DISABLE_T
 DROP_ENV = ("PREFECT_API_URL", "PREFECT_PROFILE", "MLFLOW_TRACKING_URI", "TLPIPE_PARENT_RUN_ID", "TLPIPE_ROOT")
 
 NOOP_FLOW = "from prefect import flow\nflow(name='noop')(lambda: None)()\n"
-ENSURE_SERVER = "from tlpipe.prefect_server import ensure_server\nprint(ensure_server('.'))\n"
+ENSURE_SERVER = "from tlpipe.ops.prefect_server import ensure_server\nprint(ensure_server('.'))\n"
 INGEST_NO_PREFECT = """\
 import time
-from tlpipe import tracking
-from tlpipe.config import load_params
-from tlpipe.paths import project_paths
+from tlpipe.tracking.runs import stage_run
+from tlpipe.core.params import load_params
+from tlpipe.core.paths import project_paths
 from tasks.ingest import build_store, list_source_files, log_ingest, write_data_report
 paths = project_paths()
 params = load_params(paths.params)
-with tracking.stage_run("ingest", paths.root, {"data": params.data.model_dump()}) as run_id:
+with stage_run("ingest", paths.root, {"data": params.data.model_dump()}) as run_id:
     start = time.perf_counter()
     listing = list_source_files.fn(params.data)
     report = build_store.fn(listing, params.data, paths.store)
@@ -87,9 +87,9 @@ with tracking.stage_run("ingest", paths.root, {"data": params.data.model_dump()}
 """  # the body of flows/ingest.py, with each task's plain function (no Prefect engine, no server)
 INGEST_CORE = """\
 from pathlib import Path
-from tlpipe import ingest
-from tlpipe.config import load_params
-from tlpipe.sources import list_source
+from tlpipe.data import ingest
+from tlpipe.core.params import load_params
+from tlpipe.core.sources import list_source
 data = load_params("params.yaml").data
 listing = list_source(data.source, data.classes, data.elpv_label, data.elpv_threshold)
 ingest.ingest(listing, data, Path("data/store"))
@@ -218,8 +218,8 @@ def free_port() -> int:
 
 
 def stop_project_server(project: Path) -> None:
-    """Stop the project's Prefect server if a stage started one (``tlpipe.prefect_server``)."""
-    from tlpipe.prefect_server import stop_server
+    """Stop the project's Prefect server if a stage started one (``tlpipe.ops.prefect_server``)."""
+    from tlpipe.ops.prefect_server import stop_server
 
     if stop_server(project):
         log(f"stopped the project Prefect server of {project}")

@@ -1,6 +1,6 @@
 """Figure 8: start-up of the scale-out services: PostgreSQL + MLflow server, Prefect server + worker.
 
-* PostgreSQL: ``tlpipe.services.start_postgres`` with the pgserver wheel's binaries (ours, PostgreSQL 16)
+* PostgreSQL: ``tlpipe.ops.services.start_postgres`` with the pgserver wheel's binaries (ours, PostgreSQL 16)
   against Debian's (``/usr/lib/postgresql/<v>/bin``, the baseline, when installed): the first start of a
   new cluster (initdb + start + create the database) and a restart of the existing cluster.
 * MLflow server on that PostgreSQL (ours) against the same server on a SQLite file (baseline), first start
@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import log, machine, row, write_json
-from tlpipe import services
+from tlpipe.ops import processes, services
 
 
 def debian_bin() -> Path | None:
@@ -40,7 +40,7 @@ def postgres_times(bin_dir: Path | None, base: Path) -> dict[str, float]:
     if bin_dir is not None:
         os.environ[services.PG_BIN_ENV] = str(bin_dir)
     state = services.StateDir(base)
-    port = services.free_port()
+    port = processes.free_port()
     try:
         first = services.start_postgres(state, port)
         services.stop_postgres(state)
@@ -58,7 +58,7 @@ def mlflow_times(base: Path, backend: str) -> dict[str, float]:
     """First start and restart of ``mlflow server`` on ``backend`` ('postgres' or 'sqlite') until healthy."""
     state = services.StateDir(base)
     if backend == "postgres":
-        port = services.free_port()
+        port = processes.free_port()
         services.start_postgres(state, port)
         uri = services.backend_store_uri(port)
     else:
@@ -67,9 +67,9 @@ def mlflow_times(base: Path, backend: str) -> dict[str, float]:
     times = {}
     try:
         for label in ("first", "restart"):
-            port = services.free_port()
+            port = processes.free_port()
             command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri, "--artifacts-destination",
-                       (base / "artifacts").as_uri(), "--serve-artifacts", "--host", services.HOST,
+                       (base / "artifacts").as_uri(), "--serve-artifacts", "--host", processes.HOST,
                        "--port", str(port), "--workers", "1"]
             env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
             if backend == "postgres":
@@ -79,13 +79,13 @@ def mlflow_times(base: Path, backend: str) -> dict[str, float]:
                 process = subprocess.Popen(command, env=env, stdout=log_file, stderr=subprocess.STDOUT,
                                            start_new_session=True)
             try:
-                while not services.healthy(f"http://{services.HOST}:{port}/health"):
+                while not processes.healthy(f"http://{processes.HOST}:{port}/health"):
                     if process.poll() is not None or time.perf_counter() - start > 300:
-                        raise RuntimeError(f"mlflow server failed:\n{services.tail(base / 'mlflow.log')}")
+                        raise RuntimeError(f"mlflow server failed:\n{processes.tail(base / 'mlflow.log')}")
                     time.sleep(0.1)
                 times[label] = round(time.perf_counter() - start, 2)
             finally:
-                services.stop_process_group(process.pid)
+                processes.stop_process_group(process.pid)
     finally:
         if backend == "postgres":
             services.stop_postgres(state)
@@ -94,28 +94,28 @@ def mlflow_times(base: Path, backend: str) -> dict[str, float]:
 
 def prefect_times(base: Path) -> dict[str, float]:
     """``prefect server start`` until healthy, then a process worker until it shows on its pool."""
-    port = services.free_port()
-    url = f"http://{services.HOST}:{port}/api"
+    port = processes.free_port()
+    url = f"http://{processes.HOST}:{port}/api"
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
     env.update({"PREFECT_HOME": str(base / "prefect"), "PREFECT_API_URL": url,
                 "PREFECT_SERVER_ANALYTICS_ENABLED": "false"})
     logs = base / "prefect.log"
     base.mkdir(parents=True, exist_ok=True)
-    processes = []
+    started = []
     try:
         start = time.perf_counter()
         with open(logs, "ab") as log_file:
-            processes.append(subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host",
-                                               services.HOST, "--port", str(port)], env=env, stdout=log_file,
+            started.append(subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host",
+                                               processes.HOST, "--port", str(port)], env=env, stdout=log_file,
                                               stderr=subprocess.STDOUT, start_new_session=True))
-        while not services.healthy(f"{url}/health"):
-            if processes[0].poll() is not None or time.perf_counter() - start > 300:
-                raise RuntimeError(f"prefect server failed:\n{services.tail(logs)}")
+        while not processes.healthy(f"{url}/health"):
+            if started[0].poll() is not None or time.perf_counter() - start > 300:
+                raise RuntimeError(f"prefect server failed:\n{processes.tail(logs)}")
             time.sleep(0.2)
         server = time.perf_counter() - start
         start = time.perf_counter()
         with open(logs, "ab") as log_file:
-            processes.append(subprocess.Popen([sys.executable, "-m", "prefect", "worker", "start", "--pool", "bench",
+            started.append(subprocess.Popen([sys.executable, "-m", "prefect", "worker", "start", "--pool", "bench",
                                                "--type", "process", "--name", "bench-worker", "--install-policy",
                                                "never"], env=env, stdout=log_file, stderr=subprocess.STDOUT,
                                               start_new_session=True))
@@ -123,14 +123,14 @@ def prefect_times(base: Path) -> dict[str, float]:
                  "with get_client(sync_client=True) as c:\n"
                  "    print(any(w.name == 'bench-worker' for w in c.read_workers_for_work_pool('bench')))"]
         while subprocess.run(probe, env=env, capture_output=True, text=True).stdout.strip() != "True":
-            if processes[1].poll() is not None or time.perf_counter() - start > 300:
-                raise RuntimeError(f"prefect worker failed:\n{services.tail(logs)}")
+            if started[1].poll() is not None or time.perf_counter() - start > 300:
+                raise RuntimeError(f"prefect worker failed:\n{processes.tail(logs)}")
             time.sleep(0.5)
         worker = time.perf_counter() - start
         return {"server": round(server, 2), "worker": round(worker, 2)}
     finally:
-        for process in reversed(processes):
-            services.stop_process_group(process.pid)
+        for process in reversed(started):
+            processes.stop_process_group(process.pid)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

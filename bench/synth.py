@@ -25,7 +25,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from bench.common import OUT_DIR
-from tlpipe.sources import Candidate, SourceListing
+from tlpipe.core.sources import Candidate, SourceListing
 
 VERSION = 2
 
@@ -95,7 +95,7 @@ def _write_one(job: tuple[SynthSpec, str, int]) -> None:
     spec, root, index = job
     import io
 
-    from tlpipe.store import write_atomic
+    from tlpipe.core.files import write_atomic
 
     buffer = io.BytesIO()
     render(spec, index).save(buffer, "JPEG", quality=spec.quality)

@@ -5,6 +5,6 @@ the variables must be set before Prefect reads its settings, so this is the one
 deliberate import-time action of the package (``setdefault`` only).
 """
 
-from tlpipe.tracking import quiet_telemetry
+from tlpipe.tracking.connection import quiet_telemetry
 
 quiet_telemetry()

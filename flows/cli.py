@@ -2,7 +2,7 @@
 
 It lives in ``flows`` (the entry-point layer), so the core package ``tlpipe`` never
 imports flows. Manners (issue 11/12): results on stdout, errors on stderr; a user
-error (:class:`~tlpipe.errors.UserError`) prints one line and exits 1, a usage
+error (:class:`~tlpipe.core.errors.UserError`) prints one line and exits 1, a usage
 error exits 2, anything else is a bug and keeps its traceback; ``--debug`` (or
 ``TLPIPE_DEBUG=1``) shows the traceback of user errors too.
 
@@ -18,155 +18,28 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import Annotated, Any, NoReturn, Optional
+from typing import Annotated, NoReturn
 
 import typer
-from typer.core import TyperGroup
 
-try:  # Typer vendors its own click (typer._click); its UsageError is not click's
-    from typer._click.exceptions import UsageError as ClickUsageError
-except ImportError:  # pragma: no cover (older Typer on the real click)
-    from click.exceptions import UsageError as ClickUsageError
-
-from flows.common import DEBUG_ENV, debug_enabled, quiet_prefect_console, report_user_error
-from tlpipe import tracking
-from tlpipe.errors import UsageError, UserError
-from tlpipe.paths import ProjectNotFoundError, find_root
-
-DEBUG_KEY = "tlpipe.debug"
-
-
-class CliGroup(TyperGroup):
-    """The command group: user and usage errors become one line on stderr with their exit code.
-
-    Help shows each argument's metavar (``IMAGE``), never a Python type name (``<list[str]>``).
-    """
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        for command in (self.commands or {}).values():
-            for param in command.params:
-                if getattr(param, "param_type_name", "") == "argument" and param.metavar:
-                    usage = param.metavar + ("..." if param.nargs != 1 else "")
-                    param.display_type_rich = lambda ctx=None: None  # type: ignore[method-assign]
-                    param._usage_display_name = lambda usage=usage: usage  # type: ignore[method-assign]
-
-    def make_context(self, info_name, args, parent=None, **extra):  # noqa: D102 (click API)
-        try:
-            return super().make_context(info_name, args, parent=parent, **extra)
-        except ClickUsageError as error:  # bad top-level options
-            raise typer.Exit(report_usage_error(error)) from None
-
-    def invoke(self, ctx: typer.Context) -> Any:  # noqa: D102 (click API)
-        try:
-            return super().invoke(ctx)
-        except ClickUsageError as error:  # unknown command, bad options or arguments of a command
-            raise typer.Exit(report_usage_error(error)) from None
-        except UserError as error:
-            debug = bool(ctx.meta.get(DEBUG_KEY)) or debug_enabled()
-            raise typer.Exit(report_user_error(command_path(ctx), error, debug)) from None
-
-
-def command_path(ctx: typer.Context) -> str:
-    """``tlpipe <command>`` of the command that ran (for error lines)."""
-    sub = ctx.invoked_subcommand
-    return f"{ctx.command_path} {sub}" if sub else ctx.command_path
-
-
-def report_usage_error(error: ClickUsageError) -> int:
-    """One line for a usage error, pointing at the command's help; return 2."""
-    path = error.ctx.command_path if error.ctx else "tlpipe"
-    typer.echo(f"{path}: error: {error.format_message()} (see '{path} --help')", err=True)
-    return UsageError.exit_code
-
-
-app = typer.Typer(cls=CliGroup, add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  rich_markup_mode=None,
-                  help="tlpipe: transfer-learning pipeline (DVC stages as Prefect flows, tracked in MLflow).")
-prefect_app = typer.Typer(cls=CliGroup, no_args_is_help=True, rich_markup_mode=None,
-                          help="The project's Prefect server (kept in .prefect/; every run reports to it).")
-app.add_typer(prefect_app, name="prefect-server")
-
-RootOption = Annotated[Optional[Path], typer.Option("--root", metavar="DIR",
-                                                    help="project root (default: found from the working directory)")]
-HostOption = Annotated[str, typer.Option(metavar="HOST", help="bind address")]
-PortOption = Annotated[int, typer.Option(metavar="PORT", help="port")]
-ApiUrlOption = Annotated[Optional[str], typer.Option(
-    metavar="URL", help="Prefect API URL (default: $PREFECT_API_URL, else the project's server)")]
-
-
-def package_version() -> str:
-    """The installed tlpipe version."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("tlpipe")
-    except PackageNotFoundError:
-        return "unknown"
-
-
-def show_version(value: bool) -> None:
-    """``--version``: print ``tlpipe <version>`` and exit."""
-    if value:
-        typer.echo(f"tlpipe {package_version()}")
-        raise typer.Exit()
-
-
-@app.callback()
-def main_options(
-    ctx: typer.Context,
-    version: Annotated[bool, typer.Option("--version", callback=show_version, is_eager=True,
-                                          help="print the version and exit")] = False,
-    debug: Annotated[bool, typer.Option("--debug", help="show tracebacks of user errors too")] = False,
-) -> None:
-    """tlpipe: transfer-learning pipeline (DVC stages as Prefect flows, tracked in MLflow)."""
-    ctx.meta[DEBUG_KEY] = debug or debug_enabled()
-    if ctx.meta[DEBUG_KEY]:
-        os.environ[DEBUG_ENV] = "1"  # the stage processes too
-
-
-def resolve_root(root: Path | None) -> Path:
-    """The project root from ``--root`` (checked) or found from the working directory.
-
-    Raises:
-        ProjectNotFoundError: When ``--root`` is not a tlpipe project.
-    """
-    if not root:
-        return find_root()
-    folder = Path(root).resolve()
-    if not ((folder / "params.yaml").is_file() and (folder / "dvc.yaml").is_file()):
-        raise ProjectNotFoundError(f"--root {folder} is not a tlpipe project: expected params.yaml and dvc.yaml there")
-    return folder
-
-
-def prepare_environment(root: Path) -> None:
-    """Telemetry off and the root pinned for every child process."""
-    tracking.quiet_telemetry()
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    os.environ["TLPIPE_ROOT"] = str(root)
-
-
-def prepare_prefect(root: Path | None, api_url: str | None = None) -> Path:
-    """Resolve the root and point Prefect at ``api_url``, ``$PREFECT_API_URL`` or the project's server.
-
-    Runs before Prefect is imported, so the choice holds for this process and its children.
-    """
-    from flows.common import use_project_prefect
-
-    root = resolve_root(root)
-    prepare_environment(root)
-    if api_url:
-        os.environ["PREFECT_API_URL"] = api_url
-    else:
-        use_project_prefect(root)
-    if not debug_enabled():
-        quiet_prefect_console()
-    return root
+from flows.cli_app import (
+    ApiUrlOption,
+    HostOption,
+    PortOption,
+    RootOption,
+    app,
+    prefect_app,
+    prepare_environment,
+    prepare_prefect,
+    resolve_root,
+)
+from tlpipe.core.errors import UsageError, UserError
+from tlpipe.tracking.connection import connect, experiment_name, quiet_telemetry, tracking_uri, ui_url
 
 
 @app.command()
 def repro(
-    set_: Annotated[Optional[list[str]], typer.Option("--set", "-S", metavar="KEY=VALUE",
+    set_: Annotated[list[str] | None, typer.Option("--set", "-S", metavar="KEY=VALUE",
                                                       help="param override (runs dvc exp run)")] = None,
     exp: Annotated[bool, typer.Option("--exp", help="run as a DVC experiment")] = False,
     root: RootOption = None,
@@ -193,7 +66,7 @@ def repro(
 
 def tell_prefect_server_lifetime(root: Path) -> None:
     """Say (stderr) that the project's Prefect server stays up: where, until when, how to stop it."""
-    from tlpipe.prefect_watchdog import lifetime_note
+    from tlpipe.ops.prefect_watchdog import lifetime_note
 
     if note := lifetime_note(root):
         typer.echo(note, err=True)
@@ -211,21 +84,23 @@ def retrain(
 
     with prefect_context(root):
         result = retrain_flow(root=str(root), force=force)
-    typer.echo(json.dumps({k: v for k, v in result.items() if k in ("retrained", "reason", "stale", "stages_ran", "promotion")},
-                          indent=2, default=str))
+    shown = ("retrained", "reason", "stale", "stages_ran", "promotion")
+    typer.echo(json.dumps({k: v for k, v in result.items() if k in shown}, indent=2, default=str))
 
 
 @app.command()
 def predict(
     images: Annotated[list[str], typer.Argument(metavar="IMAGE", help="image files or folders")],
-    model: Annotated[Optional[str], typer.Option(
+    model: Annotated[str | None, typer.Option(
         metavar="URI", help="models:/NAME@ALIAS (default: the champion of the current task), models:/NAME/VERSION, "
                             "runs:/RUN_ID/NAME or a local model folder")] = None,
     top: Annotated[int, typer.Option(min=1, metavar="N", help="classes to show per image")] = 1,
     as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
-    imagenet: Annotated[bool, typer.Option("--imagenet", help="top ImageNet classes of the pretrained backbone")] = False,
+    imagenet: Annotated[bool, typer.Option("--imagenet",
+                                           help="top ImageNet classes of the pretrained backbone")] = False,
     backbone: Annotated[str, typer.Option(metavar="NAME", help="backbone for --imagenet")] = "efficientnet_lite0",
-    weights: Annotated[str, typer.Option(metavar="WEIGHTS", help="weights for --imagenet: imagenet or a file")] = "imagenet",
+    weights: Annotated[str, typer.Option(metavar="WEIGHTS",
+                                         help="weights for --imagenet: imagenet or a file")] = "imagenet",
     root: RootOption = None,
 ) -> None:
     """Classify images with the champion of the project's current task (or ImageNet classes with --imagenet).
@@ -235,7 +110,7 @@ def predict(
     """
     global skip_teardown
     skip_teardown = True  # nothing is left to do once the results are printed
-    tracking.quiet_telemetry()
+    quiet_telemetry()
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     if imagenet:
         identity, rows = predict_imagenet(images, backbone, weights, top)
@@ -248,8 +123,8 @@ def predict(
 
 def predict_imagenet(images: list[str], backbone: str, weights: str, top: int) -> tuple[dict, list[dict]]:
     """The ImageNet classes of ``images`` by a pretrained backbone."""
-    from tlpipe.backbones import list_backbones
-    from tlpipe.predict import predict_imagenet_rows
+    from tlpipe.features.backbones import list_backbones
+    from tlpipe.serving.predict import predict_imagenet_rows
 
     if backbone not in list_backbones():
         raise UsageError(f"--backbone {backbone!r} is unknown; choose one of {', '.join(list_backbones())}")
@@ -259,7 +134,7 @@ def predict_imagenet(images: list[str], backbone: str, weights: str, top: int) -
 
 def predict_with_model(images: list[str], model: str | None, top: int, root: Path | None) -> tuple[dict, list[dict]]:
     """The classes of ``images`` by the model ``--model`` names (default: the current task's champion)."""
-    from tlpipe.predict import classify_images
+    from tlpipe.serving.predict import classify_images
 
     project = resolve_root(root)
     prepare_environment(project)
@@ -272,19 +147,26 @@ def predict_with_model(images: list[str], model: str | None, top: int, root: Pat
 def identify_requested_model(model: str | None, project: Path):
     """The model ``--model`` names, checked to exist; by default the ``@champion`` of the project's current
     task (``params.yaml``): a model of another task answers only when named."""
-    from tlpipe.config import load_task
-    from tlpipe.predict import identify_champion, identify_model, resolve_model_uri
+    from tlpipe.core.task import load_task
+    from tlpipe.serving.predict import identify_champion, identify_model, resolve_model_uri
+    from tlpipe.tracking.fluent import use_store
 
     if model is None:
         task = load_task(project)
-        return identify_champion(task.name, task.model_name, tracking.connect(project))
+        client = connect(project)
+        use_store(client)  # the model loads from a models:/ URI, which MLflow resolves through its fluent store
+        return identify_champion(task.name, task.model_name, client)
     uri = resolve_model_uri(model, project)
-    return identify_model(uri, None if Path(uri).is_dir() else tracking.connect(project))
+    if Path(uri).is_dir():
+        return identify_model(uri, None)
+    client = connect(project)
+    use_store(client)
+    return identify_model(uri, client)
 
 
 def print_predictions(identity: dict, rows: list[dict], as_json: bool) -> None:
     """Results on stdout (each JSON row names the model), one line per failed input on stderr."""
-    from tlpipe.predict import format_predictions
+    from tlpipe.serving.predict import format_predictions
 
     good = [row for row in rows if not row["error"]]
     if as_json:
@@ -320,11 +202,12 @@ def report(
 def compare(
     first: Annotated[str, typer.Argument(metavar="A", help="DVC experiment name or MLflow pipeline run id")],
     second: Annotated[str, typer.Argument(metavar="B", help="DVC experiment name or MLflow pipeline run id")],
-    all_params: Annotated[bool, typer.Option("--all-params", help="list every param, not only those that differ")] = False,
+    all_params: Annotated[bool, typer.Option("--all-params",
+                                             help="list every param, not only those that differ")] = False,
     root: RootOption = None,
 ) -> None:
     """Compare two experiments: each model's test accuracy, and the params that differ."""
-    from tlpipe.compare import compare_table, load_experiment
+    from tlpipe.evaluation.compare import compare_table, load_experiment
 
     project = resolve_root(root)
     prepare_environment(project)
@@ -334,13 +217,14 @@ def compare(
 @app.command()
 def exps(root: RootOption = None) -> None:
     """List the DVC experiments: each model's test accuracy and the params that differ (what `make exps` shows)."""
-    from tlpipe.compare import exps_command, format_exps
-    from tlpipe.models import REPORTED_MODELS
+    from tlpipe.core.names import REPORTED_MODELS
+    from tlpipe.evaluation.compare import exps_command, format_exps
 
     project = resolve_root(root)
     prepare_environment(project)
-    done = subprocess.run([sys.executable, "-m", "dvc", *exps_command(REPORTED_MODELS)], cwd=project,
-                          capture_output=True, text=True)
+    from tlpipe.ops.dvc import capture_dvc
+
+    done = capture_dvc(project, exps_command(REPORTED_MODELS))
     if done.returncode != 0:
         lines = (done.stderr or done.stdout).strip().splitlines()
         raise UserError(f"dvc exp show failed (exit {done.returncode}): {lines[-1] if lines else 'no output'}")
@@ -349,17 +233,18 @@ def exps(root: RootOption = None) -> None:
 
 @app.command("compare-backbones")
 def compare_backbones(
-    backbone: Annotated[Optional[list[str]], typer.Option(
+    backbone: Annotated[list[str] | None, typer.Option(
         "--backbone", "-b", metavar="NAME",
         help="backbone to run (repeat; default efficientnet_lite0, _lite1, _lite2)")] = None,
-    set_: Annotated[Optional[list[str]], typer.Option("--set", "-S", metavar="KEY=VALUE",
+    set_: Annotated[list[str] | None, typer.Option("--set", "-S", metavar="KEY=VALUE",
                                                       help="param override for every run")] = None,
-    name: Annotated[Optional[str], typer.Option("--name", metavar="PREFIX",
+    name: Annotated[str | None, typer.Option("--name", metavar="PREFIX",
                                                 help="DVC experiment name prefix (default cmp-<UTC time>)")] = None,
     root: RootOption = None,
 ) -> None:
     """Run the pipeline once per backbone (DVC's experiment queue) and chart test accuracy against compute."""
-    from tlpipe.compare_backbones import DEFAULT_BACKBONES, compare_backbones as run_comparison
+    from flows.compare_backbones import compare_backbones as run_comparison
+    from tlpipe.evaluation.compare_backbones import DEFAULT_BACKBONES
 
     project = prepare_prefect(root)
     table, csv_path, png_path = run_comparison(project, backbone or DEFAULT_BACKBONES, set_ or [], name)
@@ -376,15 +261,15 @@ def ui(
     """Start the MLflow UI on the project's store."""
     root = resolve_root(root)
     prepare_environment(root)
-    command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", tracking.tracking_uri(root),
+    command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", tracking_uri(root),
                "--host", host, "--port", str(port), "--workers", "1"]
     if not os.environ.get("MLFLOW_TRACKING_URI"):
         command += ["--default-artifact-root", (root / "mlartifacts").as_uri()]
-    typer.echo(f"MLflow UI on http://{host}:{port} (store {tracking.tracking_uri(root)})")
-    experiment = tracking.connect(root).get_experiment_by_name(tracking.experiment_name(root))
+    typer.echo(f"MLflow UI on http://{host}:{port} (store {tracking_uri(root)})")
+    experiment = connect(root).get_experiment_by_name(experiment_name(root))
     if experiment is not None:  # MLflow 3.17 opens in its GenAI view unless the link asks for training
-        typer.echo(f"open {tracking.ui_url(f'http://{host}:{port}', experiment.experiment_id)}")
-    from tlpipe.process_group import guarded_group, signals_raise
+        typer.echo(f"open {ui_url(f'http://{host}:{port}', experiment.experiment_id)}")
+    from tlpipe.ops.process_group import guarded_group, signals_raise
 
     # the server and its workers in a process group of their own, stopped on SIGTERM, SIGHUP, Ctrl-C or exit
     with signals_raise(), guarded_group(command, "the MLflow server") as server:
@@ -394,7 +279,7 @@ def ui(
 
 @app.command("serve-model")
 def serve_model(
-    model: Annotated[Optional[str], typer.Option(metavar="URI", help=(
+    model: Annotated[str | None, typer.Option(metavar="URI", help=(
         "model URI (default: the champion of the current task, models:/TASK@champion)"))] = None,
     host: HostOption = "127.0.0.1",
     port: PortOption = 5001,
@@ -405,7 +290,7 @@ def serve_model(
     prepare_environment(root)
     identity = identify_requested_model(model, root)
     uri = identity.load_uri
-    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking.tracking_uri(root), "TLPIPE_PYFUNC_ALLOW_PATHS": "0"}
+    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri(root), "TLPIPE_PYFUNC_ALLOW_PATHS": "0"}
     command = [sys.executable, "-m", "mlflow", "models", "serve", "-m", uri, "--env-manager", "local",
                "--host", host, "--port", str(port)]
     typer.echo(f"serving {identity.describe()} on http://{host}:{port}/invocations")
@@ -414,8 +299,9 @@ def serve_model(
 
 @app.command()
 def deploy(
-    cron: Annotated[Optional[str], typer.Option(metavar="CRON", help="cron schedule (default: schedule.cron in params.yaml)")] = None,
-    work_pool: Annotated[Optional[str], typer.Option("--work-pool", metavar="NAME", help=(
+    cron: Annotated[str | None, typer.Option(metavar="CRON",
+                                             help="cron schedule (default: schedule.cron in params.yaml)")] = None,
+    work_pool: Annotated[str | None, typer.Option("--work-pool", metavar="NAME", help=(
         "register on this Prefect process work pool (created if missing); `tlpipe worker --pool NAME` "
         "executes its runs"))] = None,
     api_url: ApiUrlOption = None,
@@ -437,7 +323,7 @@ def deploy(
 
 @app.command()
 def serve(
-    cron: Annotated[Optional[str], typer.Option(metavar="CRON", help="cron schedule (default: params.yaml)")] = None,
+    cron: Annotated[str | None, typer.Option(metavar="CRON", help="cron schedule (default: params.yaml)")] = None,
     api_url: ApiUrlOption = None,
     root: RootOption = None,
 ) -> None:
@@ -451,8 +337,8 @@ def serve(
 @app.command()
 def worker(
     pool: Annotated[str, typer.Option("--pool", metavar="NAME", help="the process work pool to poll")] = "tlpipe",
-    name: Annotated[Optional[str], typer.Option(metavar="NAME", help="worker name (default: Prefect's)")] = None,
-    limit: Annotated[Optional[int], typer.Option(metavar="N", help="at most N flow runs at once")] = None,
+    name: Annotated[str | None, typer.Option(metavar="NAME", help="worker name (default: Prefect's)")] = None,
+    limit: Annotated[int | None, typer.Option(metavar="N", help="at most N flow runs at once")] = None,
     api_url: ApiUrlOption = None,
     root: RootOption = None,
 ) -> None:
@@ -466,12 +352,12 @@ def worker(
 
 @prefect_app.command("start")
 def prefect_start(
-    port: Annotated[Optional[int], typer.Option(metavar="PORT", help="port (default: $TLPIPE_PREFECT_PORT or 4200; "
+    port: Annotated[int | None, typer.Option(metavar="PORT", help="port (default: $TLPIPE_PREFECT_PORT or 4200; "
                                                                      "a free one when taken)")] = None,
     root: RootOption = None,
 ) -> None:
     """Start the project's Prefect server in the background, or find it running; print its URL."""
-    from tlpipe.prefect_server import ensure_server, home
+    from tlpipe.ops.prefect_server import ensure_server, home
 
     project = resolve_root(root)
     url = ensure_server(project, port)
@@ -482,7 +368,7 @@ def prefect_start(
 @prefect_app.command("stop")
 def prefect_stop(root: RootOption = None) -> None:
     """Stop the project's Prefect server (its runs stay in .prefect/prefect.db)."""
-    from tlpipe.prefect_server import stop_server
+    from tlpipe.ops.prefect_server import stop_server
 
     stopped = stop_server(resolve_root(root))
     typer.echo("Prefect server stopped" if stopped else "no Prefect server was running")
@@ -491,7 +377,7 @@ def prefect_stop(root: RootOption = None) -> None:
 @prefect_app.command("status")
 def prefect_status(root: RootOption = None) -> None:
     """Print the project's Prefect server URL; exit 1 when it is not running."""
-    from tlpipe.prefect_server import running_url
+    from tlpipe.ops.prefect_server import running_url
 
     url = running_url(resolve_root(root))
     if not url:

@@ -4,11 +4,11 @@ Each stage module ends with ``run_stage(<flow>)`` under ``if __name__ == "__main
 (what ``dvc repro`` runs as ``python -m flows.<stage>``); the ``tlpipe`` CLI uses
 :func:`report_user_error`, :func:`quiet_prefect_console` and :func:`use_project_prefect`.
 
-* Errors: a :class:`~tlpipe.errors.UserError` prints ``tlpipe <stage>: error: <message>``
+* Errors: a :class:`~tlpipe.core.errors.UserError` prints ``tlpipe <stage>: error: <message>``
   on stderr, one line, and exits with its code (1, or 2 for usage). Its traceback
   stays in the Prefect run log (the UI) and reaches the console only with
   ``--debug`` or ``TLPIPE_DEBUG=1``. Any other exception is a bug: full traceback.
-* Prefect server: the project's own server (:mod:`tlpipe.prefect_server`), unless
+* Prefect server: the project's own server (:mod:`tlpipe.ops.prefect_server`), unless
   ``$PREFECT_API_URL`` is set or ``TLPIPE_PREFECT_SERVER=ephemeral``.
 * Tags: every stage flow run is tagged ``tlpipe`` and ``project:<name>``, plus what
   ``$TLPIPE_PREFECT_TAGS`` carries (the pipeline flow passes ``pipeline:<flow run id>``).
@@ -25,7 +25,7 @@ from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
-from tlpipe.errors import UserError
+from tlpipe.core.errors import UserError
 
 DEBUG_ENV = "TLPIPE_DEBUG"
 TAGS_ENV = "TLPIPE_PREFECT_TAGS"
@@ -83,9 +83,7 @@ class QuietUserErrors(logging.Filter):
                 f"{name}: " in message for name in user_error_names()):
             self.seen_user_error = True
             return False
-        if self.seen_user_error and message.startswith(self.AFTER_ERROR):
-            return False
-        return True
+        return not (self.seen_user_error and message.startswith(self.AFTER_ERROR))
 
 
 def user_error_names() -> set[str]:
@@ -115,7 +113,7 @@ def quiet_prefect_console() -> None:
 
 def stage_tags(root: Path) -> list[str]:
     """Prefect tags of a run in project ``root``: ``tlpipe``, ``project:<name>``, plus ``$TLPIPE_PREFECT_TAGS``."""
-    from tlpipe.prefect_server import main_project_root
+    from tlpipe.ops.prefect_server import main_project_root
 
     extra = [tag.strip() for tag in os.environ.get(TAGS_ENV, "").split(",") if tag.strip()]
     return list(dict.fromkeys(["tlpipe", f"project:{main_project_root(root).name}", *extra]))
@@ -127,7 +125,7 @@ def use_project_prefect(root: Path) -> str | None:
     Call before Prefect is imported (the CLI does): it sets ``$PREFECT_API_URL``.
     Returns None when ``$PREFECT_API_URL`` was already set or ephemeral mode is asked for.
     """
-    from tlpipe.prefect_server import api_url_for
+    from tlpipe.ops.prefect_server import api_url_for
 
     url = api_url_for(root)
     if url:
@@ -146,9 +144,9 @@ def prefect_context(root: Path) -> Iterator[None]:
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     url = use_project_prefect(root)
-    with temporary_settings(updates={PREFECT_API_URL: url}) if url else nullcontext():
-        with prefect.tags(*stage_tags(root)):
-            yield
+    with temporary_settings(updates={PREFECT_API_URL: url}) if url else nullcontext(), \
+            prefect.tags(*stage_tags(root)):
+        yield
 
 
 def run_stage(flow_fn: Callable[..., Any], **parameters: Any) -> None:
@@ -157,7 +155,7 @@ def run_stage(flow_fn: Callable[..., Any], **parameters: Any) -> None:
     Exit code 0 on success; a user error's code (1, or 2) with one line on stderr;
     any other exception propagates (a bug: full traceback).
     """
-    from tlpipe.paths import find_root
+    from tlpipe.core.paths import find_root
 
     name = getattr(flow_fn, "name", getattr(flow_fn, "__name__", "stage"))
     debug = debug_enabled(sys.argv[1:])

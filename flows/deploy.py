@@ -17,8 +17,8 @@ from pathlib import Path
 
 from prefect.schedules import Cron
 
-from tlpipe.config import load_params
 from flows.retrain import retrain_flow
+from tlpipe.core.params import load_params
 
 
 def build_schedule(root: Path, cron: str | None) -> tuple[str, Cron, str]:
@@ -54,7 +54,7 @@ def ensure_work_pool(name: str) -> bool:
     from prefect.client.schemas.actions import WorkPoolCreate
     from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 
-    from tlpipe.errors import UsageError
+    from tlpipe.core.errors import UsageError
 
     with get_client(sync_client=True) as client:
         try:

@@ -4,11 +4,7 @@ from __future__ import annotations
 
 from prefect import flow
 
-from tlpipe import store, tracking
-from tlpipe.config import load_stage_params, stage_param_values
-from tlpipe.ingest import hash_manifest
-from tlpipe.paths import project_paths
-from tasks.common import check_tracking
+from tasks.common import check_tracking, load_stage_inputs
 from tasks.evaluate import (
     evaluate_all,
     log_evaluation,
@@ -17,6 +13,8 @@ from tasks.evaluate import (
     write_metrics,
     write_report,
 )
+from tlpipe.core.task import stage_param_values
+from tlpipe.tracking.runs import stage_run
 
 
 @flow(name="evaluate")
@@ -29,15 +27,14 @@ def evaluate_flow(root: str | None = None) -> dict:
     Args:
         root: Project root (default: found from the working directory).
     """
-    paths = project_paths(root)
-    params = load_stage_params(paths.params, paths.selection)
+    stage = load_stage_inputs(root)
+    paths, params, data_hash = stage.paths, stage.params, stage.data_hash
     check_tracking(paths.root)
-    data_hash = hash_manifest(store.load_manifest(paths.store))
     stage_params = stage_param_values(params, paths.root, "evaluate")  # dvc.yaml's list for the stage
-    with tracking.stage_run("evaluate", paths.root, stage_params, data_hash):  # spans the stage's work
+    with stage_run("evaluate", paths.root, stage_params, data_hash) as run_id:  # spans the stage's work
         result = evaluate_all(paths, params)
-        accuracies = write_metrics(result, paths.metrics)
-        evaluation = log_evaluation(paths, params, result, data_hash)  # joins this stage run
+        accuracies = write_metrics(result, paths)
+        evaluation = log_evaluation(paths, params, result, data_hash, run_id)
         promotion = register_and_gate(paths, params, result, evaluation, data_hash)
         report = write_report(paths, result, promotion, evaluation, data_hash)
         publish_artifacts(paths.root, result, promotion, report, evaluation)

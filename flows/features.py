@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from prefect import flow
 
-from tlpipe import store, tracking
-from tlpipe.config import load_stage_params, stage_param_values
-from tlpipe.ingest import hash_manifest
-from tlpipe.paths import project_paths
+from tasks.common import load_stage_inputs
 from tasks.features import check_backbone_weights, extract, log_features, write_metrics
+from tlpipe.core.task import stage_param_values
+from tlpipe.tracking.runs import stage_run
 
 
 @flow(name="features")
@@ -18,16 +17,14 @@ def features_flow(root: str | None = None) -> dict:
     Args:
         root: Project root (default: found from the working directory).
     """
-    paths = project_paths(root)
-    params = load_stage_params(paths.params, paths.selection)
-    data_hash = hash_manifest(store.load_manifest(paths.store))
+    stage = load_stage_inputs(root)
+    paths, params = stage.paths, stage.params
     # the stage run spans the work; opening it checks the store first (fails fast when unreachable)
     stage_params = stage_param_values(params, paths.root, "features")  # dvc.yaml's list for the stage
-    with tracking.stage_run("features", paths.root, stage_params, data_hash) as run_id:
-        image_size = store.read_npy_header(store.split_path(paths.store, "train"))[0][1]
-        check_backbone_weights(params.features, image_size)
+    with stage_run("features", paths.root, stage_params, stage.data_hash) as run_id:
+        check_backbone_weights(params.features, paths.store)
         meta = extract(paths.store, paths.features, params.features)
-        write_metrics(meta, paths.metrics / "features.json")
+        write_metrics(meta, paths.stage_metrics("features"))
         log_features(run_id, paths.root, params.features, meta, paths.features, paths.store, params.data.source)
     return meta
 

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 from prefect import flow
 
-from tlpipe import store, tracking
-from tlpipe.config import load_stage_params, stage_param_values
-from tlpipe.ingest import hash_manifest
-from tlpipe.models import NETWORK_MODELS
-from tlpipe.paths import project_paths
+from tasks.common import load_stage_inputs
 from tasks.features import check_backbone_weights
 from tasks.finetune import log_networks, train, write_metrics
+from tlpipe.core.names import NETWORK_MODELS
+from tlpipe.core.task import stage_param_values
+from tlpipe.tracking.runs import stage_run
 
 
 @flow(name="finetune")
@@ -21,16 +20,14 @@ def finetune_flow(root: str | None = None, kinds: list[str] | None = None) -> di
         root: Project root (default: found from the working directory).
         kinds: Which networks (default both).
     """
-    paths = project_paths(root)
-    params = load_stage_params(paths.params, paths.selection)
-    data_hash = hash_manifest(store.load_manifest(paths.store))
+    stage = load_stage_inputs(root)
+    paths, params, data_hash = stage.paths, stage.params, stage.data_hash
     stage_params = stage_param_values(params, paths.root, "finetune")  # dvc.yaml's list for the stage
     # the stage run spans the work; opening it checks the store first (fails fast when unreachable)
-    with tracking.stage_run("finetune", paths.root, stage_params, data_hash) as run_id:
-        image_size = store.read_npy_header(store.split_path(paths.store, "train"))[0][1]
-        check_backbone_weights(params.features, image_size)
+    with stage_run("finetune", paths.root, stage_params, data_hash) as run_id:
+        check_backbone_weights(params.features, paths.store)
         results = train(paths.store, paths.finetune_models, params, list(kinds or NETWORK_MODELS))
-        write_metrics(results, paths.metrics / "finetune.json")
+        write_metrics(results, paths.stage_metrics("finetune"))
         log_networks(run_id, paths.root, params, results, paths.finetune_models, paths.store, data_hash)
     return results
 

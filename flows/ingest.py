@@ -6,10 +6,10 @@ import time
 
 from prefect import flow
 
-from tlpipe import tracking
-from tlpipe.config import load_stage_params, stage_param_values
-from tlpipe.paths import project_paths
 from tasks.ingest import build_store, list_source_files, log_ingest, write_data_report
+from tlpipe.core.paths import project_paths
+from tlpipe.core.task import load_stage_params, stage_param_values
+from tlpipe.tracking.runs import stage_run
 
 
 @flow(name="ingest")
@@ -23,11 +23,11 @@ def ingest_flow(root: str | None = None) -> dict:
     params = load_stage_params(paths.params, paths.selection)
     # the stage run spans the work; opening it checks the store first (fails fast when unreachable)
     stage_params = stage_param_values(params, paths.root, "ingest")  # dvc.yaml's list for the stage
-    with tracking.stage_run("ingest", paths.root, stage_params) as run_id:
+    with stage_run("ingest", paths.root, stage_params) as run_id:
         start = time.perf_counter()
         listing = list_source_files(params.data)
         report = build_store(listing, params.data, paths.store)
-        artifacts = write_data_report(report, paths.reports("ingest"), paths.metrics / "ingest.json")
+        artifacts = write_data_report(report, paths.reports("ingest"), paths.stage_metrics("ingest"))
         log_ingest(run_id, paths.root, params.data, report, artifacts, time.perf_counter() - start, paths.store)
     return {k: report[k] for k in ("images_kept", "files_found", "rejected", "counts", "data_hash")}
 

@@ -4,15 +4,22 @@ from __future__ import annotations
 
 from prefect import flow
 
-from tlpipe import tracking
-from tlpipe.lock import pipeline_lock
-from tlpipe.paths import ProjectPaths, project_paths
+from flows.common import TAGS_ENV, stage_tags
 from tasks.common import get_logger
 from tasks.pipeline import (
-    check_inputs, close_pipeline_run, current_prefect_api_url, open_pipeline_run, publish_artifacts, read_results, run_dvc,
+    check_inputs,
+    close_pipeline_run,
+    current_prefect_api_url,
+    open_pipeline_run,
+    publish_artifacts,
+    read_results,
+    run_dvc,
     tag_pipeline_run,
 )
-from flows.common import TAGS_ENV, stage_tags
+from tlpipe.core.paths import ProjectPaths, project_paths
+from tlpipe.ops.lock import pipeline_lock
+from tlpipe.tracking.connection import EXPERIMENT_ENV, tracking_uri
+from tlpipe.tracking.tags import PARENT_ENV
 
 
 @flow(name="pipeline")
@@ -44,8 +51,8 @@ def run_pipeline(paths: ProjectPaths, overrides: list[str], experiment: bool, fo
     tags = tag_pipeline_run([*stage_tags(paths.root), f"pipeline:{flow_run.id}"])
     check_inputs(paths.root, overrides)  # before DVC removes any output
     parent, experiment_name = open_pipeline_run(paths.root, overrides)  # the task's MLflow experiment
-    env = {tracking.PARENT_ENV: parent, tracking.EXPERIMENT_ENV: experiment_name, "TLPIPE_ROOT": str(paths.root),
-           TAGS_ENV: ",".join(tags)}
+    env = {PARENT_ENV: parent, EXPERIMENT_ENV: experiment_name, "TLPIPE_ROOT": str(paths.root),
+           TAGS_ENV: ",".join(tags), "MLFLOW_TRACKING_URI": tracking_uri(paths.root)}  # the parent run's store
     if api_url := current_prefect_api_url():
         env["PREFECT_API_URL"] = api_url  # stage flows report to this flow's Prefect server
     status, stages = "FAILED", []

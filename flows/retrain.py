@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from prefect import flow
 
-from tlpipe.config import check_run_inputs
-from tlpipe.paths import project_paths
+from flows.pipeline import pipeline_flow
 from tasks.common import get_logger
 from tasks.pipeline import dvc_status
-from flows.pipeline import pipeline_flow
+from tlpipe.core.paths import project_paths
+from tlpipe.core.task import check_run_inputs
 
 UP_TO_DATE = "DVC: data and pipelines are up to date; champion kept"
 

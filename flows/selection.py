@@ -9,10 +9,12 @@ from pathlib import Path
 from prefect import flow, unmapped
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from tlpipe import selection, tracking
-from tlpipe.config import load_params, stage_param_values
-from tlpipe.paths import project_paths
-from tasks.selection import decode_images, log_selection, probe, split_source, write_outputs
+from tasks.selection import decide, decode_images, log_selection, probe, split_source, write_outputs
+from tlpipe.core.params import load_params
+from tlpipe.core.paths import project_paths
+from tlpipe.core.task import stage_param_values
+from tlpipe.tracking.runs import stage_run
+from tlpipe.train import selection
 
 
 @flow(name="select", task_runner=ThreadPoolTaskRunner(max_workers=1))  # one probe at a time: each uses every core
@@ -25,7 +27,7 @@ def select_flow(root: str | None = None) -> dict:
     paths = project_paths(root)
     params = load_params(paths.params)
     stage_params = stage_param_values(params, paths.root, "select")  # dvc.yaml's list for the stage
-    with tracking.stage_run("select", paths.root, stage_params) as run_id:
+    with stage_run("select", paths.root, stage_params) as run_id:
         start = time.perf_counter()
         candidates, excluded = selection.list_candidates(params), {}
         results, plan, budget = [], [], 0.0
@@ -45,12 +47,9 @@ def select_flow(root: str | None = None) -> dict:
                         scored = [future.result() for future in futures]
                         results += scored
                         alive = selection.next_candidates(alive, scored, params.select.eta)
-        last = [r for r in results if r.round == len(plan) - 1]
-        choice = selection.choose(candidates, last)
-        table = selection.candidates_table(candidates, results, choice, excluded)
-        summary = selection.race_summary(table, choice, plan, budget, time.perf_counter() - start)
+        choice, table, summary = decide(candidates, results, excluded, plan, budget, time.perf_counter() - start)
         report_dir = paths.reports("select")
-        write_outputs(choice, table, summary, paths.selection, report_dir, paths.metrics / "select.json")
+        write_outputs(choice, table, summary, paths.selection, report_dir, paths.stage_metrics("select"))
         log_selection(run_id, paths.root, choice, summary, report_dir)
     return selection.selection_payload(choice)
 

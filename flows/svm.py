@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from prefect import flow
 
-from tlpipe import store, tracking
-from tlpipe.config import load_stage_params, stage_param_values
-from tlpipe.ingest import hash_manifest
-from tlpipe.paths import project_paths
+from tasks.common import load_stage_inputs
 from tasks.svm import log_svms, train, write_metrics
+from tlpipe.core.task import stage_param_values
+from tlpipe.tracking.runs import stage_run
 
 
 @flow(name="svm")
@@ -18,14 +17,13 @@ def svm_flow(root: str | None = None) -> dict:
     Args:
         root: Project root (default: found from the working directory).
     """
-    paths = project_paths(root)
-    params = load_stage_params(paths.params, paths.selection)
-    data_hash = hash_manifest(store.load_manifest(paths.store))
+    stage = load_stage_inputs(root)
+    paths, params, data_hash = stage.paths, stage.params, stage.data_hash
     stage_params = stage_param_values(params, paths.root, "svm")  # dvc.yaml's list for the stage
     # the stage run spans the work; opening it checks the store first (fails fast when unreachable)
-    with tracking.stage_run("svm", paths.root, stage_params, data_hash) as run_id:
+    with stage_run("svm", paths.root, stage_params, data_hash) as run_id:
         summaries = train(paths.store, paths.features, paths.svm_models, params)
-        write_metrics(summaries, paths.metrics / "svm.json")
+        write_metrics(summaries, paths.stage_metrics("svm"))
         log_svms(run_id, paths.root, params, summaries, paths.svm_models, paths.store, paths.features, data_hash)
     return summaries
 

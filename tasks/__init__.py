@@ -3,6 +3,6 @@
 Telemetry is switched off before Prefect is imported (see ``flows/__init__.py``).
 """
 
-from tlpipe.tracking import quiet_telemetry
+from tlpipe.tracking.connection import quiet_telemetry
 
 quiet_telemetry()

@@ -1,15 +1,23 @@
-"""Helpers shared by the tasks: progress reporting and stage logging."""
+"""Helpers shared by the tasks: progress reporting, the stage preamble, model runs and logged models."""
 
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 from prefect import get_run_logger, task
 from prefect.exceptions import MissingContextError
 
-from tlpipe import tracking
+from tlpipe.core.hashing import file_sha256
+from tlpipe.core.params import Params
+from tlpipe.core.paths import ProjectPaths
+from tlpipe.tracking.connection import connect, tracking_uri
+from tlpipe.tracking.records import log_datasets, log_params, set_tags
+from tlpipe.tracking.runs import model_run
+from tlpipe.tracking.tags import MODEL_ID_TAG, MODEL_SHA_TAG, MODEL_TAG, PYFUNC_URI_TAG
 
 
 def get_logger():
@@ -43,7 +51,7 @@ def report_progress(label: str, steps: int = 4):
 
 def retry_unless_user_error(task, task_run, state) -> bool:
     """Prefect ``retry_condition_fn``: retry transient failures, never a user error (a retry cannot fix it)."""
-    from tlpipe.errors import UserError
+    from tlpipe.core.errors import UserError
 
     return not isinstance(state.data, UserError)
 
@@ -52,19 +60,50 @@ def retry_unless_user_error(task, task_run, state) -> bool:
 def check_tracking(root: Path) -> str:
     """Fail fast, before any work, when the MLflow store is unreachable; return its URI.
 
-    Retries live in :func:`tlpipe.tracking.connect` (bounded, with back-off).
+    Retries live in :func:`tlpipe.tracking.connection.connect` (bounded, with back-off).
     """
-    tracking.connect(root)
-    return tracking.tracking_uri(root)
+    connect(root)
+    return tracking_uri(root)
 
 
-file_sha256 = tracking.file_sha256
-"""SHA-256 of a file, streamed (re-exported from :mod:`tlpipe.tracking`)."""
+@dataclass(frozen=True)
+class StageInputs:
+    """What every training and evaluation stage opens with: the project's paths, its params and the data hash."""
+
+    paths: ProjectPaths
+    params: Params
+    data_hash: str
 
 
-def log_image_model(name: str, model_path: Path, store_dir: Path, features_dir: Path | None, params,
-                    step: int = 0, tags: dict[str, str] | None = None) -> str:
-    """Log a trained model as its one MLflow model (the image-taking pyfunc), in the active run.
+def load_stage_inputs(root: str | Path | None) -> StageInputs:
+    """The stage preamble: project paths, the params with the select stage's choice applied, the store's hash."""
+    from tlpipe.core.paths import project_paths
+    from tlpipe.core.task import load_stage_params
+    from tlpipe.data import store
+    from tlpipe.data.ingest import hash_manifest
+
+    paths = project_paths(root)
+    params = load_stage_params(paths.params, paths.selection)
+    return StageInputs(paths, params, hash_manifest(store.load_manifest(paths.store)))
+
+
+@contextmanager
+def trained_model_run(client, stage_run_id: str, name: str, family: str, data_hash: str,
+                      run_params: Mapping[str, object], store_dir: Path, source: str) -> Iterator[tuple[str, dict]]:
+    """One trained model's MLflow run under the stage run: tagged with the data hash and family, its params
+    and its train and validation datasets logged.
+
+    Yields:
+        The model run id and ``{"train": dataset, "val": dataset}``.
+    """
+    with model_run(client, name, stage_run_id, {"tlpipe.data_hash": data_hash, "tlpipe.family": family}) as run_id:
+        log_params(client, run_id, run_params)
+        yield run_id, log_datasets(client, run_id, store_dir, source, ("train", "val"))
+
+
+def log_image_model(client, run_id: str, name: str, model_path: Path, store_dir: Path, features_dir: Path | None,
+                    params, step: int = 0, tags: dict[str, str] | None = None) -> str:
+    """Log a trained model as its one MLflow model (the image-taking pyfunc) into run ``run_id``.
 
     The logged model gets the run's params (MLflow copies them), the run's metrics
     at ``step`` (so pass the best epoch for a network) and tags naming the model and
@@ -74,15 +113,12 @@ def log_image_model(name: str, model_path: Path, store_dir: Path, features_dir: 
     Returns:
         The logged model's URI (``models:/<model id>``).
     """
-    import mlflow
-
-    from tlpipe.models import model_family
-    from tlpipe.pyfunc import log_trained_model
+    from tlpipe.core.names import model_family
+    from tlpipe.tracking.logged_models import log_trained_model
 
     sha = file_sha256(model_path)
-    info = log_trained_model(name, model_path, store_dir, features_dir, params, step=step,
+    info = log_trained_model(client, run_id, name, model_path, store_dir, features_dir, params, step=step,
                              model_type=model_family(name),
-                             tags={tracking.MODEL_TAG: name, tracking.MODEL_SHA_TAG: sha, **(tags or {})})
-    mlflow.set_tags({tracking.MODEL_SHA_TAG: sha, tracking.PYFUNC_URI_TAG: info.model_uri,
-                     tracking.MODEL_ID_TAG: info.model_id})
+                             tags={MODEL_TAG: name, MODEL_SHA_TAG: sha, **(tags or {})})
+    set_tags(client, run_id, {MODEL_SHA_TAG: sha, PYFUNC_URI_TAG: info.model_uri, MODEL_ID_TAG: info.model_id})
     return info.model_uri

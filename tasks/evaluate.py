@@ -2,7 +2,7 @@
 
 Order (see ``flows/evaluate.py``): evaluate every model; write the DVC metrics;
 log to MLflow (retried: it only logs); register and gate (never retried, and
-idempotent per evaluate execution: :func:`tlpipe.registry.register_and_gate`);
+idempotent per evaluate execution: :func:`tlpipe.tracking.registry.register_and_gate`);
 write ``promotion.json`` and ``report.html`` (the report shows the decision, so
 it comes after the gate); publish the Prefect artifacts.
 """
@@ -13,16 +13,26 @@ from pathlib import Path
 
 from prefect import task
 
-from tlpipe import ensemble, evaluate, registry, selection, store, tracking
-from tlpipe.config import Params, resolve_task, stage_param_values
-from tlpipe.formats import format_score, round_score
-from tlpipe.models import ENSEMBLE_MODEL, model_file
-from tlpipe.paths import ProjectPaths
-from tlpipe.pause import pause_point
 from tasks.common import get_logger, log_image_model
+from tlpipe.core.hashing import file_sha256
+from tlpipe.core.names import ENSEMBLE_MODEL, model_file
+from tlpipe.core.params import Params
+from tlpipe.core.paths import ProjectPaths
+from tlpipe.core.task import resolve_task
+from tlpipe.data import store
+from tlpipe.evaluation import ensemble, evaluate
+from tlpipe.evaluation.metrics import dvc_metrics
+from tlpipe.evaluation.report import build_report
+from tlpipe.ops.pause import pause_point
+from tlpipe.render.formats import format_score, round_score
+from tlpipe.tracking import registry
+from tlpipe.tracking.connection import connect, ensure_experiment
+from tlpipe.tracking.records import find_model_run, log_datasets, log_metrics, log_params, log_test_metrics, set_tags
+from tlpipe.tracking.runs import model_run
+from tlpipe.tracking.tags import MODEL_ID_TAG, MODEL_SHA_TAG, MODEL_TAG, PYFUNC_URI_TAG, TASK_TAG
+from tlpipe.train import selection
 
-SCALARS = ("accuracy", "balanced_accuracy", "f1_macro", "roc_auc")
-DETAIL_METRICS = "evaluate_detail.json"
+DETAIL_METRICS = "evaluate_detail"
 """Second metrics file of the stage (next to ``evaluate.json``): balanced accuracy, macro F1, ROC AUC."""
 
 
@@ -42,11 +52,11 @@ def evaluate_all(paths: ProjectPaths, params: Params) -> dict:
 
 
 @task(name="write-evaluate-metrics", retries=2, retry_delay_seconds=[1, 4])
-def write_metrics(result: dict, metrics_dir: Path) -> dict:
+def write_metrics(result: dict, paths: ProjectPaths) -> dict:
     """Write ``metrics/evaluate.json`` (``{model: {acc}}``) and ``metrics/evaluate_detail.json``; numbers only."""
-    accuracies, details = evaluate.dvc_metrics(result["metrics"])
-    store.write_json(Path(metrics_dir) / "evaluate.json", accuracies)
-    store.write_json(Path(metrics_dir) / DETAIL_METRICS, details)
+    accuracies, details = dvc_metrics(result["metrics"])
+    store.write_json(paths.stage_metrics("evaluate"), accuracies)
+    store.write_json(paths.stage_metrics(DETAIL_METRICS), details)
     return accuracies
 
 
@@ -61,42 +71,40 @@ def find_model_runs(client, experiment_id: str, paths: ProjectPaths, models: lis
     """The MLflow run that logged each model file (matched by the file's hash): run id and pyfunc URI."""
     found = {}
     for name in models:
-        ref = tracking.find_model_run(client, experiment_id, model_path(paths, name))
+        ref = find_model_run(client, experiment_id, model_path(paths, name))
         if ref is not None:
             found[name] = {"run_id": ref.run_id, "pyfunc_uri": ref.model_uri}
     return found
 
 
 @task(name="log-evaluation", retries=2, retry_delay_seconds=[2, 8], timeout_seconds=1800)
-def log_evaluation(paths: ProjectPaths, params: Params, result: dict, data_hash: str) -> dict:
+def log_evaluation(paths: ProjectPaths, params: Params, result: dict, data_hash: str, stage_run_id: str) -> dict:
     """Log test metrics per model and the report folder; make sure the gate's candidate has a logged pyfunc.
 
-    Only logs (a retry logs again, registers nothing). Returns the evaluate
-    stage run id (the key of this execution for the gate), the experiment id,
-    the candidate's pyfunc URI and each model's MLflow run.
+    Only logs (a retry logs again, registers nothing), onto the evaluate stage run
+    ``stage_run_id`` that the flow opened. Returns that run id (the key of this
+    execution for the gate), the experiment id, the candidate's pyfunc URI and each
+    model's MLflow run.
     """
-    import mlflow
-
     pause_point("evaluate.logging")  # metrics published, not yet logged: a fault test acts here
     out_dir = paths.reports("evaluate")
-    client = tracking.connect(paths.root)
-    experiment_id = tracking.ensure_experiment(client, paths.root)
-    stage_params = stage_param_values(params, paths.root, "evaluate")  # as the flow opened the run
-    with tracking.stage_run("evaluate", paths.root, stage_params, data_hash, client=client) as run_id:
-        log_ensemble_tries(client, run_id, result.get("ensemble"))
-        if ENSEMBLE_MODEL in result["metrics"]:  # its own model run first, so its test metrics land on it below
-            log_ensemble(client, experiment_id, run_id, paths, params, result, data_hash)
-        for name, values in result["metrics"].items():  # onto each model's own run and logged model
-            tracking.log_test_metrics(client, experiment_id, model_path(paths, name),
-                                      values, paths.store, params.data.source)
-        mlflow.log_artifacts(str(out_dir), "evaluate")
-        candidate = result["candidate"]
-        model_runs = find_model_runs(client, experiment_id, paths, list(result["metrics"]))
-        uri = model_runs.get(candidate, {}).get("pyfunc_uri")
-        if uri is None:  # trained outside this store: log its pyfunc here, once per attempt, never registered twice
-            uri = log_image_model(candidate, model_file(paths.svm_models, paths.finetune_models, candidate),
-                                  paths.store, paths.features, params)
-        mlflow.set_tags({"tlpipe.candidate": candidate, "tlpipe.best_on_test": result["best"]["model"]})
+    client = connect(paths.root)
+    experiment_id = ensure_experiment(client, paths.root)
+    run_id = stage_run_id
+    log_ensemble_tries(client, run_id, result.get("ensemble"))
+    if ENSEMBLE_MODEL in result["metrics"]:  # its own model run first, so its test metrics land on it below
+        log_ensemble(client, experiment_id, run_id, paths, params, result, data_hash)
+    for name, values in result["metrics"].items():  # onto each model's own run and logged model
+        log_test_metrics(client, experiment_id, model_path(paths, name), values, paths.store, params.data.source)
+    client.log_artifacts(run_id, str(out_dir), "evaluate")
+    candidate = result["candidate"]
+    model_runs = find_model_runs(client, experiment_id, paths, list(result["metrics"]))
+    uri = model_runs.get(candidate, {}).get("pyfunc_uri")
+    if uri is None:  # trained outside this store: log its pyfunc here, once per attempt, never registered twice
+        uri = log_image_model(client, run_id, candidate,
+                              model_file(paths.svm_models, paths.finetune_models, candidate),
+                              paths.store, paths.features, params)
+    set_tags(client, run_id, {"tlpipe.candidate": candidate, "tlpipe.best_on_test": result["best"]["model"]})
     return {"run_id": run_id, "experiment_id": experiment_id, "model_uri": uri,
             "model_runs": {name: found["run_id"] for name, found in model_runs.items()}}
 
@@ -107,7 +115,7 @@ def log_ensemble_tries(client, stage_run_id: str, plan: dict | None) -> None:
     for entry in (plan or {}).get("tries", []):
         values = {f"ensemble_{key}": entry.get(key) for key in
                   ("val_accuracy", "val_log_loss", "val_bound", "test_accuracy")}
-        tracking.log_metrics(client, stage_run_id, {**values, "ensemble_kept": float(entry["kept"])}, step=entry["k"])
+        log_metrics(client, stage_run_id, {**values, "ensemble_kept": float(entry["kept"])}, step=entry["k"])
 
 
 def log_ensemble(client, experiment_id: str, stage_run_id: str, paths: ProjectPaths, params: Params, result: dict,
@@ -116,33 +124,30 @@ def log_ensemble(client, experiment_id: str, stage_run_id: str, paths: ProjectPa
 
     The run records the members and temperatures (params), the validation scores it
     was kept by, ``ensemble.json`` and ``ensemble.csv`` (under ``selection/``), and one
-    logged model holding every member (:func:`tlpipe.pyfunc.log_ensemble_classifier`).
+    logged model holding every member (:func:`tlpipe.tracking.logged_models.log_ensemble_classifier`).
     A run that already logged this very ``ensemble.json`` (same members, member files
     and temperatures, matched by hash) is reused, so a retry logs nothing twice.
     """
-    import mlflow
-
-    from tlpipe.pyfunc import log_ensemble_classifier
+    from tlpipe.tracking.logged_models import log_ensemble_classifier
 
     spec = ensemble.spec_path(paths.reports("evaluate"))
-    logged = tracking.find_model_run(client, experiment_id, spec)
+    logged = find_model_run(client, experiment_id, spec)
     if logged is not None and logged.model_uri:
         return logged.model_uri
-    plan, sha = result["ensemble"], tracking.file_sha256(spec)
+    plan, sha = result["ensemble"], file_sha256(spec)
     members = {name: model_file(paths.svm_models, paths.finetune_models, name) for name in plan["members"]}
-    with tracking.model_run(ENSEMBLE_MODEL, stage_run_id, {"tlpipe.data_hash": data_hash,
-                                                           "tlpipe.family": "ensemble"}, client) as run_id:
-        tracking.log_params(client, run_id, ensemble.run_params(plan, result["classes"], data_hash))
-        val = tracking.log_datasets(client, run_id, paths.store, params.data.source, ("val",))["val"]
+    with model_run(client, ENSEMBLE_MODEL, stage_run_id, {"tlpipe.data_hash": data_hash,
+                                                          "tlpipe.family": "ensemble"}) as run_id:
+        log_params(client, run_id, ensemble.run_params(plan, result["classes"], data_hash))
+        val = log_datasets(client, run_id, paths.store, params.data.source, ("val",))["val"]
         scores = {key: plan[key] for key in ("val_accuracy", "val_log_loss", "val_bound")}
-        tracking.log_metrics(client, run_id, {**scores, "validation_score": plan["val_accuracy"]}, dataset=val)
+        log_metrics(client, run_id, {**scores, "validation_score": plan["val_accuracy"]}, dataset=val)
         for path in (spec, spec.with_name(ensemble.TRIES_FILE)):
             client.log_artifact(run_id, str(path), "selection")
-        info = log_ensemble_classifier(ENSEMBLE_MODEL, members, plan["temperatures"], paths.store, paths.features,
-                                       params, model_type="ensemble",
-                                       tags={tracking.MODEL_TAG: ENSEMBLE_MODEL, tracking.MODEL_SHA_TAG: sha})
-        mlflow.set_tags({tracking.MODEL_SHA_TAG: sha, tracking.PYFUNC_URI_TAG: info.model_uri,
-                         tracking.MODEL_ID_TAG: info.model_id})
+        info = log_ensemble_classifier(client, run_id, ENSEMBLE_MODEL, members, plan["temperatures"], paths.store,
+                                       paths.features, params, model_type="ensemble",
+                                       tags={MODEL_TAG: ENSEMBLE_MODEL, MODEL_SHA_TAG: sha})
+        set_tags(client, run_id, {MODEL_SHA_TAG: sha, PYFUNC_URI_TAG: info.model_uri, MODEL_ID_TAG: info.model_id})
     get_logger().info("ensemble (%s): logged to MLflow run %s", " + ".join(plan["members"]), run_id)
     return info.model_uri
 
@@ -159,7 +164,7 @@ def register_and_gate(paths: ProjectPaths, params: Params, result: dict, evaluat
     candidate = result["candidate"]
     data_task = resolve_task(params, paths.root)
     model_name = data_task.model_name
-    client = tracking.connect(paths.root)
+    client = connect(paths.root)
     images, labels = store.load_split(paths.store, "test")
     score = result["selection"].get(candidate)
     decision = registry.register_and_gate(
@@ -167,7 +172,7 @@ def register_and_gate(paths: ProjectPaths, params: Params, result: dict, evaluat
         result["metrics"][candidate]["accuracy"], images, labels, result["classes"],
         params.registry.min_improvement,
         {"tlpipe.data_hash": data_hash, "selection_score": "none" if score is None else format_score(score),
-         tracking.TASK_TAG: data_task.name},
+         TASK_TAG: data_task.name},
         execution_id=evaluation["run_id"])
     get_logger().info(decision.reason)
     return {**decision.to_dict(), "selection_scores": result["selection"],
@@ -176,8 +181,8 @@ def register_and_gate(paths: ProjectPaths, params: Params, result: dict, evaluat
 
 
 def run_link(evaluation: dict, label: str, run_id: str):
-    """A link to one MLflow run of this evaluation's experiment (see :mod:`tlpipe.pipeline_summary`)."""
-    from tlpipe.pipeline_summary import RunLink
+    """A link to one MLflow run of this evaluation's experiment (see :mod:`tlpipe.evaluation.pipeline_summary`)."""
+    from tlpipe.evaluation.pipeline_summary import RunLink
 
     return RunLink(label, run_id, evaluation["experiment_id"])
 
@@ -187,7 +192,7 @@ def write_report(paths: ProjectPaths, result: dict, promotion: dict, evaluation:
     """Write ``promotion.json`` and the self-contained ``report.html`` (atomically); log both to the stage run."""
     out_dir = paths.reports("evaluate")
     store.write_json(out_dir / "promotion.json", promotion)
-    from tlpipe.pipeline_summary import run_url
+    from tlpipe.evaluation.pipeline_summary import run_url
 
     runs = [("evaluate stage run", run_url(run_link(evaluation, "evaluate", evaluation["run_id"])))]
     runs += [(f"{name} run", run_url(run_link(evaluation, name, run_id)))
@@ -197,14 +202,14 @@ def write_report(paths: ProjectPaths, result: dict, promotion: dict, evaluation:
     links = [*runs, ("Report folder", str(out_dir)),
              ("DVC", "dvc metrics show · make exps · dvc plots show")]
     section = selection.report_section(paths.reports("select"))
-    data = evaluate.build_report(out_dir, result, promotion, paths.features, facts, links,
+    data = build_report(out_dir, result, promotion, paths.features, facts, links,
                                  sections=[section] if section else None)
     data = ensemble.add_report_section(data, result)
     path = out_dir / "report.html"
-    from tlpipe.report import write_report as write_html
+    from tlpipe.render.html import write_report as write_html
 
     write_html(path, data)
-    client = tracking.connect(paths.root)
+    client = connect(paths.root)
     for name in ("promotion.json", "report.html"):
         client.log_artifact(evaluation["run_id"], str(out_dir / name), "evaluate")
     client.set_tag(evaluation["run_id"], "tlpipe.promoted", str(promotion["promoted"]))
@@ -214,7 +219,7 @@ def write_report(paths: ProjectPaths, result: dict, promotion: dict, evaluation:
 
 def comparison_rows(result: dict, evaluation: dict) -> list[dict]:
     """Rows of the comparison table artifact: test metrics and MLflow run per model, plus what the gate saw."""
-    from tlpipe.pipeline_summary import comparison_rows as rows_of
+    from tlpipe.evaluation.pipeline_summary import comparison_rows as rows_of
 
     links = {name: run_link(evaluation, name, run_id) for name, run_id in evaluation["model_runs"].items()}
     rows = rows_of(result["metrics"], links)
@@ -239,8 +244,8 @@ def publish_artifacts(root: Path, result: dict, promotion: dict, report_path: st
     """
     from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-    from tlpipe import pipeline_summary as summary
-    from tlpipe.prefect_server import main_project_root
+    from tlpipe.evaluation import pipeline_summary as summary
+    from tlpipe.ops.prefect_server import main_project_root
 
     project = main_project_root(root).name
     key = {what: summary.artifact_key(project, f"evaluate-{what}")

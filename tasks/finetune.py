@@ -7,16 +7,19 @@ from pathlib import Path
 import pandas as pd
 from prefect import task
 
-from tlpipe import store, tracking
-from tlpipe.config import Params
-from tlpipe.features import normalise_weights
-from tasks.common import get_logger, log_image_model
+from tasks.common import get_logger, log_image_model, trained_model_run
+from tlpipe.core.params import Params
+from tlpipe.data import store
+from tlpipe.features.extraction import normalise_weights
+from tlpipe.tracking.connection import get_client
+from tlpipe.tracking.model_params import network_model_params
+from tlpipe.tracking.records import log_datasets, log_metrics, model_id_from_uri
 
 
 @task(name="train-networks")
 def train(store_dir: Path, out_dir: Path, params: Params, kinds: list[str]) -> dict:
     """Train the frozen-base and multi-layer-concat networks; progress per epoch in the logs."""
-    from tlpipe import finetune
+    from tlpipe.train.networks import training
 
     logger = get_logger()
 
@@ -25,7 +28,7 @@ def train(store_dir: Path, out_dir: Path, params: Params, kinds: list[str]) -> d
                     logs.get("loss", float("nan")), logs.get("accuracy", float("nan")),
                     logs.get("val_loss", float("nan")), logs.get("val_accuracy", float("nan")))
 
-    return finetune.train_models(store_dir, out_dir, kinds, params.features.backbone,
+    return training.train_models(store_dir, out_dir, kinds, params.features.backbone,
                                  normalise_weights(params.features.weights), params.finetune, on_epoch=on_epoch)
 
 
@@ -59,33 +62,31 @@ def log_networks(stage_run_id: str, root: Path, params: Params, results: dict, o
     Returns:
         ``{model name: run id}``.
     """
-    client = tracking.get_client(root)
+    client = get_client(root)
     classes = store.load_classes(store_dir)
-    image_size = int(store.read_npy_header(store.split_path(store_dir, "train"))[0][1])
-    tracking.log_datasets(client, stage_run_id, store_dir, params.data.source, ("train", "val"))
+    image_size = store.image_size(store_dir)
+    log_datasets(client, stage_run_id, store_dir, params.data.source, ("train", "val"))
     runs = {}
     for kind, summary in results.items():
-        with tracking.model_run(kind, stage_run_id, {"tlpipe.data_hash": data_hash, "tlpipe.family": "network"},
-                                client) as run_id:
-            tracking.log_params(client, run_id, tracking.network_model_params(kind, summary, params, data_hash,
-                                                                              classes, image_size))
-            datasets = tracking.log_datasets(client, run_id, store_dir, params.data.source, ("train", "val"))
+        run_params = network_model_params(kind, summary, params, data_hash, classes, image_size)
+        with trained_model_run(client, stage_run_id, kind, "network", data_hash, run_params, store_dir,
+                               params.data.source) as (run_id, datasets):
             history = pd.read_csv(out_dir / f"{kind}_history.csv")
             for row in history.to_dict(orient="records"):
                 step = int(row["epoch"])
-                tracking.log_metrics(client, run_id, {CURVES[k]: row[k] for k in ("loss", "accuracy", "seconds")},
-                                     step=step, dataset=datasets["train"])
-                tracking.log_metrics(client, run_id, {CURVES[k]: row[k] for k in ("val_loss", "val_accuracy")},
-                                     step=step, dataset=datasets["val"])
+                log_metrics(client, run_id, {CURVES[k]: row[k] for k in ("loss", "accuracy", "seconds")},
+                            step=step, dataset=datasets["train"])
+                log_metrics(client, run_id, {CURVES[k]: row[k] for k in ("val_loss", "val_accuracy")},
+                            step=step, dataset=datasets["val"])
             for suffix in ("_history.csv", "_curves.png", "_metrics.json"):
                 client.log_artifact(run_id, str(out_dir / f"{kind}{suffix}"), "training")
-            uri = log_image_model(kind, out_dir / f"{kind}.keras", store_dir, None, params,
+            uri = log_image_model(client, run_id, kind, out_dir / f"{kind}.keras", store_dir, None, params,
                                   step=int(summary["best_epoch"]))
-            model_id = tracking.model_id_from_uri(uri)
-            tracking.log_metrics(client, run_id, {
+            model_id = model_id_from_uri(uri)
+            log_metrics(client, run_id, {
                 "best_val_accuracy": summary["best_val_accuracy"], "best_val_loss": summary["best_val_loss"],
                 "validation_score": summary["best_val_accuracy"]}, model_id=model_id, dataset=datasets["val"])
-            tracking.log_metrics(client, run_id, {
+            log_metrics(client, run_id, {
                 "best_epoch": summary["best_epoch"], "train_seconds": summary["train_seconds"],
                 "seconds_per_epoch": summary["seconds_per_epoch"], "cache_seconds": summary.get("cache_seconds")},
                 model_id=model_id)

@@ -7,10 +7,12 @@ from pathlib import Path
 import pandas as pd
 from prefect import task
 
-from tlpipe import ingest, store, tracking
-from tlpipe.config import DataParams
-from tlpipe.sources import SourceListing, list_source
 from tasks.common import get_logger, report_progress, retry_unless_user_error
+from tlpipe.core.params import DataParams
+from tlpipe.core.sources import SourceListing, list_source
+from tlpipe.data import ingest, store
+from tlpipe.tracking.connection import get_client
+from tlpipe.tracking.records import log_datasets, log_metrics, set_tags
 
 
 @task(name="list-source", retries=2, retry_delay_seconds=[1, 4], timeout_seconds=600,
@@ -54,16 +56,16 @@ def log_ingest(run_id: str, root: Path, params: DataParams, report: dict, artifa
     Not retried by Prefect (MLflow retries its own requests): it writes to a run
     the flow owns, and a repeat would only log the same values again.
     """
-    client = tracking.get_client(root)
+    client = get_client(root)
     metrics = {"images_kept": report["images_kept"], "files_found": report["files_found"],
                "rejected": report["rejected"], "stage_seconds": seconds,
                "images_per_second": report["files_found"] / seconds if seconds else 0.0}
     for split, per_class in report["counts"].items():
         for class_name, count in per_class.items():
             metrics[f"count.{split}.{class_name}"] = count
-    tracking.log_metrics(client, run_id, metrics)
-    tracking.set_tags(client, run_id, {"tlpipe.classes": ",".join(report["classes"]), "tlpipe.source": report["source"],
+    log_metrics(client, run_id, metrics)
+    set_tags(client, run_id, {"tlpipe.classes": ",".join(report["classes"]), "tlpipe.source": report["source"],
                                        "tlpipe.data_hash": report["data_hash"]})
     for path in artifacts:
         client.log_artifact(run_id, str(path), "ingest")
-    tracking.log_datasets(client, run_id, store_dir, params.source, store.SPLITS)
+    log_datasets(client, run_id, store_dir, params.source, store.SPLITS)

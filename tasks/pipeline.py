@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import sys
@@ -11,11 +10,15 @@ from pathlib import Path
 
 from prefect import task
 
-from tlpipe import tracking
-from tlpipe.config import check_run_inputs
-from tlpipe.errors import UserError
-from tlpipe.process_group import guarded_group
 from tasks.common import get_logger, retry_unless_user_error
+from tlpipe.core.errors import UserError
+from tlpipe.core.paths import project_paths
+from tlpipe.core.task import check_run_inputs
+from tlpipe.ops.dvc import capture_dvc, dvc_command, dvc_env
+from tlpipe.ops.process_group import guarded_group
+from tlpipe.tracking.connection import connect, ensure_experiment, experiment_name
+from tlpipe.tracking.records import log_datasets
+from tlpipe.tracking.runs import create_pipeline_run
 
 STAGE_LINE = re.compile(r"Running stage '([^']+)'")
 ERROR_LINE = re.compile(r"(^tlpipe [\w-]+: error: |^ERROR: )")
@@ -43,14 +46,13 @@ def current_prefect_api_url() -> str | None:
         return None
 
 
-def dvc_command(overrides: list[str], experiment: bool, force_stages: list[str]) -> list[list[str]]:
+def dvc_commands(overrides: list[str], experiment: bool, force_stages: list[str]) -> list[list[str]]:
     """The DVC command lines to run: forced stages first, then the whole pipeline."""
-    dvc = [sys.executable, "-m", "dvc"]
-    commands = [[*dvc, "repro", "--force", "--single-item", stage] for stage in force_stages]
+    commands = [dvc_command("repro", "--force", "--single-item", stage) for stage in force_stages]
     if experiment or overrides:
-        commands.append([*dvc, "exp", "run", *[arg for o in overrides for arg in ("-S", o)]])
+        commands.append(dvc_command("exp", "run", *[arg for o in overrides for arg in ("-S", o)]))
     else:
-        commands.append([*dvc, "repro"])
+        commands.append(dvc_command("repro"))
     return commands
 
 
@@ -59,25 +61,25 @@ def dvc_command(overrides: list[str], experiment: bool, force_stages: list[str])
 @task(name="check-inputs", retries=0)
 def check_inputs(root: Path, overrides: list[str]) -> None:
     """Reject a bad ``params.yaml`` (or ``-S`` override) and a missing source before DVC starts: DVC would
-    remove the first stage's outputs before that stage rejects them (:func:`tlpipe.config.check_run_inputs`)."""
+    remove the first stage's outputs before that stage rejects them (:func:`tlpipe.core.task.check_run_inputs`)."""
     check_run_inputs(root, overrides)
 
 
 def open_pipeline_run(root: Path, overrides: list[str]) -> tuple[str, str]:
     """Create the MLflow pipeline (parent) run that every stage run attaches to, in the experiment of the
     task the run is for (``params.yaml`` with ``overrides``); return its id and that experiment's name."""
-    client = tracking.connect(root)
-    experiment = tracking.experiment_name(root, overrides)
-    experiment_id = tracking.ensure_experiment(client, root, experiment)
+    client = connect(root)
+    experiment = experiment_name(root, overrides)
+    experiment_id = ensure_experiment(client, root, experiment)
     tags = {"tlpipe.overrides": " ".join(overrides)} if overrides else {}
-    return tracking.create_pipeline_run(client, experiment_id, root, tags), experiment
+    return create_pipeline_run(client, experiment_id, root, tags), experiment
 
 
 @task(name="close-pipeline-run", retries=2, retry_delay_seconds=[2, 8], timeout_seconds=120)
 def close_pipeline_run(root: Path, run_id: str, status: str, stages: list[str], metrics: dict) -> None:
     """Record what ran, the data set's splits (the runs table's Dataset column) and the resulting test
     accuracies on the pipeline run, then end it."""
-    client = tracking.connect(root)
+    client = connect(root)
     client.set_tag(run_id, "tlpipe.stages_ran", ",".join(stages) or "none")
     log_store_splits(client, root, run_id)
     for model, values in metrics.items():
@@ -91,16 +93,16 @@ def log_store_splits(client, root: Path, run_id: str) -> None:
 
     Never raises (it runs while the pipeline run is closed, maybe after a failure): a problem is a warning.
     """
-    from tlpipe import store
-    from tlpipe.config import load_params
-    from tlpipe.paths import project_paths
+    from tlpipe.core.params import load_params
+    from tlpipe.core.paths import project_paths
+    from tlpipe.data import store
 
     store_dir = project_paths(root).store
     if not (store_dir / store.MANIFEST).is_file():
         return
     try:
         source = load_params(Path(root) / "params.yaml").data.source
-        tracking.log_datasets(client, run_id, store_dir, source, store.SPLITS)
+        log_datasets(client, run_id, store_dir, source, store.SPLITS)
     except Exception as error:  # noqa: BLE001 - the pipeline's own outcome matters more
         get_logger().warning("could not log the data set on the pipeline run: %s: %s", type(error).__name__, error)
 
@@ -115,13 +117,11 @@ def run_dvc(root: Path, overrides: list[str], experiment: bool, force_stages: li
     """
     logger = get_logger()
     ran: list[str] = []
-    # dvc.yaml runs `python -m flows.<stage>`: make that this interpreter, activated venv or not
-    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
-    env = {**os.environ, **env, "PATH": path}
-    for command in dvc_command(overrides, experiment, force_stages):
+    env = dvc_env(env)  # dvc.yaml runs `bin/python -m flows.<stage>`: this interpreter, activated venv or not
+    for command in dvc_commands(overrides, experiment, force_stages):
         logger.info("$ %s", " ".join(command[2:]))
         # its own process group, stopped (with the stage processes) however this task ends; a watchdog
-        # stops it if this process is SIGKILLed (tlpipe.process_group). The pipeline lock outlives it.
+        # stops it if this process is SIGKILLed (tlpipe.ops.process_group). The pipeline lock outlives it.
         with guarded_group(command, "dvc", cwd=root, env=env, stdout=subprocess.PIPE,
                            stderr=subprocess.STDOUT, text=True, bufsize=1) as process:
             tail: list[str] = []
@@ -167,11 +167,11 @@ def publish_artifacts(root: Path, pipeline_run_id: str, metrics: dict, promotion
     """
     from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-    from tlpipe import pipeline_summary as summary
+    from tlpipe.evaluation import pipeline_summary as summary
 
-    detail = root / "metrics" / "evaluate_detail.json"
+    detail = project_paths(root).stage_metrics("evaluate_detail")
     metrics = summary.merge_metrics(metrics, json.loads(detail.read_text()) if detail.is_file() else {})
-    client = tracking.connect(root)
+    client = connect(root)
     pipeline, stages, models = summary.find_runs(client, pipeline_run_id)
     project = root.name
     keys = {name: summary.artifact_key(project, f"pipeline-{name}")
@@ -197,7 +197,7 @@ def read_results(root: Path) -> tuple[dict, dict]:
     def read(path: Path) -> dict:
         return json.loads(path.read_text()) if path.exists() else {}
 
-    return read(root / "metrics" / "evaluate.json"), read(root / "reports" / "evaluate" / "promotion.json")
+    return read(project_paths(root).stage_metrics("evaluate")), read(root / "reports" / "evaluate" / "promotion.json")
 
 
 class DvcStatusError(UserError, RuntimeError):
@@ -215,8 +215,7 @@ def dvc_status(root: Path) -> dict[str, list]:
     Raises:
         DvcStatusError: When DVC fails, with its message.
     """
-    result = subprocess.run([sys.executable, "-m", "dvc", "status", "--json"], cwd=root, capture_output=True,
-                            text=True, timeout=3600)
+    result = capture_dvc(root, ["status", "--json"], timeout_s=3600)
     lines = [line for line in result.stdout.splitlines() if line.strip()]
     if result.returncode != 0 or not lines:
         detail = (result.stderr or result.stdout).strip().splitlines()

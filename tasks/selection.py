@@ -9,10 +9,13 @@ import pandas as pd
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from tlpipe import selection, store, tracking
-from tlpipe.config import Params
-from tlpipe.features import normalise_weights
 from tasks.common import get_logger, report_progress, retry_unless_user_error
+from tlpipe.core.params import Params
+from tlpipe.data import store
+from tlpipe.features.extraction import normalise_weights
+from tlpipe.tracking.connection import get_client
+from tlpipe.tracking.records import log_metrics, set_tags
+from tlpipe.train import selection
 
 
 @task(name="split-source", cache_policy=NO_CACHE, retry_condition_fn=retry_unless_user_error)
@@ -44,6 +47,15 @@ def probe(candidate: selection.Candidate, images_path: Path, labels: np.ndarray,
     return result
 
 
+def decide(candidates: list[selection.Candidate], results: list, excluded: dict, plan: list[int], budget: float,
+           seconds: float) -> tuple[selection.Candidate, pd.DataFrame, dict]:
+    """The race's outcome: the choice (by the last round's scores), the candidates table and the summary."""
+    last = [r for r in results if r.round == len(plan) - 1]
+    choice = selection.choose(candidates, last)
+    table = selection.candidates_table(candidates, results, choice, excluded)
+    return choice, table, selection.race_summary(table, choice, plan, budget, seconds)
+
+
 @task(name="write-selection", cache_policy=NO_CACHE)
 def write_outputs(choice: selection.Candidate, table: pd.DataFrame, summary: dict, selection_path: Path,
                   report_dir: Path, metrics_path: Path) -> None:
@@ -59,15 +71,15 @@ def write_outputs(choice: selection.Candidate, table: pd.DataFrame, summary: dic
 @task(name="log-selection", timeout_seconds=300, cache_policy=NO_CACHE)
 def log_selection(run_id: str, root: Path, choice: selection.Candidate, summary: dict, report_dir: Path) -> None:
     """Log the choice, each candidate's CV accuracy and the candidates table onto the stage run."""
-    client = tracking.get_client(root)
+    client = get_client(root)
     values = {"seconds": summary["seconds"], "budget_gflops": summary["budget_gflops"]}
     if summary["cv_accuracy"] is not None:
         values["cv_accuracy"] = summary["cv_accuracy"]
     for name, row in summary["candidates"].items():
         if row["cv_accuracy"] is not None:
             values[f"cv_accuracy.{name.replace('@', '_')}"] = row["cv_accuracy"]  # MLflow keys: no @
-    tracking.log_metrics(client, run_id, values)
-    tracking.set_tags(client, run_id, {"tlpipe.choice": choice.name, "tlpipe.backbone": choice.backbone,
+    log_metrics(client, run_id, values)
+    set_tags(client, run_id, {"tlpipe.choice": choice.name, "tlpipe.backbone": choice.backbone,
                                        "tlpipe.image_size": str(choice.image_size)})
     for name in ("candidates.csv", "race.json"):
         client.log_artifact(run_id, str(report_dir / name), "select")

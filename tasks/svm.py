@@ -6,10 +6,14 @@ from pathlib import Path
 
 from prefect import task
 
-from tlpipe import store, svm, tracking
-from tlpipe.config import Params
-from tlpipe.pause import pause_point
-from tasks.common import get_logger, log_image_model
+from tasks.common import get_logger, log_image_model, trained_model_run
+from tlpipe.core.params import Params
+from tlpipe.data import store
+from tlpipe.ops.pause import pause_point
+from tlpipe.tracking.connection import get_client
+from tlpipe.tracking.model_params import svm_model_params
+from tlpipe.tracking.records import log_datasets, log_metrics
+from tlpipe.train import svm
 
 
 @task(name="train-svms")
@@ -41,29 +45,26 @@ def log_svms(stage_run_id: str, root: Path, params: Params, summaries: dict, svm
         ``{model name: run id}``.
     """
     pause_point("svm.logging")  # models published, not yet logged: a fault test kills the stage here
-    client = tracking.get_client(root)
+    client = get_client(root)
     classes = store.load_classes(store_dir)
-    image_size = int(store.read_npy_header(store.split_path(store_dir, "train"))[0][1])
+    image_size = store.image_size(store_dir)
     y_val = store.split_labels(store_dir, "val")
-    tracking.log_datasets(client, stage_run_id, store_dir, params.data.source, ("train", "val"))
+    log_datasets(client, stage_run_id, store_dir, params.data.source, ("train", "val"))
     runs = {}
     for name, summary in summaries.items():
-        with tracking.model_run(name, stage_run_id, {"tlpipe.data_hash": data_hash, "tlpipe.family": "svm"},
-                                client) as run_id:
-            tracking.log_params(client, run_id, tracking.svm_model_params(name, summary, params, data_hash,
-                                                                          classes, image_size))
-            datasets = tracking.log_datasets(client, run_id, store_dir, params.data.source, ("train", "val"))
+        run_params = svm_model_params(name, summary, params, data_hash, classes, image_size)
+        with trained_model_run(client, stage_run_id, name, "svm", data_hash, run_params, store_dir,
+                               params.data.source) as (run_id, datasets):
             model = svm.joblib.load(svm_dir / f"{name}.joblib")
             X = svm.load_inputs(store_dir, features_dir, "val", svm.SVM_MODELS[name], params.svm.pixel_size)
-            tracking.log_metrics(client, run_id, {"cv_accuracy": summary["cv_accuracy"], "cv_std": summary["cv_std"],
-                                                  "validation_score": summary["cv_accuracy"],
-                                                  "fit_seconds": summary["fit_seconds"],
-                                                  "search_seconds": summary.get("search_seconds")},
-                                 dataset=datasets["train"])
-            tracking.log_metrics(client, run_id, {"val_accuracy": float(model.score(X, y_val))},
-                                 dataset=datasets["val"])
+            log_metrics(client, run_id, {"cv_accuracy": summary["cv_accuracy"], "cv_std": summary["cv_std"],
+                                         "validation_score": summary["cv_accuracy"],
+                                         "fit_seconds": summary["fit_seconds"],
+                                         "search_seconds": summary.get("search_seconds")},
+                        dataset=datasets["train"])
+            log_metrics(client, run_id, {"val_accuracy": float(model.score(X, y_val))}, dataset=datasets["val"])
             client.log_artifact(run_id, str(svm_dir / f"{name}_cv.csv"), "cv")
-            log_image_model(name, svm_dir / f"{name}.joblib", store_dir, features_dir, params, step=0)
+            log_image_model(client, run_id, name, svm_dir / f"{name}.joblib", store_dir, features_dir, params, step=0)
         runs[name] = run_id
         get_logger().info("%s: logged to MLflow run %s", name, run_id)
     return runs

@@ -22,6 +22,7 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import UTC
 from pathlib import Path
 
 import numpy as np
@@ -47,7 +48,7 @@ def hermetic_env(session_dir: Path) -> dict[str, str]:
     """The variables every test (and every process a test starts) runs with."""
     return {
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1", "MLFLOW_DISABLE_TELEMETRY": "true",
-        "DVC_NO_ANALYTICS": "1", "TF_CPP_MIN_LOG_LEVEL": "2",
+        "DVC_NO_ANALYTICS": "1", "TF_CPP_MIN_LOG_LEVEL": "2", "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
         "TLPIPE_CACHE_DIR": str(session_dir / "tlpipe-cache"), "KERAS_HOME": str(session_dir / "keras"),
         "KERAS_BACKEND": "tensorflow",
         "TLPIPE_PREFECT_SERVER": "ephemeral",  # a stage run without PREFECT_API_URL never leaves a server behind
@@ -465,7 +466,7 @@ def wait_for_lock_holder(project: Path, process: subprocess.Popen, timeout: floa
     import json
     import time
 
-    from tlpipe.lock import pipeline_lock_path
+    from tlpipe.ops.lock import pipeline_lock_path
 
     path = pipeline_lock_path(project)
     deadline = time.monotonic() + timeout
@@ -490,9 +491,9 @@ def pipeline_baseline(tmp_path_factory, prefect_server) -> PipelineRun:
     (:func:`baseline_digests`); they build their projects from a snapshot of the same code.
     """
     import json
-    from datetime import datetime, timezone
+    from datetime import datetime
 
-    from tlpipe.lock import file_lock
+    from tlpipe.ops.lock import file_lock
 
     shared = shared_folder(tmp_path_factory)
     with file_lock(shared / "pipeline-baseline.lock", "the shared tiny pipeline", wait_s=None):
@@ -502,7 +503,7 @@ def pipeline_baseline(tmp_path_factory, prefect_server) -> PipelineRun:
         source = make_source(base / "source")
         project = make_project(base / "tinypipe", source, RACE, code=code)  # a name no other test uses
         env = stage_env(prefect_server)
-        since = datetime.now(timezone.utc)
+        since = datetime.now(UTC)
         command = [sys.executable, "-m", "flows.cli", "repro"]
         first = subprocess.Popen(command, cwd=project, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                  text=True)
@@ -535,7 +536,7 @@ def baseline_digests(request, tmp_path_factory) -> dict:
     worker built it; built here when no worker has (the fault tests run alone, or before it)."""
     import json
 
-    from tlpipe.lock import file_lock
+    from tlpipe.ops.lock import file_lock
 
     shared = shared_folder(tmp_path_factory)
     with file_lock(shared / "pipeline-baseline.lock", "the shared tiny pipeline", wait_s=None):

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from tlpipe import store
+from tlpipe.data import store
 
 CLASSES = ["ants", "bees"]
 SIZE = 8

@@ -19,10 +19,10 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from tlpipe import store
-from tlpipe.config import DataParams
-from tlpipe.ingest import ingest
-from tlpipe.sources import list_folder
+from tlpipe.core.params import DataParams
+from tlpipe.core.sources import list_folder
+from tlpipe.data import store
+from tlpipe.data.ingest import ingest
 
 SIZE = 24
 MANIFEST_COLUMNS = ["split", "index", "relpath", "class_name", "label", "sha256", "width", "height", "mode"]

@@ -1,6 +1,6 @@
 """Faults lose nothing: every stage killed with SIGKILL half-way, then ``dvc repro`` again; and a tracking server
 that dies in the middle of a stage. The moments are deterministic: each stage waits at a named pause point
-(:mod:`tlpipe.pause`, ``TLPIPE_PAUSE_AT``) until the test has acted.
+(:mod:`tlpipe.ops.pause`, ``TLPIPE_PAUSE_AT``) until the test has acted.
 
 One project goes through a *cascade* of killed runs, so the five faults cost little more than one pipeline run:
 ``dvc repro`` #1 is killed inside ingest; #2 reruns ingest and is killed inside features; ... #5 is killed inside
@@ -25,27 +25,35 @@ import sqlite3
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import psutil
 import pytest
 
-from tests.conftest import (RACE, REPO, code_digest, copy_project_files, deep_update, make_project, make_source,
-                            output_digests, stage_env)
-from tlpipe.pause import PAUSE_AT_ENV, PAUSE_DIR_ENV
+from tests.conftest import (
+    RACE,
+    REPO,
+    code_digest,
+    copy_project_files,
+    deep_update,
+    make_project,
+    make_source,
+    output_digests,
+    stage_env,
+)
+from tlpipe.ops.pause import PAUSE_AT_ENV, PAUSE_DIR_ENV
 
 pytestmark = pytest.mark.slow
 
 STAGES = ("ingest", "features", "svm", "finetune", "evaluate")
 DEBRIS = re.compile(r"^\..+\.(?:tmp|old)-\d+$")
-"""Names of staging debris: ``.<output>.tmp-<pid>`` and ``.<output>.old-<pid>`` (tlpipe.store)."""
+"""Names of staging debris: ``.<output>.tmp-<pid>`` and ``.<output>.old-<pid>`` (tlpipe.data.store)."""
 FINAL_STATES = {"KILLED", "FAILED"}
 
 
 KILL_POINTS: dict[str, tuple[str, bool]] = {
-    # stage: (its pause point (tlpipe.pause), whether the stage is then inside a staging folder)
+    # stage: (its pause point (tlpipe.ops.pause), whether the stage is then inside a staging folder)
     "ingest": ("ingest.decoding", True),  # decoding in a 2-process pool (forkserver)
     "features": ("features.extracting", True),  # extracting backbone features
     "svm": ("svm.logging", False),  # models/svm published, the three SVMs not yet logged to MLflow
@@ -106,7 +114,7 @@ def find_debris(project: Path) -> list[str]:
 
 
 def runs_by_pid(db: Path, pid: int) -> dict[str, str]:
-    """``{run_id: status}`` of the MLflow runs tagged as owned by process ``pid`` (tlpipe.tracking's tag)."""
+    """``{run_id: status}`` of the MLflow runs tagged as owned by process ``pid`` (tlpipe.tracking.runs's tag)."""
     if not db.exists():
         return {}
     with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30) as connection:
@@ -138,7 +146,7 @@ def repro(project: Path, env: dict, *args: str, timeout: int = 900) -> subproces
 
 
 def wait_for_pause(folder: Path, point: str, dvc: subprocess.Popen, log: Path, timeout: float = 900) -> Path:
-    """The marker of the stage process paused at ``point`` (:mod:`tlpipe.pause`), once it is there.
+    """The marker of the stage process paused at ``point`` (:mod:`tlpipe.ops.pause`), once it is there.
 
     The marker stays until the test deletes it, so waiting for it is no race with the stage.
     """
@@ -281,7 +289,7 @@ def start_mlflow_server(folder: Path, port: int) -> subprocess.Popen:
         [str(mlflow_bin), "server", "--backend-store-uri", f"sqlite:///{folder}/mlflow.db",
          "--artifacts-destination", str(folder / "mlartifacts"), "--host", "127.0.0.1", "--port", str(port),
          "--workers", "1"],
-        cwd=folder, stdout=open(folder / f"server-{port}.log", "a"), stderr=subprocess.STDOUT,
+        cwd=folder, stdout=open(folder / f"server-{port}.log", "a"),  # noqa: SIM115 (the server keeps it) stderr=subprocess.STDOUT,
         start_new_session=True)  # its own process group: stopping it stops its workers too
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline:
@@ -346,7 +354,7 @@ def test_tracking_server_dying_mid_stage_fails_clearly_and_rerun_logs_once(casca
 
         from mlflow import MlflowClient
 
-        from tlpipe.config import load_task
+        from tlpipe.core.task import load_task
 
         client = MlflowClient(uri)
         experiment = client.get_experiment_by_name(load_task(cascade.project).name)

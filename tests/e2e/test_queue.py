@@ -4,8 +4,8 @@
   the stages run through ``bin/python``, which finds the interpreter running that ``dvc``.
 * ``dvc exp run --queue`` of three variants, then ``dvc queue start -j 2``: DVC runs them in temporary
   workspaces under ``.dvc/tmp/exps/``; every run, metric and model version lands in the project's own
-  MLflow store (:func:`tlpipe.paths.tracking_root`), and concurrent first use of a store does not race
-  (:func:`tlpipe.local_store.ensure_sqlite_store`).
+  MLflow store (:func:`tlpipe.core.paths.tracking_root`), and concurrent first use of a store does not race
+  (:func:`tlpipe.tracking.sqlite_store.ensure_sqlite_store`).
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ def make_workspace_tree(tmp_path: Path) -> tuple[Path, Path]:
 
 
 def test_tracking_root_maps_dvc_experiment_workspaces_to_their_project(tmp_path, monkeypatch):
-    from tlpipe.paths import find_root, tracking_root
+    from tlpipe.core.paths import find_root, tracking_root
 
     project, workspace = make_workspace_tree(tmp_path)
     standalone = project / ".dvc" / "tmp" / "exps" / "standalone" / "tmpq1"  # dvc exp run --temp
@@ -67,27 +67,27 @@ def test_tracking_root_maps_dvc_experiment_workspaces_to_their_project(tmp_path,
 
 
 def test_tracking_uri_of_a_workspace_is_the_projects_store(tmp_path, monkeypatch):
-    from tlpipe import tracking
+    from tlpipe.tracking.connection import artifact_location, tracking_uri
 
     project, workspace = make_workspace_tree(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    assert tracking.tracking_uri(workspace) == f"sqlite:///{project.resolve()}/mlflow.db"
-    assert tracking.artifact_location(workspace) == (project.resolve() / "mlartifacts").as_uri()
+    assert tracking_uri(workspace) == f"sqlite:///{project.resolve()}/mlflow.db"
+    assert artifact_location(workspace) == (project.resolve() / "mlartifacts").as_uri()
     assert (project / "mlflow.db").is_file() and not (workspace / "mlflow.db").exists()
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")
-    assert tracking.tracking_uri(workspace) == "http://127.0.0.1:9"
+    assert tracking_uri(workspace) == "http://127.0.0.1:9"
 
 
 CONCURRENT_WRITER = textwrap.dedent("""
     import sys, time
     from pathlib import Path
-    from tlpipe import tracking
+    from tlpipe.tracking.connection import artifact_location, connect, ensure_experiment, experiment_name, tracking_uri
     root, barrier, count = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])
     (barrier / str(time.time_ns())).touch()  # imports done: wait for the others, then all hit the store
     while len(list(barrier.iterdir())) < count:
         time.sleep(0.002)
-    client = tracking.connect(root)
-    experiment = tracking.ensure_experiment(client, root)
+    client = connect(root)
+    experiment = ensure_experiment(client, root)
     for i in range(10):
         run = client.create_run(experiment)
         for step in range(5):
@@ -114,10 +114,10 @@ def test_processes_starting_together_on_a_missing_store_all_succeed(tmp_path, mo
                                   text=True) for root in roots]
     outputs = [process.communicate(timeout=300)[0] for process in processes]
     assert all(process.returncode == 0 for process in processes), "\n".join(o[-3000:] for o in outputs)
-    from tlpipe import tracking
+    from tlpipe.tracking.connection import experiment_name
 
     client = MlflowClient(f"sqlite:///{project.resolve()}/mlflow.db")
-    experiment = client.get_experiment_by_name(tracking.experiment_name(project))  # params.yaml {}: elpv-defect
+    experiment = client.get_experiment_by_name(experiment_name(project))  # params.yaml {}: elpv-defect
     runs = client.search_runs([experiment.experiment_id], max_results=100)
     assert len(runs) == 10 * len(roots)
     assert all(len(client.get_metric_history(r.info.run_id, "m")) == 5 for r in runs)
@@ -148,7 +148,7 @@ def test_readme_exp_run_without_venv_then_queued_experiments_track_into_the_proj
     assert re.findall(r"Running stage '([^']+)'", output) == ["select", "ingest", "features", "svm", "finetune", "evaluate"]
 
     client = MlflowClient(f"sqlite:///{project}/mlflow.db")
-    from tlpipe.config import load_task
+    from tlpipe.core.task import load_task
 
     task = load_task(project)  # the queued variants keep the source: one task, one experiment, one registry
     experiment_id = client.get_experiment_by_name(task.name).experiment_id
@@ -178,7 +178,7 @@ def test_readme_exp_run_without_venv_then_queued_experiments_track_into_the_proj
             time.sleep(5)
         else:
             subprocess.run([*dvc, "queue", "stop", "--kill"], cwd=project, env=env, timeout=120)
-    for name, log in logs.items():
+    for _name, log in logs.items():
         assert "database is locked" not in log and "Traceback" not in log, log[-3000:]
         assert re.findall(r"Running stage '([^']+)'", log) == ["svm", "evaluate"], log[-3000:]
 

@@ -22,8 +22,8 @@ COUNTS = {"train": 9, "val": 2, "test": 5}
 @pytest.fixture
 def project(tmp_path, tiny_source, prefect_server, project_env, monkeypatch) -> Path:
     """A project copy with a store, features and a trained ``svm_pixels`` (no finetune models)."""
-    from tlpipe.config import CGrid, SvmParams
-    from tlpipe.svm import train_svms
+    from tlpipe.core.params import CGrid, SvmParams
+    from tlpipe.train.svm import train_svms
 
     root = make_project(tmp_path / "evalproj", tiny_source, {"svm": {"pixel_size": SIZE}})
     store_dir = write_tiny_store(root / "data" / "store", COUNTS)
@@ -41,8 +41,9 @@ def test_evaluate_flow_gates_once_reports_after_the_gate_and_publishes_artifacts
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
 
     from flows.evaluate import evaluate_flow
-    from tlpipe import registry
-    from tlpipe.config import load_params, load_task
+    from tlpipe.core.params import load_params
+    from tlpipe.core.task import load_task
+    from tlpipe.tracking import registry
 
     state = evaluate_flow(root=str(project), return_state=True)
     assert state.is_completed(), state
@@ -107,8 +108,8 @@ def ensemble_project(tmp_path, tiny_source, prefect_server, project_env, monkeyp
     import numpy as np
 
     from tests.tiny_data import write_network_summary, write_row_network
-    from tlpipe import store
-    from tlpipe.evaluate import predict_model
+    from tlpipe.data import store
+    from tlpipe.evaluation.evaluate import predict_model
 
     root = make_project(tmp_path / "ensproj", tiny_source, {"svm": {"pixel_size": SIZE},
                                                             "features": {"backbone": "efficientnet_lite0"}})
@@ -130,8 +131,9 @@ def test_a_kept_ensemble_is_logged_registered_gated_and_served(ensemble_project:
     from PIL import Image
 
     from flows.evaluate import evaluate_flow
-    from tlpipe import registry, store
-    from tlpipe.predict import predict_images
+    from tlpipe.data import store
+    from tlpipe.serving.predict import predict_images
+    from tlpipe.tracking import registry
 
     project = ensemble_project
     first = evaluate_flow(root=str(project))

@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import make_project
-from tlpipe import tracking
-from tlpipe.config import load_params
-from tlpipe.models import MODEL_NAMES
+from tlpipe.core.names import MODEL_NAMES
+from tlpipe.core.params import load_params
+from tlpipe.tracking.connection import experiment_name
 
 STAGES = {"select", "ingest", "features", "svm", "finetune", "evaluate"}
 
@@ -31,7 +31,12 @@ def test_pipeline_runs_once_per_project_links_its_stage_runs_and_publishes_artif
     from mlflow import MlflowClient
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import (
-        ArtifactFilter, ArtifactFilterFlowRunId, FlowFilter, FlowFilterName, FlowRunFilter, FlowRunFilterTags,
+        ArtifactFilter,
+        ArtifactFilterFlowRunId,
+        FlowFilter,
+        FlowFilterName,
+        FlowRunFilter,
+        FlowRunFilterTags,
     )
 
     project, name = pipeline_baseline.project, pipeline_baseline.project.name
@@ -88,7 +93,7 @@ def test_pipeline_runs_once_per_project_links_its_stage_runs_and_publishes_artif
     assert promotion["reason"] in decision
 
     client = MlflowClient(f"sqlite:///{project}/mlflow.db")
-    task = tracking.experiment_name(project)  # each data set is its own task: its experiment, its run names
+    task = experiment_name(project)  # each data set is its own task: its experiment, its run names
     experiment = client.get_experiment_by_name(task)
     [mlflow_pipeline] = client.search_runs([experiment.experiment_id], "tags.`tlpipe.kind` = 'pipeline'")
     assert mlflow_pipeline.info.run_name == f"{task} pipeline" and mlflow_pipeline.data.tags["tlpipe.task"] == task
@@ -120,7 +125,7 @@ def test_repro_on_another_source_runs_in_that_sources_task(tmp_path, tiny_source
         run = client.get_run(result["mlflow_run_id"])
         assert client.get_experiment(run.info.experiment_id).name == task
         assert run.info.run_name == f"{task} pipeline" and run.data.tags["tlpipe.task"] == task
-    assert tracking.experiment_name(project) == "insects-bright-dark"  # DVC left the override in params.yaml
+    assert experiment_name(project) == "insects-bright-dark"  # DVC left the override in params.yaml
 
 
 def test_no_prefect_url_for_the_stages_is_a_logged_fallback(caplog) -> None:
@@ -149,7 +154,7 @@ def test_no_prefect_url_for_the_stages_is_a_logged_fallback(caplog) -> None:
 CHECKING_PIPELINE = """\
 stages:
   ingest:  # like the real stages: reads params.yaml and rejects it when invalid, after DVC removed listing.txt
-    cmd: python -c "from tlpipe.config import load_params; load_params('params.yaml')" && ls -lR ${data.source} > listing.txt
+    cmd: python -c "from tlpipe.core.params import load_params; load_params('params.yaml')" && ls -lR ${data.source} > listing.txt
     deps:
       - ${data.source}
     params:

@@ -7,7 +7,6 @@ No test harness here: this is what a user's plain ``dvc repro`` does (``TLPIPE_P
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -16,9 +15,9 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import make_project
-from tlpipe import prefect_server
+from tlpipe.ops import prefect_server
 
-ENSURE = "import sys; from tlpipe.prefect_server import ensure_server; print(ensure_server(sys.argv[1]))"
+ENSURE = "import sys; from tlpipe.ops.prefect_server import ensure_server; print(ensure_server(sys.argv[1]))"
 
 
 def server_processes(home: Path) -> list[int]:
@@ -75,10 +74,9 @@ def test_stages_start_one_project_server_and_report_user_errors_in_one_line(tmp_
         from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterTags
         from prefect.settings import PREFECT_API_URL, temporary_settings
 
-        with temporary_settings({PREFECT_API_URL: info["url"]}):
-            with get_client(sync_client=True) as client:
-                runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(
-                    tags=FlowRunFilterTags(all_=["tlpipe", "project:srvproj"])))
+        with temporary_settings({PREFECT_API_URL: info["url"]}), get_client(sync_client=True) as client:
+            runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(
+                tags=FlowRunFilterTags(all_=["tlpipe", "project:srvproj"])))
         assert [run.state.type.value for run in runs] == ["FAILED"]  # the run is kept by the project's server
 
         # `tlpipe prefect-server stop` stops it; status then says so

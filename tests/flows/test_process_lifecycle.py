@@ -13,7 +13,6 @@ writes a marker file and then blocks (the deterministic kill point), a real ``ml
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import socket
@@ -28,7 +27,7 @@ import psutil
 import pytest
 
 from tests.conftest import REPO, copy_project_files, make_project, make_source
-from tlpipe.lock import LockHeldError, file_lock, pipeline_lock_path
+from tlpipe.ops.lock import LockHeldError, file_lock, pipeline_lock_path
 
 pytestmark = pytest.mark.slow
 
@@ -200,7 +199,7 @@ def test_ui_stopped_with_sigterm_stops_its_mlflow_server_and_workers(tmp_path, p
         kill_all([*children, *of_project(project)])
 
 
-ENSURE = "import sys; from tlpipe.prefect_server import ensure_server; print(ensure_server(sys.argv[1]))"
+ENSURE = "import sys; from tlpipe.ops.prefect_server import ensure_server; print(ensure_server(sys.argv[1]))"
 
 
 def start_project_server(project: Path, env: dict) -> psutil.Process:
@@ -229,7 +228,7 @@ def test_prefect_server_stops_when_its_project_folder_is_deleted(tmp_path, serve
     group = [server, *server.children(recursive=True)]
     try:
         assert alive(group)
-        from tlpipe.prefect_watchdog import lifetime_note
+        from tlpipe.ops.prefect_watchdog import lifetime_note
 
         wait_for((project / ".prefect" / "watchdog.json").exists, "the watchdog never started")
         said = lifetime_note(project)  # what `tlpipe repro` (make run) ends with
@@ -249,7 +248,7 @@ def test_prefect_server_stops_after_its_idle_period(tmp_path, server_env):
     group = [server, *server.children(recursive=True)]
     try:
         wait_for(lambda: not alive(group), "the idle server still runs")
-        from tlpipe.prefect_server import running_url
+        from tlpipe.ops.prefect_server import running_url
 
         assert running_url(project) is None
         assert project.is_dir()  # stopped for idleness, not because the folder went

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from tests.conftest import make_project
-from tlpipe import tracking
+from tlpipe.tracking.connection import experiment_name
 
 
 @pytest.fixture
@@ -34,7 +34,7 @@ def test_ingest_and_features_flows_write_outputs_and_track(project):
     assert (project / "data" / "features" / "test_mid.npy").exists()
 
     client = MlflowClient(f"sqlite:///{project}/mlflow.db")
-    experiment = client.get_experiment_by_name(tracking.experiment_name(project))  # the task's experiment
+    experiment = client.get_experiment_by_name(experiment_name(project))  # the task's experiment
     runs = client.search_runs([experiment.experiment_id])
     stages = {r.data.tags.get("tlpipe.stage"): r for r in runs}
     assert {"ingest", "features"} <= set(stages)
@@ -70,8 +70,8 @@ def test_unreachable_tracking_fails_clearly_and_keeps_outputs(project, monkeypat
 
 
 def test_bad_params_fail_naming_the_key(project):
-    from tlpipe.config import ConfigError
     from flows.ingest import ingest_flow
+    from tlpipe.core.params import ConfigError
 
     params = project / "params.yaml"
     params.write_text(params.read_text().replace("test_fraction: 0.2", "test_fraction: 1.5"))
@@ -86,11 +86,11 @@ def test_finetune_flow_trains_both_networks_and_the_saved_models_reload(project)
     import numpy as np
     from mlflow import MlflowClient
 
-    import tlpipe.backbones  # noqa: F401  (registers the custom layers for load_model)
+    import tlpipe.features.backbones  # noqa: F401  (registers the custom layers for load_model)
     from flows.finetune import finetune_flow
     from flows.ingest import ingest_flow
-    from tlpipe import store
-    from tlpipe.pyfunc import to_image_frame
+    from tlpipe.data import store
+    from tlpipe.serving.classifier import to_image_frame
 
     params = project / "params.yaml"
     params.write_text(params.read_text().replace("epochs: 2", "epochs: 1"))
@@ -100,7 +100,7 @@ def test_finetune_flow_trains_both_networks_and_the_saved_models_reload(project)
     images, labels = store.load_split(project / "data" / "store", "val")
     classes = store.load_classes(project / "data" / "store")
     client = MlflowClient(f"sqlite:///{project}/mlflow.db")
-    experiment = client.get_experiment_by_name(tracking.experiment_name(project))
+    experiment = client.get_experiment_by_name(experiment_name(project))
     mlflow.set_tracking_uri(f"sqlite:///{project}/mlflow.db")
     for kind in ("frozen", "concat"):
         history = (project / "models" / "finetune" / f"{kind}_history.csv").read_text().splitlines()

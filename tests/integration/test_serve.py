@@ -22,8 +22,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tlpipe.images import decode_bytes
-from tlpipe.pyfunc import save_keras_classifier
+from tlpipe.data.images import decode_bytes
+from tlpipe.serving.packaging import save_keras_classifier
 
 pytestmark = pytest.mark.slow
 

@@ -17,9 +17,11 @@ from pathlib import Path
 
 import pytest
 
-from tlpipe import cluster, features, ingest
-from tlpipe.config import DataParams, FeaturesParams
-from tlpipe.sources import list_source
+from tlpipe.core.params import DataParams, FeaturesParams
+from tlpipe.core.sources import list_source
+from tlpipe.data import ingest
+from tlpipe.features import extraction as features
+from tlpipe.ops import cluster
 
 TIMING = {"seconds", "images_per_second"}
 
@@ -111,10 +113,9 @@ def test_scheduler_resolution_and_errors(monkeypatch):
     with pytest.raises(cluster.ClusterError, match=f"{cluster.SCHEDULER_ENV}: 'my-laptop' is not a Dask cluster"):
         cluster.resolve_scheduler(None)
     monkeypatch.setattr(cluster, "CONNECT_TIMEOUT_S", 2)
-    from tlpipe.services import free_port
+    from tlpipe.ops.processes import free_port
 
     address = f"tcp://127.0.0.1:{free_port()}"
-    with pytest.raises(cluster.ClusterError, match="is unreachable"):
-        with cluster.dask_client(address):
-            pass
+    with pytest.raises(cluster.ClusterError, match="is unreachable"), cluster.dask_client(address):
+        pass
     assert [r.start for r in cluster.even_chunks(10, 3, align=2)] == [0, 4, 8]

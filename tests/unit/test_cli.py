@@ -22,7 +22,7 @@ from typer.testing import CliRunner
 from flows.cli import app
 from flows.common import error_line
 from tests.conftest import REPO
-from tlpipe import tracking
+from tlpipe.tracking.connection import connect, ensure_experiment
 
 TYPE_NAMES = re.compile(r"<[a-z\[\], |]+>|\b(TEXT|INTEGER|PATH|BOOLEAN|FLOAT|list\[str\])\b")
 
@@ -145,7 +145,7 @@ def test_unknown_alias_or_model_is_one_line(project: Path) -> None:
 def test_identify_model_pins_the_alias_to_its_version(project: Path) -> None:
     from mlflow import MlflowClient
 
-    from tlpipe.predict import identify_model
+    from tlpipe.serving.predict import identify_model
 
     run_id = registry_with_champion(project)
     identity = identify_model("models:/tlpipe-classifier@champion", MlflowClient(f"sqlite:///{project}/mlflow.db"))
@@ -168,7 +168,7 @@ def pyfunc_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny real Keras classifier saved as a local MLflow pyfunc folder."""
     import keras
 
-    from tlpipe.pyfunc import save_keras_classifier
+    from tlpipe.serving.packaging import save_keras_classifier
 
     keras.utils.set_random_seed(3)
     inputs = keras.Input((16, 16, 3), dtype="uint8")
@@ -205,14 +205,15 @@ def test_predict_results_on_stdout_failures_on_stderr_exit_1(project: Path, pyfu
 def register_champion(project: Path, keras_file: Path, name: str, classes: list[str], tag_classes: bool) -> None:
     """Log ``keras_file`` as a pyfunc into the project's SQLite store, register it as ``name`` and make it
     ``@champion`` (its versions tagged with the class names, as the evaluate stage does, when ``tag_classes``)."""
-    import mlflow
 
-    from tlpipe.pyfunc import log_keras_classifier
-    from tlpipe.registry import CLASSES_TAG
+    from tlpipe.tracking.logged_models import log_keras_classifier
+    from tlpipe.tracking.registry import CLASSES_TAG
 
-    client = tracking.connect(project)
-    with mlflow.start_run(experiment_id=tracking.ensure_experiment(client, project, name)):
-        log_keras_classifier("frozen", keras_file, classes, 16, "stretch", registered_model_name=name)
+    client = connect(project)
+    run = client.create_run(ensure_experiment(client, project, name))
+    log_keras_classifier(client, run.info.run_id, "frozen", keras_file, classes, 16, "stretch",
+                         registered_model_name=name)
+    client.set_terminated(run.info.run_id)
     version = client.search_model_versions(f"name = '{name}'")[0].version
     if tag_classes:
         client.set_model_version_tag(name, version, CLASSES_TAG, json.dumps(classes))
@@ -328,13 +329,14 @@ def test_compare_two_dvc_experiments_and_an_mlflow_run(tmp_path: Path) -> None:
     # an MLflow pipeline run against the workspace: accuracies from its metrics, params from its stage runs
     from mlflow import MlflowClient
 
-    from tlpipe import tracking
+    from tlpipe.tracking.runs import create_pipeline_run
+    from tlpipe.tracking.tags import STAGE_TAG
 
     client = MlflowClient(f"sqlite:///{root}/mlflow.db")
     experiment = client.create_experiment("tlpipe")
-    parent = tracking.create_pipeline_run(client, experiment, root)
+    parent = create_pipeline_run(client, experiment, root)
     client.log_metric(parent, "svm_pixels.test_accuracy", 0.3)
-    stage = client.create_run(experiment, tags={"mlflow.parentRunId": parent, tracking.STAGE_TAG: "svm"})
+    stage = client.create_run(experiment, tags={"mlflow.parentRunId": parent, STAGE_TAG: "svm"})
     client.log_param(stage.info.run_id, "svm.c", "3")
     result = invoke("compare", parent, "workspace", "--root", str(root))
     assert result.exit_code == 0, result.output

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tlpipe.compare import ExperimentSummary, canonical, compare_table, resolved_params
+from tlpipe.evaluation.compare import ExperimentSummary, canonical, compare_table, resolved_params
 
 
 def test_canonical_numbers_compare_by_value() -> None:
@@ -54,7 +54,7 @@ def test_compare_names_both_tasks_and_says_when_class_sets_differ() -> None:
 def test_a_dvc_experiment_knows_its_task(tmp_path) -> None:
     import yaml
 
-    from tlpipe.compare import load_dvc_experiment
+    from tlpipe.evaluation.compare import load_dvc_experiment
 
     for name in ("ants", "bees"):
         (tmp_path / "photos" / name).mkdir(parents=True)
@@ -76,7 +76,7 @@ lobar-gaps,fa3bdb8,branch_base,2026-12-03T08:20:12,,,,0.9608,0.9542,0.5294,0.960
 
 def test_exps_table_fits_160_columns_with_six_models() -> None:
     """`make exps` (tlpipe exps): a column per model headed by its name, 4 decimals, the params that vary."""
-    from tlpipe.compare import format_exps
+    from tlpipe.evaluation.compare import format_exps
 
     lines = format_exps(DVC_CSV).splitlines()
     assert lines[0].split() == ["experiment", "svm_features", "svm_concat", "svm_pixels", "frozen", "concat",

@@ -12,7 +12,8 @@ import pandas as pd
 import pytest
 import yaml
 
-from tlpipe import compare_backbones as cb
+from flows import compare_backbones as flow_cb
+from tlpipe.evaluation import compare_backbones as cb
 
 GIT = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
 
@@ -80,22 +81,22 @@ def test_read_run_from_an_experiment_commit(tmp_path: Path) -> None:
     subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
     commit_experiment(tmp_path, "cmp-efficientnet-lite1", "efficientnet_lite1", 0.93)
     commit_experiment(tmp_path, "cmp-efficientnet-lite0", "efficientnet_lite0", 0.91, speed=30.0)
-    run = cb.read_run(tmp_path, "efficientnet_lite1", "cmp-efficientnet-lite1")  # not the workspace's file
+    run = flow_cb.read_run(tmp_path, "efficientnet_lite1", "cmp-efficientnet-lite1")  # not the workspace's file
     assert run == cb.BackboneRun("efficientnet_lite1", "cmp-efficientnet-lite1", 240, 12.5, {"svm_features": 0.93})
     assert not subprocess.run(["git", "ls-files", "metrics/features.json"], cwd=tmp_path, capture_output=True,
                               text=True).stdout  # read from the DVC cache at the experiment's commit
     with pytest.raises(cb.ComparisonError, match="did not finish"):
-        cb.read_run(tmp_path, "efficientnet_lite2", "cmp-efficientnet-lite2")
+        flow_cb.read_run(tmp_path, "efficientnet_lite2", "cmp-efficientnet-lite2")
 
 
 def test_bad_requests_fail_before_any_run(tmp_path: Path) -> None:
     with pytest.raises(cb.ComparisonError, match="distinct names"):
-        cb.compare_backbones(tmp_path, ["efficientnet_lite0", "vgg16"])
+        flow_cb.compare_backbones(tmp_path, ["efficientnet_lite0", "vgg16"])
     with pytest.raises(cb.ComparisonError, match="distinct names"):
-        cb.compare_backbones(tmp_path, ["efficientnet_lite0", "efficientnet_lite0"])
+        flow_cb.compare_backbones(tmp_path, ["efficientnet_lite0", "efficientnet_lite0"])
     with pytest.raises(cb.ComparisonError, match="not features.backbone"):
-        cb.compare_backbones(tmp_path, ["efficientnet_lite0"], ["features.backbone=resnet50"])
+        flow_cb.compare_backbones(tmp_path, ["efficientnet_lite0"], ["features.backbone=resnet50"])
     subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
     commit_experiment(tmp_path, "cmp-efficientnet-lite0", "efficientnet_lite0", 0.9)
     with pytest.raises(cb.ComparisonError, match="exist already"):
-        cb.compare_backbones(tmp_path, ["efficientnet_lite0"], prefix="cmp")
+        flow_cb.compare_backbones(tmp_path, ["efficientnet_lite0"], prefix="cmp")

@@ -1,4 +1,4 @@
-"""Tests for tlpipe.config: params.yaml parsed into validated, frozen models."""
+"""Tests for tlpipe.core.params: params.yaml parsed into validated, frozen models."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import pydantic
 import pytest
 import yaml
 
-from tlpipe.config import (NATIVE_SIZES, CGrid, ConfigError, DataParams, Params, load_params, load_stage_params,
-                           needs_selection, parse_params, resolve_choice, stage_param_values)
+from tlpipe.core.params import NATIVE_SIZES, CGrid, ConfigError, DataParams, Params, load_params, parse_params
+from tlpipe.core.task import load_stage_params, needs_selection, resolve_choice, stage_param_values
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -73,7 +73,7 @@ def test_params_yaml_equals_the_model_defaults(params_yaml: Path) -> None:
 @pytest.mark.parametrize(("backbone", "size"), [("efficientnet_lite0", 224), ("efficientnet_lite1", 240),
                                                ("efficientnet_lite2", 260), ("resnet50", 224)])
 def test_native_image_size_is_the_backbones_input_size(backbone: str, size: int) -> None:
-    from tlpipe.backbones import get_spec
+    from tlpipe.features.backbones import get_spec
 
     assert get_spec(backbone).default_size == size
     assert parse_params({"features": {"backbone": backbone}}).data.image_size == "auto"  # select chooses the side

@@ -150,7 +150,7 @@ def project_imports(entry: str, root: Path = REPO) -> dict[str, tuple[str, ...]]
     changed = True
     while changed:
         changed = False
-        for rel, (name, scopes) in list(modules.items()):
+        for rel, (_name, scopes) in list(modules.items()):
             for key, scope in scopes.items():
                 if (rel, key) in running or (key is not None and key not in names):
                     continue
@@ -175,17 +175,19 @@ def entry_module(cmd: str) -> str:
 #: file a stage writes (outs, metrics) is derived from it; each entry says why.
 OUTPUT_NEUTRAL = {
     "flows/common.py": "the stage entry point around a flow: Prefect context, one-line errors, exit codes",
-    "tlpipe/lock.py": "the pipeline lock and file locks: whether a stage may run, not what it writes",
-    "tlpipe/process_identity.py": "pid and start time of a lock's or a server's owner",
-    "tlpipe/prefect_server.py": "which Prefect server the flows report to, started and stopped",
-    "tlpipe/local_store.py": "creates the MLflow SQLite store (tracking only)",
-    "tlpipe/pause.py": "fault tests' pause points: wait, then go on unchanged",
+    "tlpipe/ops/lock.py": "the pipeline lock and file locks: whether a stage may run, not what it writes",
+    "tlpipe/ops/process_identity.py": "pid and start time of a lock's or a server's owner",
+    "tlpipe/ops/processes.py": "ports, health checks and process groups of the servers",
+    "tlpipe/ops/prefect_server.py": "which Prefect server the flows report to, started and stopped",
+    "tlpipe/ops/pause.py": "fault tests' pause points: wait, then go on unchanged",
+    "tlpipe/tracking/sqlite_store.py": "creates the MLflow SQLite store (tracking only)",
 }
 #: Modules neutral for every stage but some: ``{module: (stages whose outputs it can change, why)}``.
-OUTPUT_NEUTRAL_EXCEPT = {
-    "tlpipe/tracking.py": (("evaluate",), "MLflow logging; evaluate's report and Prefect artifacts link the "
-                                          "MLflow runs it names (tracking.ui_url, experiment names)"),
-}
+#: MLflow logging writes nothing DVC tracks, except in evaluate: its report and promotion decision link the
+#: MLflow runs and come from the registry's gate.
+_LOGGING = (("evaluate",), "MLflow logging; evaluate's report, promotion and artifacts name the runs it logs")
+OUTPUT_NEUTRAL_EXCEPT = {f"tlpipe/tracking/{name}.py": _LOGGING for name in (
+    "__init__", "connection", "records", "runs", "tags", "fluent", "logged_models", "model_params")}
 
 
 def output_neutral(rel: str, stage: str) -> bool:
@@ -231,9 +233,9 @@ def test_stage_deps_list_no_unused_project_module(stage):
     unused = []
     for dep in map(str, spec.get("deps", [])):
         path = REPO / dep
-        if path.suffix == ".py" or (path.is_dir() and any(path.glob("*.py"))):
-            if not any(covered(rel, [dep]) for rel in imports) or output_neutral(dep, stage):
-                unused.append(dep)  # never imported, or it cannot change the stage's outputs
+        is_code = path.suffix == ".py" or (path.is_dir() and any(path.glob("*.py")))
+        if is_code and (not any(covered(rel, [dep]) for rel in imports) or output_neutral(dep, stage)):
+            unused.append(dep)  # never imported, or it cannot change the stage's outputs
     assert not unused, (
         f"dvc.yaml stage '{stage}' depends on project code its process never imports (a change there reruns "
         f"it for nothing): {', '.join(unused)}. Remove them from stages.{stage}.deps in dvc.yaml.")

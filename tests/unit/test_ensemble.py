@@ -18,16 +18,11 @@ import pytest
 from mlflow import MlflowClient
 
 from tests.tiny_data import CLASSES, SIZE, write_network_summary, write_row_network, write_tiny_store
-from tlpipe import store
-from tlpipe.calibration import (
-    average_probabilities,
-    crossfit_temperature,
-    fit_temperature,
-    log_loss,
-    scale_temperature,
-)
-from tlpipe.config import CGrid, EvaluateParams, Params, SvmParams
-from tlpipe.ensemble import (
+from tlpipe.core.names import ENSEMBLE_MODEL, MODEL_NAMES, REPORTED_MODELS, model_family, model_file
+from tlpipe.core.params import CGrid, EvaluateParams, Params, SvmParams
+from tlpipe.data import store
+from tlpipe.evaluation.choice import wilson_lower
+from tlpipe.evaluation.ensemble import (
     SPEC_FILE,
     TRIES_FILE,
     add_report_section,
@@ -37,8 +32,15 @@ from tlpipe.ensemble import (
     rank_members,
     score_on_test,
 )
-from tlpipe.evaluate import build_comparison, evaluate_models, predict_model, wilson_lower
-from tlpipe.models import ENSEMBLE_MODEL, MODEL_NAMES, REPORTED_MODELS, model_family, model_file
+from tlpipe.evaluation.evaluate import evaluate_models, predict_model
+from tlpipe.evaluation.outputs import build_comparison
+from tlpipe.serving.calibration import (
+    average_probabilities,
+    crossfit_temperature,
+    fit_temperature,
+    log_loss,
+    scale_temperature,
+)
 
 NETWORKS = {"frozen": 0, "concat": 1, "finetuned": 2}  # each sees one row of pixels
 COUNTS = {"train": 10, "val": 100, "test": 30}  # per class: a large validation split
@@ -169,7 +171,7 @@ def test_the_test_split_never_changes_the_decision() -> None:
 def world(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """A store with a large validation split, three one-row networks (selection score: their real val accuracy)
     and, in its own folder, a real ``svm_pixels``."""
-    from tlpipe.svm import train_svms
+    from tlpipe.train.svm import train_svms
 
     root = tmp_path_factory.mktemp("ensemble_world")
     store_dir = write_tiny_store(root / "store", COUNTS, seed=3)
@@ -194,7 +196,7 @@ def evaluated(world: dict) -> tuple[Path, dict]:
 
 
 def test_models_list_the_ensemble_apart_from_the_trained_models() -> None:
-    assert ENSEMBLE_MODEL not in MODEL_NAMES and REPORTED_MODELS == (*MODEL_NAMES, ENSEMBLE_MODEL)
+    assert ENSEMBLE_MODEL not in MODEL_NAMES and (*MODEL_NAMES, ENSEMBLE_MODEL) == REPORTED_MODELS
     assert model_family(ENSEMBLE_MODEL) == "ensemble"
     with pytest.raises(ValueError, match="not a trained model"):
         model_file(Path("svm"), Path("finetune"), ENSEMBLE_MODEL)
@@ -227,7 +229,7 @@ def test_evaluate_keeps_a_helpful_ensemble_as_its_own_model(evaluated: tuple[Pat
     assert spec["members"] == plan["members"] and spec["temperatures"] == plan["temperatures"]
     assert {name: spec["files"][name]["file"] for name in plan["members"]} == {
         name: f"{name}.keras" for name in plan["members"]}
-    from tlpipe.tracking import file_sha256
+    from tlpipe.core.hashing import file_sha256
 
     assert all(spec["files"][name]["sha256"] == file_sha256(world["finetune"] / f"{name}.keras")
                for name in plan["members"])
@@ -257,7 +259,7 @@ def test_an_unhelpful_ensemble_leaves_no_model_behind(world: dict, evaluated: tu
 
 
 def test_report_shows_every_try(evaluated: tuple[Path, dict]) -> None:
-    from tlpipe.report import ReportData, render_html
+    from tlpipe.render.html import ReportData, render_html
 
     _, result = evaluated
     data = add_report_section(ReportData(title="t"), result)
@@ -283,14 +285,17 @@ def tracking_store(tmp_path: Path):
 def test_logged_ensemble_loads_and_predicts_like_its_members_averaged(world: dict, tracking_store: Path) -> None:
     """Two networks and an SVM on pixels, one temperature-scaled: the pyfunc's probabilities are the members'
     calibrated probabilities averaged, from any input form."""
-    from tlpipe.pyfunc import log_ensemble_classifier, to_image_frame
+    from mlflow import MlflowClient
+
+    from tlpipe.serving.classifier import to_image_frame
+    from tlpipe.tracking.logged_models import log_ensemble_classifier
 
     members = {"svm_pixels": model_file(world["svm"], world["finetune"], "svm_pixels"),
                "frozen": world["finetune"] / "frozen.keras", "concat": world["finetune"] / "concat.keras"}
     temperatures = {"svm_pixels": None, "frozen": 1.7, "concat": 0.6}
     params = Params.model_validate({"svm": {"pixel_size": SIZE}})
-    with mlflow.start_run():
-        info = log_ensemble_classifier(ENSEMBLE_MODEL, members, temperatures, world["store"], None, params)
+    with mlflow.start_run() as run:
+        info = log_ensemble_classifier(MlflowClient(), run.info.run_id, ENSEMBLE_MODEL, members, temperatures, world["store"], None, params)
     model = mlflow.pyfunc.load_model(info.model_uri)
     images = np.load(store.split_path(world["store"], "test"))
     frame = model.predict(to_image_frame(images))

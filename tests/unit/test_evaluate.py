@@ -13,27 +13,22 @@ from PIL import Image
 from sklearn.metrics import roc_auc_score
 
 from tests.tiny_data import CLASSES, SIZE, write_separable_features, write_tiny_store
-from tlpipe import plots, store
-from tlpipe.config import CGrid, DataParams, EvaluateParams, SvmParams
-from tlpipe.evaluate import (
+from tlpipe.core.params import CGrid, DataParams, EvaluateParams, SvmParams
+from tlpipe.data import store
+from tlpipe.evaluation.choice import choose_candidate, selection_bounds, wilson_lower
+from tlpipe.evaluation.evaluate import (
     MODEL_NAMES,
     NoModelsError,
-    build_report,
-    choose_candidate,
-    choose_grid_rows,
-    compute_metrics,
-    curves_frame,
     describe_dataset,
-    describe_grid,
-    dvc_metrics,
     evaluate_models,
     name_source,
     predict_keras,
-    read_test_accuracies,
-    selection_bounds,
-    wilson_lower,
 )
-from tlpipe.svm import train_svms
+from tlpipe.evaluation.metrics import compute_metrics, dvc_metrics, read_test_accuracies
+from tlpipe.evaluation.outputs import choose_grid_rows, curves_frame, describe_grid
+from tlpipe.evaluation.report import build_report
+from tlpipe.render import plots
+from tlpipe.train.svm import train_svms
 
 COUNTS = {"train": 9, "val": 2, "test": 5}  # per class
 SVM_PARAMS = SvmParams(c_grid=CGrid(start=-1, stop=1, num=3), cv_folds=3, n_jobs=1, pixel_size=SIZE)
@@ -343,8 +338,8 @@ def test_evaluate_without_models_fails_clearly(world: dict[str, Path], tmp_path:
 
 
 def test_report_holds_every_figure_and_the_decision(evaluated: tuple[Path, dict], world: dict[str, Path]) -> None:
-    from tlpipe.evaluate import build_report
-    from tlpipe.report import render_html
+    from tlpipe.evaluation.report import build_report
+    from tlpipe.render.html import render_html
 
     out, result = evaluated
     decision = {"promoted": True, "model": result["candidate"], "version": "1", "test_accuracy": 1.0,
@@ -364,8 +359,8 @@ def test_report_holds_every_figure_and_the_decision(evaluated: tuple[Path, dict]
 def test_report_names_the_data_set_and_shows_the_same_numbers_everywhere(evaluated: tuple[Path, dict],
                                                                          world: dict[str, Path]) -> None:
     """Data-set section first; every accuracy reads the same (4 decimals) in figures, captions and tables."""
-    from tlpipe.formats import format_score
-    from tlpipe.report import render_html
+    from tlpipe.render.formats import format_score
+    from tlpipe.render.html import render_html
 
     out, result = evaluated
     dataset = describe_dataset(world["store"], DataParams(source=str(world["root"] / "bugs")))

@@ -12,8 +12,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tlpipe import store
-from tlpipe.config import FeaturesParams
+from tlpipe.core.params import FeaturesParams
+from tlpipe.data import store
 
 SIZE = 32
 
@@ -37,7 +37,7 @@ def tiny_store(tmp_path_factory) -> Path:
 
 
 def test_features_are_ordered_aligned_and_published(tiny_store, tmp_path):
-    from tlpipe.features import build_extractor, extract_features
+    from tlpipe.features.extraction import build_extractor, extract_features
 
     out = tmp_path / "features"
     meta = extract_features(tiny_store, out, FeaturesParams(backbone="efficientnet_lite0", batch_size=2))
@@ -57,11 +57,11 @@ def test_features_are_ordered_aligned_and_published(tiny_store, tmp_path):
 
 
 def test_missing_resnet_weights_fail_before_any_work(tiny_store, tmp_path, monkeypatch):
-    from tlpipe.backbones import WeightsUnavailableError
-    from tlpipe.features import extract_features
+    from tlpipe.features.backbones import WeightsUnavailableError
+    from tlpipe.features.extraction import extract_features
 
     monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras"))
-    from tlpipe.backbones import resnet50 as resnet50_module
+    from tlpipe.features.backbones import resnet50 as resnet50_module
 
     monkeypatch.setattr(resnet50_module, "WEIGHTS_HOST", "keras-weights.invalid")  # offline everywhere
     with pytest.raises(WeightsUnavailableError, match="resnet50_weights_tf_dim_ordering_tf_kernels"):
@@ -71,11 +71,11 @@ def test_missing_resnet_weights_fail_before_any_work(tiny_store, tmp_path, monke
 
 def test_features_stage_runs_under_jax(tiny_store, tmp_path):
     """Same stage code on KERAS_BACKEND=jax (the GPU path) gives the TensorFlow features."""
-    from tlpipe.features import extract_features
+    from tlpipe.features.extraction import extract_features
 
     extract_features(tiny_store, tmp_path / "tf", FeaturesParams(backbone="efficientnet_lite0", batch_size=4))
-    code = ("import sys; from pathlib import Path; from tlpipe.config import FeaturesParams; "
-            "from tlpipe.features import extract_features; "
+    code = ("import sys; from pathlib import Path; from tlpipe.core.params import FeaturesParams; "
+            "from tlpipe.features.extraction import extract_features; "
             "m = extract_features(Path(sys.argv[1]), Path(sys.argv[2]), FeaturesParams(backbone='efficientnet_lite0', batch_size=4)); "
             "assert m['keras_backend'] == 'jax', m")
     env = {**os.environ, "KERAS_BACKEND": "jax", "JAX_PLATFORMS": "cpu"}

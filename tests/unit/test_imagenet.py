@@ -10,8 +10,8 @@ import pytest
 import skimage.data
 from PIL import Image
 
-from tlpipe.backbones import build_backbone
-from tlpipe.imagenet import load_class_names, load_image_for_imagenet, predict_imagenet, top1_table
+from tlpipe.features.backbones import build_backbone
+from tlpipe.features.imagenet import load_class_names, load_image_for_imagenet, predict_imagenet, top1_table
 
 CAT_CLASSES = {"tiger cat", "tabby", "Egyptian cat"}
 EXIF_ORIENTATION = 0x0112

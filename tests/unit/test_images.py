@@ -1,4 +1,4 @@
-"""Tests for tlpipe.images: decoding every mode to uint8 RGB and rejecting bad files."""
+"""Tests for tlpipe.data.images: decoding every mode to uint8 RGB and rejecting bad files."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tlpipe.images import DecodedImage, ImageRejected, decode_bytes, decode_file, resize_image
+from tlpipe.data.images import DecodedImage, ImageRejected, decode_bytes, decode_file, resize_image
 
 SIZE = 32
 
@@ -264,7 +264,7 @@ def test_bad_input_rejected_with_reason(name: str) -> None:
     before = Image.MAX_IMAGE_PIXELS
     with pytest.raises(ImageRejected, match=word):
         decode_bytes(data, SIZE, **kwargs)
-    assert Image.MAX_IMAGE_PIXELS == before  # the global limit is restored
+    assert before == Image.MAX_IMAGE_PIXELS  # the global limit is restored
 
 
 @pytest.mark.parametrize("name", sorted(BAD))

@@ -17,10 +17,11 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from tlpipe import store
-from tlpipe.config import DataParams
-from tlpipe.images import decode_file
-from tlpipe.ingest import (
+from tlpipe.core.params import DataParams
+from tlpipe.core.sources import Candidate, SourceError, SourceListing, list_elpv, list_folder, list_source
+from tlpipe.data import store
+from tlpipe.data.images import decode_file
+from tlpipe.data.ingest import (
     DataError,
     assign_splits,
     check_task_support,
@@ -28,7 +29,6 @@ from tlpipe.ingest import (
     ingest,
     minimum_per_class,
 )
-from tlpipe.sources import Candidate, SourceError, SourceListing, list_elpv, list_folder, list_source
 
 SIZE = 32
 MAX_PIXELS = 2500  # fixture images are at most 48x48 = 2304 pixels

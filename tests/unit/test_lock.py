@@ -5,15 +5,14 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from tlpipe.lock import LockHeldError, file_lock, pipeline_lock, pipeline_lock_path
-from tlpipe.prefect_server import main_project_root
+from tlpipe.ops.lock import LockHeldError, file_lock, pipeline_lock, pipeline_lock_path
+from tlpipe.ops.prefect_server import main_project_root
 
-HOLD = ("import sys, time; from tlpipe.lock import pipeline_lock\n"
+HOLD = ("import sys, time; from tlpipe.ops.lock import pipeline_lock\n"
         "with pipeline_lock(sys.argv[1]):\n    print('held', flush=True); time.sleep(600)\n")
 
 
@@ -46,16 +45,15 @@ def test_a_killed_holder_leaves_no_blocking_lock(tmp_path: Path) -> None:
     child.wait()
     assert pipeline_lock_path(tmp_path).read_text()  # the note of the killed holder is still there...
     with pipeline_lock(tmp_path):  # ...but the kernel released its lock
-        assert f'"pid": ' in pipeline_lock_path(tmp_path).read_text()
+        assert '"pid": ' in pipeline_lock_path(tmp_path).read_text()
     assert pipeline_lock_path(tmp_path).read_text() == ""  # released cleanly: the note is cleared
 
 
 def test_waiting_holder_gets_the_lock_when_it_is_released(tmp_path: Path) -> None:
     child = hold_in_child(tmp_path)
     try:
-        with pytest.raises(LockHeldError):
-            with file_lock(pipeline_lock_path(tmp_path), "x", wait_s=0.5):
-                pass
+        with pytest.raises(LockHeldError), file_lock(pipeline_lock_path(tmp_path), "x", wait_s=0.5):
+            pass
     finally:
         child.kill()
         child.wait()

@@ -1,4 +1,4 @@
-"""Pause points (tlpipe.pause): how the fault tests stop a stage at a chosen place, deterministically."""
+"""Pause points (tlpipe.ops.pause): how the fault tests stop a stage at a chosen place, deterministically."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import sys
 import time
 from pathlib import Path
 
-from tlpipe.pause import PAUSE_AT_ENV, PAUSE_DIR_ENV, marker_path, pause_point
+from tlpipe.ops.pause import PAUSE_AT_ENV, PAUSE_DIR_ENV, marker_path, pause_point
 
-WAITER = "from tlpipe.pause import pause_point; pause_point('stage.work'); print('went on', flush=True)"
+WAITER = "from tlpipe.ops.pause import pause_point; pause_point('stage.work'); print('went on', flush=True)"
 
 
 def test_an_unnamed_point_costs_nothing(tmp_path: Path, monkeypatch) -> None:

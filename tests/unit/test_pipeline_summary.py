@@ -4,8 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tlpipe.pipeline_summary import (
-    RunLink, artifact_key, comparison_rows, links_markdown, merge_metrics, promotion_markdown,
+from tlpipe.evaluation.pipeline_summary import (
+    RunLink,
+    artifact_key,
+    comparison_rows,
+    links_markdown,
+    merge_metrics,
+    promotion_markdown,
 )
 
 

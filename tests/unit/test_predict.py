@@ -10,11 +10,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tlpipe.images import decode_file
-from tlpipe.predict import (
-    ModelNotFoundError, collect_images, format_predictions, predict_images, resolve_model_uri,
+from tlpipe.data.images import decode_file
+from tlpipe.serving.packaging import save_keras_classifier
+from tlpipe.serving.predict import (
+    ModelNotFoundError,
+    collect_images,
+    format_predictions,
+    predict_images,
+    resolve_model_uri,
 )
-from tlpipe.pyfunc import save_keras_classifier
 
 SIZE = 32
 CLASSES = ["crack", "clean", "dust"]
@@ -99,7 +103,7 @@ def test_resolve_model_uri(model_dir, tmp_path: Path, monkeypatch: pytest.Monkey
 
 def test_a_few_files_run_eagerly_and_answer_as_the_traced_model(model_dir, folder: Path) -> None:
     """`tlpipe predict` of a few images skips tracing the network's graph (seconds); the answers stay the same."""
-    from tlpipe.predict import classify_files, classify_images, load_image_model, run_eagerly
+    from tlpipe.serving.predict import classify_files, classify_images, load_image_model, run_eagerly
 
     path, _ = model_dir
     rows, classes = classify_images(str(path), [str(folder / "a.jpg")])

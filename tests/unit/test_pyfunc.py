@@ -22,16 +22,11 @@ from mlflow import MlflowClient
 from PIL import Image
 from sklearn.svm import SVC
 
-from tlpipe.features import build_extractor
-from tlpipe.images import decode_file, resize_image
-from tlpipe.predict import resolve_model_uri
-from tlpipe.pyfunc import (
-    decode_cell,
-    log_keras_classifier,
-    log_svm_classifier,
-    to_image_frame,
-)
-from tlpipe.svm import resize_batch
+from tlpipe.data.images import decode_file, resize_batch, resize_image
+from tlpipe.features.extraction import build_extractor
+from tlpipe.serving.classifier import decode_cell, to_image_frame
+from tlpipe.serving.predict import resolve_model_uri
+from tlpipe.tracking.logged_models import log_keras_classifier, log_svm_classifier
 
 SIZE = 32
 PIXEL_SIZE = 8
@@ -79,7 +74,7 @@ def decoded(paths: list[Path], mode: str) -> np.ndarray:
 
 
 def flat_pixels(pixels: np.ndarray) -> np.ndarray:
-    """The svm_pixels input, built as :func:`tlpipe.svm.load_pixels` does."""
+    """The svm_pixels input, built as :func:`tlpipe.train.svm.load_pixels` does."""
     return resize_batch(pixels, PIXEL_SIZE).reshape(len(pixels), -1).astype(np.float32) * np.float32(1 / 255)
 
 
@@ -140,16 +135,17 @@ def logged(tracking: Path, network, tmp_path_factory: pytest.TempPathFactory) ->
     net, net_path = network
     common = {"classes": CLASSES, "image_size": SIZE, "backbone": "efficientnet_lite0", "weights": "imagenet",
               "pixel_size": PIXEL_SIZE}
-    with mlflow.start_run():
+    with mlflow.start_run() as run:
+        client, run_id = mlflow.MlflowClient(), run.info.run_id
         infos = {
-            "frozen": log_keras_classifier("frozen", net_path, CLASSES, SIZE, "stretch",
+            "frozen": log_keras_classifier(client, run_id, "frozen", net_path, CLASSES, SIZE, "stretch",
                                            registered_model_name=REGISTERED),
-            "svm_pixels": log_svm_classifier("svm_pixels", folder / "svm_pixels.joblib", "pixels",
+            "svm_pixels": log_svm_classifier(client, run_id, "svm_pixels", folder / "svm_pixels.joblib", "pixels",
                                              resize_mode="center_crop", **common),
-            "svm_features": log_svm_classifier("svm_features", folder / "svm_features.joblib", "final",
+            "svm_features": log_svm_classifier(client, run_id, "svm_features", folder / "svm_features.joblib", "final",
                                                resize_mode="stretch", extractor_path=folder / "extractor.keras",
                                                **common),
-            "svm_concat": log_svm_classifier("svm_concat", folder / "svm_concat.joblib", "concat",
+            "svm_concat": log_svm_classifier(client, run_id, "svm_concat", folder / "svm_concat.joblib", "concat",
                                              resize_mode="stretch", **common),
         }
     return {

@@ -26,9 +26,10 @@ from mlflow import MlflowClient
 from sklearn.dummy import DummyClassifier
 from sklearn.linear_model import LogisticRegression
 
-from tlpipe import registry
-from tlpipe.pyfunc import log_svm_classifier
-from tlpipe.registry import ALIAS, Champion, decide, register_and_gate, select_best
+from tlpipe.evaluation.choice import select_best
+from tlpipe.tracking import registry
+from tlpipe.tracking.logged_models import log_svm_classifier
+from tlpipe.tracking.registry import ALIAS, Champion, decide, register_and_gate
 
 CLASSES = ["dark", "bright"]
 OTHER_CLASSES = ["cat", "dog", "bird"]
@@ -88,7 +89,7 @@ TEST_IMAGES = solid_images([40, 50, 60, 210], seed=1)
 
 def pixel_features(images: np.ndarray) -> np.ndarray:
     """What the pyfunc feeds a ``pixels`` SVM at PIXELS x PIXELS: resized, flattened, scaled to 0..1."""
-    from tlpipe.svm import resize_batch
+    from tlpipe.data.images import resize_batch
 
     return resize_batch(images, PIXELS).reshape(len(images), -1).astype(np.float32) / 255
 
@@ -122,12 +123,12 @@ def models(tracking: MlflowClient, tmp_path_factory: pytest.TempPathFactory) -> 
               "broken": LogisticRegression().fit(X, y),
               "other_task": LogisticRegression().fit(np.vstack([X, X[:2]]), np.array([0, 0, 1, 1, 2, 2, 0, 1]))}
     uris = {}
-    with mlflow.start_run(run_name="tiny models"):
+    with mlflow.start_run(run_name="tiny models") as run:
         for name, estimator in fitted.items():
             path = folder / f"{name}.joblib"
             joblib.dump(estimator, path)
             classes = OTHER_CLASSES if name == "other_task" else CLASSES
-            uris[name] = log_svm_classifier(name, path, "pixels", classes, SIZE, "stretch", "none", None,
+            uris[name] = log_svm_classifier(MlflowClient(), run.info.run_id, name, path, "pixels", classes, SIZE, "stretch", "none", None,
                                             PIXELS).model_uri
     return uris
 

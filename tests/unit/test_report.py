@@ -12,10 +12,17 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tlpipe import plots
-from tlpipe.formats import format_score, round_score
-from tlpipe.report import (
-    DataSet, Picture, ReportData, Table, TableSection, data_uri, render_html, write_report,
+from tlpipe.render import plots
+from tlpipe.render.formats import format_score, round_score
+from tlpipe.render.html import (
+    DataSet,
+    Picture,
+    ReportData,
+    Table,
+    TableSection,
+    data_uri,
+    render_html,
+    write_report,
 )
 
 
@@ -45,7 +52,7 @@ def parse(page: str) -> Collector:
 
 @pytest.fixture(scope="module")
 def pngs() -> dict[str, bytes]:
-    """Real figures from tlpipe.plots (returned as bytes, not written)."""
+    """Real figures from tlpipe.render.plots (returned as bytes, not written)."""
     return {"confusion": plots.plot_confusion(np.array([[3, 1], [0, 4]]), ["ants", "bees"], "svm: 0.875"),
             "chart": plots.plot_comparison(["svm", "net"], [0.875, 0.75], baseline=0.5),
             "grid": plots.plot_image_grid(np.zeros((2, 8, 8, 3), np.uint8), ["ants (true: bees)", "bees (true: bees)"],

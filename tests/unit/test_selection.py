@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tlpipe import selection
-from tlpipe.config import NATIVE_SIZES, parse_params
-from tlpipe.selection import Candidate, ProbeResult
+from tlpipe.core.params import NATIVE_SIZES, parse_params
+from tlpipe.train import selection
+from tlpipe.train.selection import Candidate, ProbeResult
 
 
 def result(name: str, cv: float, round_index: int = 0, images: int = 50) -> ProbeResult:
@@ -18,7 +18,7 @@ def result(name: str, cv: float, round_index: int = 0, images: int = 50) -> Prob
 
 
 def test_native_gflops_match_a_count_of_the_built_networks() -> None:
-    from tlpipe.compare_backbones import backbone_gflops
+    from tlpipe.evaluation.compare_backbones import backbone_gflops
 
     for backbone in ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"):
         counted = backbone_gflops(backbone, NATIVE_SIZES[backbone])
@@ -115,9 +115,9 @@ def test_choice_comes_from_train_cv_even_where_test_accuracy_would_choose_otherw
 
 def test_race_images_are_the_train_split_of_ingest_never_val_or_test(tmp_path) -> None:
     from tests.conftest import make_source
-    from tlpipe import store
-    from tlpipe.ingest import ingest
-    from tlpipe.sources import list_source
+    from tlpipe.core.sources import list_source
+    from tlpipe.data import store
+    from tlpipe.data.ingest import ingest
 
     source = make_source(tmp_path / "source", per_class=15)
     params = parse_params({"data": {"source": str(source), "max_per_class": None, "workers": 1, "cv_folds": 2}})

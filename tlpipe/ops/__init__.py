@@ -1,0 +1,1 @@
+"""Processes and servers: PostgreSQL/MLflow and Prefect servers, locks, process groups, Dask."""

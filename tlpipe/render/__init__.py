@@ -1,0 +1,1 @@
+"""Rendering numbers, tables, figures and the HTML report (depends on core only)."""

@@ -1,0 +1,1 @@
+"""The image-taking pyfunc model (loading, predicting, packaging) and predictions."""

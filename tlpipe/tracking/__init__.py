@@ -1,0 +1,1 @@
+"""MLflow: the client and store, stage and model runs, logging, the model registry."""

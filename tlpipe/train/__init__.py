@@ -1,0 +1,1 @@
+"""Training: linear SVMs, the networks and the select stage's linear probes."""

@@ -1,0 +1,1 @@
+"""The networks of the finetune stage: data, layers, caches, fitting and the stage's training entry point."""

@@ -91,22 +91,47 @@ def pytest_unconfigure(config: pytest.Config) -> None:
 
 BASELINE_GROUP = "pipeline-baseline"
 FAULTS_GROUP = "faults"
+GROUPS = {
+    # the tests of the shared tiny pipeline run (``pipeline_baseline``): built once, on one worker
+    BASELINE_GROUP: ("tests/e2e/test_dvc_pipeline.py::", "tests/e2e/test_select.py::",
+                     "tests/flows/test_mlflow_model_runs.py::", "tests/scale/test_dvc_remote.py::",
+                     "tests/flows/test_pipeline_prefect.py::test_pipeline_runs_once_per_project"),
+    # the fault tests: one cascade of killed runs (compared with the shared run's published digests)
+    FAULTS_GROUP: ("tests/e2e/test_faults.py::",),
+}
+"""Tests that share one expensive fixture, by node id prefix: each group runs on one pytest-xdist worker."""
 
 
-@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own hook, which reads the groups into the test ids
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Keep the tests sharing one expensive fixture on one pytest-xdist worker; set per-test timeouts.
+def group_of(nodeid: str) -> str | None:
+    """The :data:`GROUPS` entry a test belongs to, or None."""
+    return next((name for name, prefixes in GROUPS.items() if nodeid.startswith(prefixes)), None)
 
-    ``make test`` runs workers with ``--dist loadgroup``: every other test goes to whichever worker is free,
-    while a group shares its fixture on one worker: the tests of the shared tiny pipeline run
-    (``pipeline_baseline``, built once), and the fault tests (one cascade of killed runs, compared with the
-    pipeline run's published digests, see :func:`baseline_digests`).
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log):
+    """``--dist loadgroup`` with the groups of :data:`GROUPS`.
+
+    pytest-xdist's own ``loadgroup`` reads ``xdist_group`` marks by appending the group to each test's node id
+    in the worker, which pytest 9 ignores (node ids became structured), so every group was split across the
+    workers and each worker built the shared pipeline and the fault cascade itself. The controller sees only
+    node ids: the groups are node id prefixes, checked against the fixtures at collection (below).
     """
+    if config.getvalue("dist") != "loadgroup":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class SharedFixtureScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return group_of(nodeid) or nodeid
+
+    return SharedFixtureScheduling(config, log)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Check that every test of the shared tiny pipeline is in its group; set per-test timeouts."""
     for item in items:
-        if item.path.name == "test_faults.py":
-            item.add_marker(pytest.mark.xdist_group(FAULTS_GROUP))
-        elif "pipeline_baseline" in getattr(item, "fixturenames", ()):
-            item.add_marker(pytest.mark.xdist_group(BASELINE_GROUP))
+        if "pipeline_baseline" in getattr(item, "fixturenames", ()) and group_of(item.nodeid) != BASELINE_GROUP:
+            raise pytest.UsageError(f"{item.nodeid} uses pipeline_baseline: add it to GROUPS[BASELINE_GROUP] in "
+                                    "tests/conftest.py, so it runs on the worker that built it")
         if item.get_closest_marker("timeout") is None:
             item.add_marker(pytest.mark.timeout(timeout_for(item)))
 

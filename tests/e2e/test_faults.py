@@ -145,6 +145,23 @@ def repro(project: Path, env: dict, *args: str, timeout: int = 900) -> subproces
                           capture_output=True, text=True, timeout=timeout)
 
 
+def stop_tree(process: subprocess.Popen) -> None:
+    """Kill a ``dvc repro`` still running and every process under it (a stage waiting at a pause point too)."""
+    if process.poll() is not None:
+        return
+    try:
+        children = psutil.Process(process.pid).children(recursive=True)
+    except psutil.Error:
+        children = []
+    for child in children:
+        try:
+            child.kill()
+        except psutil.Error:
+            pass
+    process.kill()
+    process.wait()
+
+
 def wait_for_pause(folder: Path, point: str, dvc: subprocess.Popen, log: Path, timeout: float = 900) -> Path:
     """The marker of the stage process paused at ``point`` (:mod:`tlpipe.ops.pause`), once it is there.
 
@@ -176,9 +193,7 @@ def repro_and_kill(project: Path, env: dict, stage: str, log: Path) -> Kill:
         target.send_signal(signal.SIGKILL)
         returncode = dvc.wait(timeout=300)
     finally:
-        if dvc.poll() is None:
-            dvc.kill()
-            dvc.wait()
+        stop_tree(dvc)
     _, survivors = psutil.wait_procs(children, timeout=20)
     for process in survivors:  # leave nothing behind, whatever the verdict
         process.kill()
@@ -336,11 +351,14 @@ def test_tracking_server_dying_mid_stage_fails_clearly_and_rerun_logs_once(casca
             dvc = subprocess.Popen([sys.executable, "-m", "dvc", "repro"], cwd=cascade.project, stdout=sink,
                                    stderr=subprocess.STDOUT, text=True,
                                    env={**env, PAUSE_AT_ENV: point, PAUSE_DIR_ENV: str(pauses)})
-        marker = wait_for_pause(pauses, point, dvc, log)
-        assert stage_run_running(db, "evaluate")
-        stop_server(server)
-        marker.unlink()  # the stage goes on, against a dead server
-        returncode = dvc.wait(timeout=600)
+        try:
+            marker = wait_for_pause(pauses, point, dvc, log)
+            assert stage_run_running(db, "evaluate"), log.read_text()[-3000:]
+            stop_server(server)
+            marker.unlink()  # the stage goes on, against a dead server
+            returncode = dvc.wait(timeout=600)
+        finally:
+            stop_tree(dvc)
         output = log.read_text()
         assert returncode != 0, output[-3000:]
         errors = [line for line in output.splitlines() if "error" in line.lower() and uri in line]

@@ -39,3 +39,25 @@ def test_a_named_point_waits_for_its_marker_to_go_and_then_goes_on(tmp_path: Pat
         if child.poll() is None:
             child.kill()
             child.wait()
+
+
+TWICE = ("from tlpipe.ops.pause import pause_point\n"
+         "for attempt in (1, 2):  # a task and its retry\n"
+         "    pause_point('stage.work'); print('attempt', attempt, flush=True)\n")
+
+
+def test_a_retry_passes_the_point_it_paused_at(tmp_path: Path) -> None:
+    env = {**os.environ, PAUSE_AT_ENV: "stage.work", PAUSE_DIR_ENV: str(tmp_path)}
+    child = subprocess.Popen([sys.executable, "-c", TWICE], env=env, stdout=subprocess.PIPE, text=True)
+    try:
+        marker = marker_path("stage.work", child.pid, tmp_path)
+        while not marker.exists():
+            assert child.poll() is None
+            time.sleep(0.05)
+        marker.unlink()
+        out, _ = child.communicate(timeout=60)
+        assert out == "attempt 1\nattempt 2\n" and not marker.exists()
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()

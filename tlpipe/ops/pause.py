@@ -5,7 +5,8 @@ is inside a given piece of work: building its staging folder, with its decode po
 MLflow after publishing its outputs. Polling for those states races the stage; a pause point makes the moment
 deterministic. With ``TLPIPE_PAUSE_AT=<point>`` in its environment, a stage that reaches ``<point>`` writes
 the marker file ``<TLPIPE_PAUSE_DIR>/<point>-<pid>`` and waits until the marker is deleted (then goes on) or
-the process is killed. Without the variable, a pause point costs one environment look-up.
+the process is killed. A process pauses at a point once: a retried task passes it the second time. Without
+the variable, a pause point costs one environment look-up.
 """
 
 from __future__ import annotations
@@ -21,6 +22,9 @@ PAUSE_DIR_ENV = "TLPIPE_PAUSE_DIR"
 MAX_PAUSE_S = 900.0
 """A pause never outlasts this: a test that never comes back does not leave the stage stuck."""
 
+_passed: set[str] = set()
+"""The points this process has paused at (a retry of the same task goes on at once)."""
+
 
 def marker_path(point: str, pid: int | None = None, folder: Path | None = None) -> Path:
     """The marker file a process paused at ``point`` writes (``<folder>/<point>-<pid>``)."""
@@ -29,13 +33,15 @@ def marker_path(point: str, pid: int | None = None, folder: Path | None = None) 
 
 
 def pause_point(point: str) -> None:
-    """Wait here when ``TLPIPE_PAUSE_AT`` names ``point``, until the marker is deleted or the process killed.
+    """Wait here when ``TLPIPE_PAUSE_AT`` names ``point`` (the first time only), until the marker is deleted or
+    the process killed.
 
     Args:
         point: The pause point's name, ``<stage>.<what it is doing>`` (e.g. ``features.extracting``).
     """
-    if os.environ.get(PAUSE_AT_ENV) != point:
+    if os.environ.get(PAUSE_AT_ENV) != point or point in _passed:
         return
+    _passed.add(point)
     marker = marker_path(point)
     marker.parent.mkdir(parents=True, exist_ok=True)
     staging = marker.with_name(f".{marker.name}.tmp")

@@ -395,6 +395,32 @@ TIMESTAMP = re.compile(r"\b\d{4}-\d{2}-\d{2}[ T]\d{2}:\d{2}(?::\d{2}(?:\.\d+)?)?
 SHARED_OBJECT_ID = re.compile(rb'"shared_object_id": \d+')
 
 
+TABLE = re.compile(r"<table>.*?</table>", re.S)
+HEADER_CELL = re.compile(r"<th[^>]*>(.*?)</th>", re.S)
+ROW = re.compile(r"<tr[^>]*>(.*?)</tr>", re.S)
+CELL = re.compile(r"(<td[^>]*>)(.*?)(</td>)", re.S)
+
+
+def mask_volatile_columns(html: str) -> str:
+    """An HTML report with the cells of its tables' :data:`VOLATILE` columns (e.g. the select stage's
+    ``seconds``) masked, as the CSV and JSON digests drop those columns."""
+    def mask_table(match: re.Match) -> str:
+        table = match.group(0)
+        headers = HEADER_CELL.findall(table)
+        volatile = {index for index, name in enumerate(headers) if VOLATILE.search(name)}
+        if not volatile:
+            return table
+
+        def mask_row(row: re.Match) -> str:
+            cells = iter(range(len(headers) + 1000))
+            return CELL.sub(lambda cell: cell.group(1) + ("<volatile>" if next(cells) in volatile
+                                                          else cell.group(2)) + cell.group(3), row.group(0))
+
+        return ROW.sub(mask_row, table)
+
+    return TABLE.sub(mask_table, html)
+
+
 def stable_digest(path: Path, places: dict[str, str] | None = None) -> str:
     """SHA-256 of a file's deterministic content.
 
@@ -433,7 +459,8 @@ def stable_digest(path: Path, places: dict[str, str] | None = None) -> str:
                 if name != "metadata.json":
                     digest.update(name.encode() + b"\0" + SHARED_OBJECT_ID.sub(b"<id>", archive.read(name)))
     elif suffix in (".html", ".md"):
-        digest.update(TIMESTAMP.sub("<time>", RUN_ID.sub("<run id>", text)).encode())
+        masked = mask_volatile_columns(text) if suffix == ".html" else text
+        digest.update(TIMESTAMP.sub("<time>", RUN_ID.sub("<run id>", masked)).encode())
     else:
         digest.update(path.read_bytes())
     return digest.hexdigest()

@@ -40,7 +40,8 @@ def test_ingest_and_features_flows_write_outputs_and_track(project):
     assert {"ingest", "features"} <= set(stages)
     ingest_run = stages["ingest"]
     assert ingest_run.info.status == "FINISHED"
-    assert ingest_run.data.params["data.image_size"] == "32"
+    params = ingest_run.data.params  # dvc.yaml's params of ingest, and the select stage's choice it used
+    assert params["selection.image_size"] == "32" and params["data.seed"] == "42" and "data.image_size" not in params
     assert ingest_run.data.metrics["images_kept"] == 24
     assert ingest_run.data.tags["tlpipe.data_hash"] == summary["data_hash"]
     assert stages["features"].data.metrics["images_per_second"] > 0

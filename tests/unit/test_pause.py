@@ -61,3 +61,21 @@ def test_a_retry_passes_the_point_it_paused_at(tmp_path: Path) -> None:
         if child.poll() is None:
             child.kill()
             child.wait()
+
+
+def test_a_point_pauses_only_the_stage_it_is_named_after(tmp_path: Path, monkeypatch) -> None:
+    """ingest's decoding also runs in the select stage (its split of the source): only ingest pauses there."""
+    import types
+
+    from tlpipe.ops import pause
+
+    monkeypatch.setenv(PAUSE_AT_ENV, "ingest.decoding")
+    monkeypatch.setenv(PAUSE_DIR_ENV, str(tmp_path))
+    main = types.ModuleType("__main__")
+    main.__spec__ = types.SimpleNamespace(name="flows.selection")
+    monkeypatch.setitem(sys.modules, "__main__", main)
+    assert pause.running_stage() == "selection" and not pause.in_stage_of("ingest.decoding")
+    pause_point("ingest.decoding")  # returns at once in the select stage (a pause would hang the test)
+    assert not list(tmp_path.iterdir())
+    main.__spec__ = types.SimpleNamespace(name="flows.ingest")
+    assert pause.in_stage_of("ingest.decoding") and not pause.in_stage_of("svm.logging")

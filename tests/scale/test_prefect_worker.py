@@ -128,7 +128,12 @@ def deploy_and_run_on_a_worker(tmp_path: Path, tiny_source: Path, prefect_env: d
     import psutil
 
     # the leader is gone; what it started got the same SIGTERM and may take a moment to exit, not longer
-    left = [psutil.Process(pid) for pid in group_members(worker.pid) if psutil.pid_exists(pid)]
+    left = []
+    for pid in group_members(worker.pid):
+        try:
+            left.append(psutil.Process(pid))
+        except psutil.NoSuchProcess:
+            continue
     _, alive = psutil.wait_procs(left, timeout=30)
     assert not alive, f"the worker or a flow run it started outlived its stop: {alive}"
 

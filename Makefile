@@ -83,10 +83,10 @@ lint: setup
 	$(BIN)/ruff check .
 
 test: lint
-	$(PY) -m pytest -q -n 2 --dist loadgroup --durations=15
+	$(PY) -m pytest -q -n 3 --dist loadgroup --durations=15
 
 test-fast: lint
-	$(PY) -m pytest -q -n 2 --dist loadgroup -m "not slow"
+	$(PY) -m pytest -q -n 3 --dist loadgroup -m "not slow"
 
 bench: setup
 	$(PY) -m bench.run --quick

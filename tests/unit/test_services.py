@@ -2,20 +2,33 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 
-def test_unreachable_parent_finds_a_private_folder_on_the_path(tmp_path) -> None:
+
+def test_unreachable_parent_finds_a_private_folder_on_the_path() -> None:
+    """On a path whose other folders anyone may enter, the one private folder is the one named; for no user
+    (the server runs as this user), nothing is."""
     import os
     import pwd
+    import shutil
+    import tempfile
 
     from tlpipe.ops.services import unreachable_parent
 
-    private = tmp_path / "private"
-    (private / "venv" / "bin").mkdir(parents=True)
-    os.chmod(private, 0o700)
-    other = next((e.pw_name for e in pwd.getpwall() if e.pw_uid not in (0, os.getuid())), None)
-    assert unreachable_parent(private / "venv" / "bin", None) is None
-    if other is not None and os.stat(tmp_path).st_mode & 0o001:
-        assert unreachable_parent(private / "venv" / "bin", other) == private.resolve()
+    other = next(e for e in pwd.getpwall() if e.pw_uid not in (0, os.getuid()))  # e.g. nobody: always one
+    # under the system's temporary folder (world-enterable, sticky), not pytest's private tmp_path
+    top = Path(tempfile.mkdtemp(prefix="tlpipe-reach-", dir="/tmp"))
+    try:
+        os.chmod(top, 0o755)
+        private = top / "private"
+        (private / "venv" / "bin").mkdir(parents=True)
+        os.chmod(private, 0o700)
+        assert unreachable_parent(private / "venv" / "bin", None) is None
+        assert unreachable_parent(private / "venv" / "bin", other.pw_name) == private.resolve()
+        os.chmod(private, 0o755)
+        assert unreachable_parent(private / "venv" / "bin", other.pw_name) is None
+    finally:
+        shutil.rmtree(top, ignore_errors=True)
 
 
 def test_a_plain_pid_file_of_a_live_stranger_kills_nothing(tmp_path) -> None:

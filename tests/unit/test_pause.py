@@ -21,14 +21,21 @@ def test_an_unnamed_point_costs_nothing(tmp_path: Path, monkeypatch) -> None:
     assert not list(tmp_path.iterdir())
 
 
+def start_paused(code: str, folder: Path) -> tuple[subprocess.Popen, Path]:
+    """Run ``code`` with the pause point ``stage.work`` named; return the process and its marker, once there."""
+    env = {**os.environ, PAUSE_AT_ENV: "stage.work", PAUSE_DIR_ENV: str(folder)}
+    child = subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, text=True)
+    marker = marker_path("stage.work", child.pid, folder)
+    while not marker.exists():
+        if child.poll() is not None:
+            raise AssertionError("the process went past its pause point")
+        time.sleep(0.05)
+    return child, marker
+
+
 def test_a_named_point_waits_for_its_marker_to_go_and_then_goes_on(tmp_path: Path) -> None:
-    env = {**os.environ, PAUSE_AT_ENV: "stage.work", PAUSE_DIR_ENV: str(tmp_path)}
-    child = subprocess.Popen([sys.executable, "-c", WAITER], env=env, stdout=subprocess.PIPE, text=True)
+    child, marker = start_paused(WAITER, tmp_path)
     try:
-        marker = marker_path("stage.work", child.pid, tmp_path)
-        while not marker.exists():
-            assert child.poll() is None, "the process went past its pause point"
-            time.sleep(0.05)
         note = json.loads(marker.read_text())
         assert note["point"] == "stage.work" and note["pid"] == child.pid
         assert child.poll() is None  # still waiting: nothing but the marker's removal lets it go on
@@ -47,13 +54,8 @@ TWICE = ("from tlpipe.ops.pause import pause_point\n"
 
 
 def test_a_retry_passes_the_point_it_paused_at(tmp_path: Path) -> None:
-    env = {**os.environ, PAUSE_AT_ENV: "stage.work", PAUSE_DIR_ENV: str(tmp_path)}
-    child = subprocess.Popen([sys.executable, "-c", TWICE], env=env, stdout=subprocess.PIPE, text=True)
+    child, marker = start_paused(TWICE, tmp_path)
     try:
-        marker = marker_path("stage.work", child.pid, tmp_path)
-        while not marker.exists():
-            assert child.poll() is None
-            time.sleep(0.05)
         marker.unlink()
         out, _ = child.communicate(timeout=60)
         assert out == "attempt 1\nattempt 2\n" and not marker.exists()

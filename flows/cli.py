@@ -271,6 +271,8 @@ def ui(
         typer.echo(f"open {ui_url(f'http://{host}:{port}', experiment.experiment_id)}")
     from tlpipe.ops.process_group import guarded_group, signals_raise
 
+    # no GenAI job runner (7 more processes, ~1.7 GB) unless the user asks for it
+    os.environ.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
     # the server and its workers in a process group of their own, stopped on SIGTERM, SIGHUP, Ctrl-C or exit
     with signals_raise(), guarded_group(command, "the MLflow server") as server:
         code = server.wait()

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 import sys
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,7 +16,7 @@ from prefect.exceptions import MissingContextError
 from tlpipe.core.hashing import file_sha256
 from tlpipe.core.params import Params
 from tlpipe.core.paths import ProjectPaths
-from tlpipe.tracking.connection import connect, tracking_uri
+from tlpipe.tracking.connection import connect, outage_reported, tracking_uri
 from tlpipe.tracking.records import log_datasets, log_params, set_tags
 from tlpipe.tracking.runs import model_run
 from tlpipe.tracking.tags import MODEL_ID_TAG, MODEL_SHA_TAG, MODEL_TAG, PYFUNC_URI_TAG
@@ -54,6 +56,25 @@ def retry_unless_user_error(task, task_run, state) -> bool:
     from tlpipe.core.errors import UserError
 
     return not isinstance(state.data, UserError)
+
+
+def reports_tracking_outage(what: str) -> Callable[[Callable], Callable]:
+    """Decorate a logging task (one with a ``root`` argument): a store that goes away while it logs fails it
+    with one line naming the store (:func:`tlpipe.tracking.connection.outage_reported`), not MLflow's traceback.
+    """
+
+    def decorate(function: Callable) -> Callable:
+        signature = inspect.signature(function)
+
+        @functools.wraps(function)
+        def logging_task(*args, **kwargs):
+            root = signature.bind(*args, **kwargs).arguments["root"]
+            with outage_reported(Path(root), what):
+                return function(*args, **kwargs)
+
+        return logging_task
+
+    return decorate
 
 
 @task(name="check-tracking", timeout_seconds=120)

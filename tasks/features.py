@@ -6,7 +6,7 @@ from pathlib import Path
 
 from prefect import task
 
-from tasks.common import get_logger, report_progress
+from tasks.common import get_logger, report_progress, reports_tracking_outage
 from tlpipe.core.params import FeaturesParams
 from tlpipe.data import store
 from tlpipe.features import extraction as features
@@ -42,6 +42,7 @@ def write_metrics(meta: dict, metrics_path: Path) -> None:
 
 
 @task(name="log-features", timeout_seconds=300)
+@reports_tracking_outage("logging the features stage")
 def log_features(run_id: str, root: Path, params: FeaturesParams, meta: dict, out_dir: Path, store_dir: Path,
                  source: str) -> None:
     """Log throughput, feature shapes, the ImageNet top-1 table and the splits it read onto the stage run."""

@@ -7,7 +7,7 @@ from pathlib import Path
 import pandas as pd
 from prefect import task
 
-from tasks.common import get_logger, log_image_model, trained_model_run
+from tasks.common import get_logger, log_image_model, reports_tracking_outage, trained_model_run
 from tlpipe.core.params import Params
 from tlpipe.data import store
 from tlpipe.features.extraction import normalise_weights
@@ -50,6 +50,7 @@ CURVES = {"loss": "loss", "accuracy": "accuracy", "val_loss": "val_loss", "val_a
 
 
 @task(name="log-networks", timeout_seconds=1800)
+@reports_tracking_outage("logging the networks")
 def log_networks(stage_run_id: str, root: Path, params: Params, results: dict, out_dir: Path, store_dir: Path,
                  data_hash: str) -> dict[str, str]:
     """One MLflow run per network under the stage run: params, datasets, curves, files, one logged model.

@@ -7,7 +7,7 @@ from pathlib import Path
 import pandas as pd
 from prefect import task
 
-from tasks.common import get_logger, report_progress, retry_unless_user_error
+from tasks.common import get_logger, report_progress, reports_tracking_outage, retry_unless_user_error
 from tlpipe.core.params import DataParams
 from tlpipe.core.sources import SourceListing, list_source
 from tlpipe.data import ingest, store
@@ -49,6 +49,7 @@ def write_data_report(report: dict, report_dir: Path, metrics_path: Path) -> lis
 
 
 @task(name="log-ingest", timeout_seconds=300)
+@reports_tracking_outage("logging the ingest stage")
 def log_ingest(run_id: str, root: Path, params: DataParams, report: dict, artifacts: list[Path], seconds: float,
                store_dir: Path) -> None:
     """Log the ingest stage onto its stage run: counts, data hash, the data report, the splits as datasets.

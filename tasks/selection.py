@@ -9,7 +9,7 @@ import pandas as pd
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from tasks.common import get_logger, report_progress, retry_unless_user_error
+from tasks.common import get_logger, report_progress, reports_tracking_outage, retry_unless_user_error
 from tlpipe.core.params import Params
 from tlpipe.data import store
 from tlpipe.features.extraction import normalise_weights
@@ -69,6 +69,7 @@ def write_outputs(choice: selection.Candidate, table: pd.DataFrame, summary: dic
 
 
 @task(name="log-selection", timeout_seconds=300, cache_policy=NO_CACHE)
+@reports_tracking_outage("logging the selection")
 def log_selection(run_id: str, root: Path, choice: selection.Candidate, summary: dict, report_dir: Path) -> None:
     """Log the choice, each candidate's CV accuracy and the candidates table onto the stage run."""
     client = get_client(root)

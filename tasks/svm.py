@@ -6,7 +6,7 @@ from pathlib import Path
 
 from prefect import task
 
-from tasks.common import get_logger, log_image_model, trained_model_run
+from tasks.common import get_logger, log_image_model, reports_tracking_outage, trained_model_run
 from tlpipe.core.params import Params
 from tlpipe.data import store
 from tlpipe.ops.pause import pause_point
@@ -34,6 +34,7 @@ def write_metrics(summaries: dict, metrics_path: Path) -> None:
 
 
 @task(name="log-svms", timeout_seconds=1800)
+@reports_tracking_outage("logging the SVMs")
 def log_svms(stage_run_id: str, root: Path, params: Params, summaries: dict, svm_dir: Path, store_dir: Path,
              features_dir: Path, data_hash: str) -> dict[str, str]:
     """One MLflow run per SVM under the stage run: params, datasets, CV metrics and table, one logged model.

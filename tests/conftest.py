@@ -574,7 +574,7 @@ def pipeline_baseline(tmp_path_factory, prefect_server) -> PipelineRun:
 
         time.sleep(1)  # flow runs are created asynchronously on the server
         digests = output_digests(project, source)
-        published = {"digests": digests, "code": code_digest(code)}
+        published = {"digests": digests, "code": code_digest(code), "project": str(project), "source": str(source)}
         staging = shared / f".pipeline-baseline.json.tmp-{os.getpid()}"
         staging.write_text(json.dumps(published))
         os.replace(staging, shared / "pipeline-baseline.json")
@@ -584,8 +584,8 @@ def pipeline_baseline(tmp_path_factory, prefect_server) -> PipelineRun:
 
 @pytest.fixture(scope="session")
 def baseline_digests(request, tmp_path_factory) -> dict:
-    """``{"digests": ..., "code": ...}`` of the shared tiny pipeline (:func:`pipeline_baseline`), from whichever
-    worker built it; built here when no worker has (the fault tests run alone, or before it)."""
+    """``{"digests", "code", "project", "source"}`` of the shared tiny pipeline (:func:`pipeline_baseline`), from
+    whichever worker built it; built here when no worker has (these tests run alone, or before it)."""
     import json
 
     from tlpipe.ops.lock import file_lock
@@ -596,7 +596,16 @@ def baseline_digests(request, tmp_path_factory) -> dict:
         if published.exists():
             return json.loads(published.read_text())
     run = request.getfixturevalue("pipeline_baseline")
-    return {"digests": run.digests, "code": code_digest(run.code)}
+    return {"digests": run.digests, "code": code_digest(run.code), "project": str(run.project),
+            "source": str(run.source)}
+
+
+@pytest.fixture
+def baseline_copy(baseline_digests, tmp_path) -> Path:
+    """A :func:`clone_project` copy of the shared tiny pipeline's project, on any pytest-xdist worker: for a test
+    that needs a reproduced project to change, without running the whole pipeline again (nor joining the
+    baseline's group). Its ``data.source`` is the shared source, its task and store those of the shared run."""
+    return clone_project(Path(baseline_digests["project"]), tmp_path / "project")
 
 
 def clone_project(project: Path, target: Path) -> Path:

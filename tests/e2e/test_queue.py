@@ -1,7 +1,8 @@
 """Experiments as README writes them, and queued ones tracked where the user looks (issue 11, items 2 and 9).
 
-* ``<venv>/bin/dvc exp run -S data.source=<abs> -S data.max_per_class=null`` with the venv *not* on PATH:
-  the stages run through ``bin/python``, which finds the interpreter running that ``dvc``.
+* ``<venv>/bin/dvc exp run -S data.source=<abs> -S data.max_per_class=null`` with the venv *not* on PATH, in a
+  copy of the shared tiny pipeline's project with one more changed param: the stage it reruns runs through
+  ``bin/python``, which finds the interpreter running that ``dvc``.
 * ``dvc exp run --queue`` of two variants, then ``dvc queue start -j 2``: DVC runs them in temporary
   workspaces under ``.dvc/tmp/exps/``; every run, metric and model version lands in the project's own
   MLflow store (:func:`tlpipe.core.paths.tracking_root`), and concurrent first use of a store does not race
@@ -19,8 +20,7 @@ import time
 from pathlib import Path
 
 import pytest
-
-from tests.conftest import make_project
+import yaml
 
 VENV_BIN = Path(sys.executable).parent
 VARIANTS = (4, 5)  # svm.c_grid.num: two, which `dvc queue start -j 2` runs at once; the tiny baseline uses 3, so
@@ -135,27 +135,30 @@ def queue_status(project: Path, env: dict) -> tuple[dict[str, str], str]:
 
 @pytest.mark.slow
 def test_readme_exp_run_without_venv_then_queued_experiments_track_into_the_project(
-        tmp_path, tiny_source, prefect_server, project_env):
+        baseline_copy, prefect_server, project_env):
     from mlflow import MlflowClient
 
-    project = make_project(tmp_path / "project", tiny_source, tracking_store=False)  # made by the queued runs
-    env = {**project_env, "PREFECT_API_URL": prefect_server}
-
-    # README's command, venv not activated and not on PATH (exit 127 or "No module named prefect" before)
-    bare = {k: v for k, v in env.items() if k != "VIRTUAL_ENV"}
-    bare["PATH"] = os.pathsep.join(p for p in ("/usr/local/bin", "/usr/bin", "/bin") if Path(p).is_dir())
-    output = run([str(VENV_BIN / "dvc"), "exp", "run", "-S", f"data.source={tiny_source}",
-                  "-S", "data.max_per_class=null"], project, bare)
-    assert re.findall(r"Running stage '([^']+)'", output) == ["select", "ingest", "features", "svm", "finetune", "evaluate"]
-
-    client = MlflowClient(f"sqlite:///{project}/mlflow.db")
     from tlpipe.core.task import load_task
 
-    task = load_task(project)  # the queued variants keep the source: one task, one experiment, one registry
+    project = baseline_copy  # reproduced once (the shared tiny pipeline): only what the experiments change runs
+    env = {**project_env, "PREFECT_API_URL": prefect_server}
+    client = MlflowClient(f"sqlite:///{project}/mlflow.db")
+    task = load_task(project)  # the variants keep the source: one task, one experiment, one registry
     experiment_id = client.get_experiment_by_name(task.name).experiment_id
     model_name = task.model_name
+    per_evaluate = len(client.search_model_versions(f"name = '{model_name}'"))  # what one evaluate registers
+    assert per_evaluate > 0
+
+    # README's command, venv not activated and not on PATH (exit 127 or "No module named prefect" before),
+    # with one changed param, so a stage runs (through bin/python)
+    source = yaml.safe_load((project / "params.yaml").read_text())["data"]["source"]  # the shared source
+    bare = {k: v for k, v in env.items() if k != "VIRTUAL_ENV"}
+    bare["PATH"] = os.pathsep.join(p for p in ("/usr/local/bin", "/usr/bin", "/bin") if Path(p).is_dir())
+    output = run([str(VENV_BIN / "dvc"), "exp", "run", "-S", f"data.source={source}",
+                  "-S", "data.max_per_class=null", "-S", "evaluate.grid_images=2"], project, bare)
+    assert re.findall(r"Running stage '([^']+)'", output) == ["evaluate"], output[-3000:]
     versions_before = len(client.search_model_versions(f"name = '{model_name}'"))
-    per_evaluate = versions_before  # what one evaluate execution registers
+    assert versions_before == 2 * per_evaluate
 
     # three variants, queued, then run two at a time in DVC's temporary workspaces
     dvc = [sys.executable, "-m", "dvc"]  # `dvc queue start` spawns workers by the name `dvc`: on PATH in env
@@ -188,9 +191,9 @@ def test_readme_exp_run_without_venv_then_queued_experiments_track_into_the_proj
     svm_runs = [r for r in runs if r.data.tags.get("tlpipe.stage") == "svm"]
     assert sorted(int(r.data.params["svm.c_grid.num"]) for r in svm_runs) == [3, *VARIANTS]
     evaluate_runs = [r for r in runs if r.data.tags.get("tlpipe.stage") == "evaluate"]
-    assert len(evaluate_runs) == 1 + len(VARIANTS)
+    assert len(evaluate_runs) == 2 + len(VARIANTS)  # the shared run's, the README command's, the variants'
     parents = {r.data.tags.get("mlflow.parentRunId") for r in svm_runs + evaluate_runs}
-    assert len(parents) == 1 + len(VARIANTS) and None not in parents  # one pipeline run per experiment
+    assert len(parents) == 2 + len(VARIANTS) and None not in parents  # one pipeline run per experiment
     assert all(r.info.status == "FINISHED" for r in runs), [(r.info.run_name, r.info.status) for r in runs]
     for stage_run in svm_runs:  # each experiment's three SVMs, with their training metrics
         models = {r.info.run_name: r for r in runs if r.data.tags.get("mlflow.parentRunId") == stage_run.info.run_id}

@@ -23,6 +23,7 @@ from tlpipe.tracking.connection import (
     compare_url,
     connect,
     ensure_experiment,
+    outage_reported,
     ui_url,
 )
 from tlpipe.tracking.fluent import use_store
@@ -212,6 +213,22 @@ def test_unreachable_server_fails_fast_naming_the_uri(root: Path, monkeypatch) -
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")
     with pytest.raises(TrackingUnavailableError, match=r"http://127\.0\.0\.1:9 is unreachable after 2 attempts"):
         connect(root, attempts=2, backoff_s=0.1)
+
+
+def test_an_error_while_logging_to_a_store_gone_away_is_reported_as_one_line(root: Path, store,
+                                                                          monkeypatch) -> None:
+    """A logging task's error becomes a user error naming the store only when the store no longer answers;
+    with the store up, the task's own error passes unchanged."""
+    with pytest.raises(ValueError, match="bad value"), outage_reported(root, "logging the SVMs"):
+        raise ValueError("bad value")  # the store answers: not an outage
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")
+    with pytest.raises(TrackingUnavailableError, match=r"http://127\.0\.0\.1:9 became unreachable while logging "
+                                                       r"the SVMs \(RuntimeError: refused\)") as caught, \
+            outage_reported(root, "logging the SVMs"):
+        raise RuntimeError("refused\nsecond line")
+    assert isinstance(caught.value.__cause__, RuntimeError)
+    with pytest.raises(TrackingUnavailableError, match="first"), outage_reported(root, "logging"):
+        raise TrackingUnavailableError("first")  # already reported: kept as it is
 
 
 def test_a_failing_server_is_probed_once_per_attempt_without_mlflows_retries(root: Path, monkeypatch) -> None:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from tlpipe.core.errors import UserError
@@ -134,6 +136,34 @@ def store_reachable(client, uri: str) -> bool:
         return True
     except Exception:
         return False
+
+
+def first_line(error: BaseException) -> str:
+    """``Type: first line of the message`` (at most 200 characters of it)."""
+    text = str(error)
+    return f"{type(error).__name__}: {text.splitlines()[0][:200] if text else ''}"
+
+
+@contextmanager
+def outage_reported(root: Path, what: str) -> Iterator[None]:
+    """Report a store that went away while ``what`` (say "logging the SVMs") used it as one clear error.
+
+    An error raised inside becomes a :class:`TrackingUnavailableError` naming the store when one probe of
+    the store then fails; otherwise (the store answers: the error is something else) it passes unchanged.
+    A user error prints as one line, where MLflow's own exception would print a traceback of its HTTP stack.
+    """
+    try:
+        yield
+    except TrackingUnavailableError:
+        raise
+    except Exception as error:
+        uri = tracking_uri(root)
+        if store_reachable(get_client(root), uri):
+            raise
+        raise TrackingUnavailableError(
+            f"MLflow tracking store {uri} became unreachable while {what} ({first_line(error)}). Start it again "
+            "and rerun the stage (the runs left RUNNING are then ended as KILLED)."
+        ) from error
 
 
 def connect(root: Path, attempts: int = 3, backoff_s: float = 1.0):

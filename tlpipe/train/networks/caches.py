@@ -13,7 +13,7 @@ import numpy as np
 
 from tlpipe.core.params import FinetuneParams
 from tlpipe.data import store
-from tlpipe.train.networks.data import ArrayBatches, StoreData, epoch_order
+from tlpipe.train.networks.data import ArrayBatches, StoreData, epoch_order, seed_training
 from tlpipe.train.networks.layers import augment_batch, build_augmentation, head_inputs
 
 CACHE_FOLDER = "_feature_cache"
@@ -92,7 +92,7 @@ def compute_feature_cache(backbone: keras.Model, data: StoreData, folder: Path,
     """
     start = time.perf_counter()
     folder.mkdir(parents=True, exist_ok=True)
-    keras.utils.set_random_seed(params.seed)
+    seed_training(params.seed)
     augmentation = build_augmentation(params.augment, params.seed)
     rows = len(data.train_labels)
     writers = open_writers(folder, "train", rows * params.cache_copies, backbone)
@@ -130,7 +130,7 @@ def compute_tune_cache(bottom: keras.Model, data: StoreData, folder: Path, param
     """
     start = time.perf_counter()
     folder.mkdir(parents=True, exist_ok=True)
-    keras.utils.set_random_seed(params.seed)
+    seed_training(params.seed)
     augmentation = build_augmentation(params.finetuned_augmentation(), params.seed)
     rng = np.random.default_rng(params.seed)
     cut_shape = tuple(int(d) for d in bottom.output["cut"].shape[1:])

@@ -19,6 +19,22 @@ HISTORY_COLUMNS = ("epoch", "phase", "loss", "accuracy", "val_loss", "val_accura
 EpochCallback = Callable[[str, int, dict], None]
 
 
+def seed_training(seed: int) -> None:
+    """Seed Python, NumPy and the backend, and make the TensorFlow backend's ops deterministic.
+
+    Seeds alone do not make CPU training repeat bit for bit: some TensorFlow kernels (the
+    backward passes of the unfrozen backbone blocks of ``finetuned`` among them) split their
+    sums across threads in an order that depends on how busy the machine is. With op
+    determinism on, a run on a loaded machine saves the same weights as a run on a quiet one
+    (tests/e2e/test_faults.py compares them). It stays on for the rest of the process.
+    """
+    keras.utils.set_random_seed(seed)
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        tf.config.experimental.enable_op_determinism()
+
+
 @dataclass(frozen=True)
 class StoreData:
     """What training reads from an image store.

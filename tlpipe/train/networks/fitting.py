@@ -23,6 +23,7 @@ from tlpipe.train.networks.data import (
     StoreData,
     epoch_order,
     image_batches,
+    seed_training,
 )
 from tlpipe.train.networks.layers import (
     TUNED_KIND,
@@ -167,7 +168,7 @@ def train_model(kind: str, data: StoreData, backbone: keras.Model, params: Finet
     Returns:
         The full image model holding the best epoch's weights, and its history.
     """
-    keras.utils.set_random_seed(params.seed)
+    seed_training(params.seed)
     best = BestEpoch(monitor=monitor_of(kind))
     n_classes, phase2 = len(data.classes), params.unfreeze_epochs if params.unfreeze_layers else 0
     if cache is not None:
@@ -219,7 +220,7 @@ def train_finetuned(data: StoreData, backbone_name: str, weights: str | None, pa
     """
     from tlpipe.features.backbones import split_top_blocks, tunable_blocks
 
-    keras.utils.set_random_seed(params.seed)
+    seed_training(params.seed)
     backbone = build_backbone(backbone_name, weights, data.image_size)
     backbone.trainable = False
     blocks = min(params.finetuned_blocks, tunable_blocks(backbone))

@@ -10,6 +10,7 @@ import numpy as np
 from tlpipe.core.names import NETWORK_MODELS as MODEL_KINDS
 from tlpipe.core.params import AugmentParams, FinetuneParams
 from tlpipe.features.backbones import build_backbone
+from tlpipe.train.networks.data import seed_training
 
 MAX_NOISE_STDDEV = 255.0
 
@@ -133,7 +134,7 @@ def compile_model(model: keras.Model, params: FinetuneParams, learning_rate: flo
 
 def load_frozen_backbone(name: str, weights: str | None, image_size: int, seed: int) -> keras.Model:
     """Build a backbone (seeded, so random-init weights repeat) and freeze it."""
-    keras.utils.set_random_seed(seed)
+    seed_training(seed)
     backbone = build_backbone(name, weights, image_size)
     backbone.trainable = False
     return backbone

@@ -390,9 +390,11 @@ def test_tuned_model_changes_only_top_blocks_and_keeps_batchnorm(tuned: dict, we
 
 
 def test_phase2_trains_the_top_blocks_only(store_dir: Path, weights_file: Path, tmp_path: Path) -> None:
-    """Forcing phase 2 to win (no head epochs to speak of, a large step): top kernels move, nothing else."""
+    """Forcing phase 2 to win (no head epochs to speak of, then a step that learns): top kernels move, nothing
+    else. At 1e-4 phase 2's val loss falls steadily (0.87 in phase 1, then 0.50, 0.24, 0.22); at 1e-3 the
+    first phase-2 epoch diverged (train loss 30) and which phase won depended on the run."""
     params = tuned_params(finetuned_head_epochs=1, finetuned_head_learning_rate=1e-6, finetuned_epochs=3,
-                          finetuned_learning_rate=1e-3, finetuned_tta="none")
+                          finetuned_learning_rate=1e-4, finetuned_tta="none")
     data = network_data.load_store_data(store_dir)
     model, history, _ = fitting.train_finetuned(data, BACKBONE, str(weights_file), params, tmp_path / "cache",
                                                  on_epoch=lambda *a: None)

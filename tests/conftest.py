@@ -127,13 +127,19 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log):
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Check that every test of the shared tiny pipeline is in its group; set per-test timeouts."""
+    """Check that every test of the shared tiny pipeline is in its group; set per-test timeouts; run the tests
+    that copy the shared pipeline's project last.
+
+    A ``baseline_copy`` test waits until the shared run is built (on the baseline group's worker); started
+    first, as collection order would, it would keep its worker idle for minutes. Last, it finds it built.
+    """
     for item in items:
         if "pipeline_baseline" in getattr(item, "fixturenames", ()) and group_of(item.nodeid) != BASELINE_GROUP:
             raise pytest.UsageError(f"{item.nodeid} uses pipeline_baseline: add it to GROUPS[BASELINE_GROUP] in "
                                     "tests/conftest.py, so it runs on the worker that built it")
         if item.get_closest_marker("timeout") is None:
             item.add_marker(pytest.mark.timeout(timeout_for(item)))
+    items.sort(key=lambda item: "baseline_copy" in getattr(item, "fixturenames", ()))  # stable: else as collected
 
 
 UNIT_TIMEOUT_S = 300

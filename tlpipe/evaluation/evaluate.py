@@ -31,6 +31,7 @@ the argmax of its softmax.
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import joblib
@@ -59,6 +60,30 @@ def predict_svm(model_path: Path, X: np.ndarray) -> tuple[np.ndarray, np.ndarray
     return model.predict(X), proba
 
 
+EAGER_MAX_ROWS = 48
+"""Splits up to this many images are predicted eagerly. Tracing a network's graph costs a few seconds once
+per network and batch shape; eager calls cost more per image (ELPV's 160 test images at 240 px, Lite1:
+graph 9.8 s with its trace, eager 14.3 s; on 8 images eager saves the trace): even at about 50 images."""
+
+
+def file_identity(path: Path) -> tuple[int, int]:
+    """``(size, mtime in ns)`` of a file: with its path, what a cached load is keyed by."""
+    stat = path.stat()
+    return stat.st_size, stat.st_mtime_ns
+
+
+@functools.lru_cache(maxsize=4)
+def load_network(path: str, size: int, mtime_ns: int):
+    """A saved ``.keras`` network, loaded once per file version: evaluate predicts the test split and the
+    ensemble the val split with each network, and each load (about 2 s) and first prediction (a graph trace,
+    about 1.5 s) would otherwise happen twice. ``size`` and ``mtime_ns`` make a rewritten file load anew."""
+    import keras
+
+    import tlpipe.features.backbones  # noqa: F401  registers the custom layers
+
+    return keras.saving.load_model(path, compile=False)
+
+
 def predict_keras(model_path: Path, store_dir: Path, split: str = "test",
                   batch_size: int = 32) -> tuple[np.ndarray, np.ndarray]:
     """Predict with a saved ``.keras`` model, streaming the split's uint8 images in batches.
@@ -66,13 +91,13 @@ def predict_keras(model_path: Path, store_dir: Path, split: str = "test",
     The model must output class probabilities (n, n_classes); a single sigmoid
     unit is read as P(class 1).
     """
-    import keras
-
-    import tlpipe.features.backbones  # noqa: F401  registers the custom layers
-
-    model = keras.saving.load_model(model_path, compile=False)
-    batches = [np.asarray(model.predict_on_batch(batch), dtype=np.float64)
-               for batch in store.iter_npy_batches(store.split_path(Path(store_dir), split), batch_size)]
+    model = load_network(str(model_path), *file_identity(Path(model_path)))
+    path = store.split_path(Path(store_dir), split)
+    if store.read_npy_header(path)[0][0] <= EAGER_MAX_ROWS:  # a few images: no graph to trace
+        predict = lambda batch: model(batch, training=False)  # noqa: E731
+    else:
+        predict = model.predict_on_batch
+    batches = [np.asarray(predict(batch), dtype=np.float64) for batch in store.iter_npy_batches(path, batch_size)]
     proba = np.concatenate(batches)
     if proba.shape[1] == 1:
         proba = np.concatenate([1 - proba, proba], axis=1)

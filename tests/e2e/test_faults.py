@@ -1,5 +1,5 @@
-"""Faults lose nothing: every stage killed with SIGKILL half-way, then ``dvc repro`` again; and a tracking server
-that dies in the middle of a stage. The moments are deterministic: each stage waits at a named pause point
+"""Faults lose nothing: every stage killed with SIGKILL half-way, then ``dvc repro`` again (a tracking server that
+dies in the middle of a stage: tests/e2e/test_tracking_outage.py). The moments are deterministic: each stage waits at a named pause point
 (:mod:`tlpipe.ops.pause`, ``TLPIPE_PAUSE_AT``) until the test has acted.
 
 One project goes through a *cascade* of killed runs, so the five faults cost little more than one pipeline run:
@@ -11,8 +11,7 @@ removed the debris, and the killed attempt's MLflow runs ended KILLED or FAILED.
 equal those of an uninterrupted run (``pipeline_baseline``), file by file, apart from durations, timestamps and
 run ids (see ``tests.conftest.stable_digest``).
 
-Real parts only: DVC, the Prefect test server, MLflow on SQLite (and a real ``mlflow server`` for the tracking
-fault), Keras on a tiny source.
+Real parts only: DVC, the Prefect test server, MLflow on SQLite, Keras on a tiny source.
 """
 
 from __future__ import annotations

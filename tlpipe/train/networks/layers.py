@@ -171,9 +171,19 @@ def build_tuned_head(final_dim: int, mid_dim: int, n_classes: int, params: Finet
     if params.finetuned_dropout:
         x = keras.layers.Dropout(params.finetuned_dropout, seed=params.seed, name="dropout")(x)
     if params.finetuned_units:
-        x = keras.layers.Dense(params.finetuned_units, activation="relu", name="hidden")(x)
-    outputs = keras.layers.Dense(n_classes, activation="softmax", name="probs")(x)
+        x = keras.layers.Dense(params.finetuned_units, activation="relu", name="hidden",
+                               kernel_initializer=seeded_glorot(params.seed + 1))(x)
+    outputs = keras.layers.Dense(n_classes, activation="softmax", name="probs",
+                                 kernel_initializer=seeded_glorot(params.seed + 2))(x)
     return keras.Model([final, mid], outputs, name="head")
+
+
+def seeded_glorot(seed: int) -> keras.initializers.Initializer:
+    """Keras' default kernel initializer with a seed of its own. Without one, an initializer draws its seed
+    from Python's global ``random`` when it is built, and Prefect's background threads draw from that too:
+    ``finetuned``'s head started from other weights in some runs (the fault test's digests differed from
+    the first epoch's loss on), however the process had been seeded."""
+    return keras.initializers.GlorotUniform(seed=seed)
 
 
 def build_tuned_image_model(backbone: keras.Model, head: keras.Model, image_size: int, tta: str) -> keras.Model:

@@ -22,12 +22,12 @@ EpochCallback = Callable[[str, int, dict], None]
 def seed_training(seed: int) -> None:
     """Seed Python, NumPy and the backend, and make the TensorFlow backend's ops deterministic.
 
-    Seeds alone did not make CPU training repeat bit for bit: ``finetuned`` (whose top backbone
-    blocks train) once saved other weights in a run beside ``make run`` than in a quiet run, while
-    ``frozen`` and ``concat`` matched. With TensorFlow's op determinism on, kernels that may sum in a
-    thread-dependent order use a fixed one (tests/e2e/test_faults.py compares a loaded run with
-    another file by file). It stays on for the rest of the process; training time was unchanged
-    (2 epochs of Lite0's top blocks: 2.1 s with it, 2.1-2.3 s without).
+    With TensorFlow's op determinism on, kernels that may sum in a thread-dependent order use a
+    fixed one; it stays on for the rest of the process, and training time was unchanged (2 epochs of
+    Lite0's top blocks: 2.1 s with it, 2.1-2.3 s without). Seeding alone does not cover an
+    initializer without a seed of its own, which draws from Python's global ``random`` that other
+    threads share: see :func:`tlpipe.train.networks.layers.seeded_glorot`. tests/e2e/test_faults.py
+    compares a killed-and-rerun pipeline with an uninterrupted one file by file.
     """
     keras.utils.set_random_seed(seed)
     if keras.backend.backend() == "tensorflow":

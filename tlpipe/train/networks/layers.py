@@ -180,7 +180,7 @@ def build_tuned_head(final_dim: int, mid_dim: int, n_classes: int, params: Finet
 
 def seeded_glorot(seed: int) -> keras.initializers.Initializer:
     """Keras' default kernel initializer with a seed of its own. Without one, an initializer draws its seed
-    from Python's global ``random`` when it is built, and Prefect's background threads draw from that too:
+    from Python's global ``random`` when it is built, and the process's other threads (Prefect's, MLflow's) may too:
     ``finetuned``'s head started from other weights in some runs (the fault test's digests differed from
     the first epoch's loss on), however the process had been seeded."""
     return keras.initializers.GlorotUniform(seed=seed)

@@ -8,7 +8,9 @@ Prefect, and undone in :func:`pytest_unconfigure`):
 * ``KERAS_BACKEND=tensorflow`` whatever ``~/.keras/keras.json`` says (a test wanting JAX sets it for its child);
 * git ignores the user's global and system config and commits as a fixed test identity;
 * tracking/project variables of the user's shell (``MLFLOW_TRACKING_URI``, ``TLPIPE_ROOT``, ...) are removed,
-  and :func:`restore_tracking_state` puts MLflow's process state back after every test.
+  and :func:`restore_tracking_state` puts MLflow's process state back after every test;
+* SIGINT is at its default even when the suite was started with it ignored (a background job of a
+  non-interactive shell, ``nohup``): the processes tests start and then stop with SIGINT inherit it.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -76,6 +79,8 @@ def pytest_configure(config: pytest.Config) -> None:
     for key in removed:
         del os.environ[key]
     os.environ.update(env)
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:  # inherited by every process the tests start
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:

@@ -15,6 +15,7 @@ Prefect, and undone in :func:`pytest_unconfigure`):
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import shutil
@@ -112,8 +113,26 @@ def group_of(nodeid: str) -> str | None:
     return next((name for name, prefixes in GROUPS.items() if nodeid.startswith(prefixes)), None)
 
 
+@functools.cache
+def has_module_fixtures(module: str) -> bool:
+    """Whether the test file ``module`` (a path relative to the repository) defines a module-scoped fixture.
+
+    Such a file runs whole on one pytest-xdist worker: split across workers, each worker would build its
+    module fixtures again (``test_finetune``'s trained networks were built three times, ~40 s each).
+    """
+    path = REPO / module
+    return path.is_file() and 'scope="module"' in path.read_text()
+
+
+def scope_of(nodeid: str) -> str:
+    """The unit pytest-xdist schedules a test in: its :data:`GROUPS` entry, else its file when that file has
+    module-scoped fixtures, else the test alone."""
+    module = nodeid.split("::", 1)[0]
+    return group_of(nodeid) or (module if has_module_fixtures(module) else nodeid)
+
+
 def pytest_xdist_make_scheduler(config: pytest.Config, log):
-    """``--dist loadgroup`` with the groups of :data:`GROUPS`.
+    """``--dist loadgroup`` with the groups of :data:`GROUPS`, and files with module fixtures kept whole.
 
     pytest-xdist's own ``loadgroup`` reads ``xdist_group`` marks by appending the group to each test's node id
     in the worker, which pytest 9 ignores (node ids became structured), so every group was split across the
@@ -126,25 +145,35 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log):
 
     class SharedFixtureScheduling(LoadScopeScheduling):
         def _split_scope(self, nodeid: str) -> str:
-            return group_of(nodeid) or nodeid
+            return scope_of(nodeid)
 
+    config.option.loadscopereorder = False  # units go out in collection order: run_order_of's
     return SharedFixtureScheduling(config, log)
 
 
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Check that every test of the shared tiny pipeline is in its group; set per-test timeouts; run the tests
-    that copy the shared pipeline's project last.
+def run_order_of(item: pytest.Item) -> int:
+    """When a test's unit is handed out (lower first): the fault cascade and the shared tiny pipeline, the longest
+    units, first; then files with module fixtures; then the tests that copy the shared pipeline's project,
+    which by then is built (started first, they would wait minutes for it); the single small tests last, to
+    fill the workers' tails evenly."""
+    group = group_of(item.nodeid)
+    if group is not None:
+        return 0 if group == FAULTS_GROUP else 1
+    if has_module_fixtures(item.nodeid.split("::", 1)[0]):
+        return 2
+    return 3 if "baseline_copy" in getattr(item, "fixturenames", ()) else 4
 
-    A ``baseline_copy`` test waits until the shared run is built (on the baseline group's worker); started
-    first, as collection order would, it would keep its worker idle for minutes. Last, it finds it built.
-    """
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Check that every test of the shared tiny pipeline is in its group; set per-test timeouts; order the tests
+    by :func:`run_order_of` (pytest-xdist hands units out in this order)."""
     for item in items:
         if "pipeline_baseline" in getattr(item, "fixturenames", ()) and group_of(item.nodeid) != BASELINE_GROUP:
             raise pytest.UsageError(f"{item.nodeid} uses pipeline_baseline: add it to GROUPS[BASELINE_GROUP] in "
                                     "tests/conftest.py, so it runs on the worker that built it")
         if item.get_closest_marker("timeout") is None:
             item.add_marker(pytest.mark.timeout(timeout_for(item)))
-    items.sort(key=lambda item: "baseline_copy" in getattr(item, "fixturenames", ()))  # stable: else as collected
+    items.sort(key=run_order_of)  # stable: else as collected
 
 
 UNIT_TIMEOUT_S = 300

@@ -208,7 +208,7 @@ class FinetuneParams(_Section):
     feature_cache: bool = Field(
         True, description="reuse backbone outputs of pre-drawn augmented copies across epochs"
     )
-    cache_copies: int = Field(10, ge=1, description="augmented copies per image when feature_cache")
+    cache_copies: int = Field(5, ge=1, description="augmented copies per image when feature_cache")
     unfreeze_layers: int = Field(0, ge=0, description="phase 2: unfreeze the top N backbone layers")
     unfreeze_epochs: int = Field(5, ge=0)
     unfreeze_learning_rate: float = Field(1e-5, gt=0.0)

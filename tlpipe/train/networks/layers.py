@@ -85,8 +85,10 @@ def build_head(kind: str, final_dim: int, mid_dim: int, n_classes: int, params: 
     else:
         mid = keras.Input((mid_dim,), name="mid")
         inputs, x, units = [final, mid], keras.layers.Concatenate(name="final_mid")([final, mid]), params.concat_units
-    x = keras.layers.Dense(units, activation="relu", name="hidden")(x)
-    outputs = keras.layers.Dense(n_classes, activation="softmax", name="probs")(x)
+    x = keras.layers.Dense(units, activation="relu", name="hidden",
+                           kernel_initializer=seeded_glorot(params.seed + 3))(x)  # the Dense default, seeded
+    outputs = keras.layers.Dense(n_classes, activation="softmax", name="probs",
+                                 kernel_initializer=seeded_glorot(params.seed + 4))(x)
     return keras.Model(inputs, outputs, name="head")
 
 

@@ -13,7 +13,6 @@ shared run measured. The table's and chart's contents for several backbones are 
 from __future__ import annotations
 
 import json
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -22,6 +21,7 @@ import pandas as pd
 import pytest
 
 from tests.conftest import stage_env
+from tests.e2e.test_faults import stages_ran
 
 pytestmark = pytest.mark.slow
 
@@ -42,7 +42,7 @@ def test_compare_backbones_queues_runs_reads_back_and_logs(baseline_copy: Path, 
                             capture_output=True, text=True, timeout=900)
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-6000:]
-    assert set(re.findall(r"Running stage '([^']+)'", output)) <= {"select", "evaluate"}, output[-3000:]
+    assert set(stages_ran(output)) <= {"select", "evaluate"}, output[-3000:]
 
     folder = project / "reports" / "compare_backbones"
     table = pd.read_csv(folder / "backbones.csv")

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import sys
 import tempfile
@@ -23,6 +22,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.e2e.test_faults import stages_ran as ran
 from tests.scale.helpers import run
 from tlpipe.ops import processes, services
 
@@ -42,11 +42,6 @@ def tracking_services():
     finally:
         services.stop_tracking(state)
         shutil.rmtree(base, ignore_errors=True)
-
-
-def ran(output: str) -> list[str]:
-    """The stages a ``dvc repro`` output says it ran, in order."""
-    return re.findall(r"Running stage '([^']+)'", output)
 
 
 def stage_runs(client, experiment_id: str) -> list:
